@@ -1,0 +1,3 @@
+from llamaforge.cli import main
+
+main()

@@ -1,0 +1,214 @@
+"""The contracts every component satisfies.
+
+Core depends on these and never on a concrete component: a spec names components, the registry supplies
+factories, and the model is assembled from whatever those factories return. Each contract below is also executable:
+`llamaforge.testing` has one check per interface that a third-party author can run against their own component.
+
+Factory conventions (what the model builder passes; `params` from the spec arrive as extra keyword arguments):
+
+=====================  ==========================================================================================
+kind                   factory signature -> product
+=====================  ==========================================================================================
+norm                   (dim, eps, **params) -> Norm
+attention              (dim, n_heads, n_kv_heads, head_dim, layer_idx, bias, dropout, kernel, **params) -> Attention
+attention_kernel       the kernel function itself (see AttentionKernel)
+position_embedding     (head_dim, max_positions, theta, scaling, **params) -> PositionEmbedding
+rope_scaling           (**params) -> callable(inv_freq: Tensor) -> Tensor
+activation             (**params) -> Activation
+head                   (dim, vocab_size, embedding, tie, **params) -> Head
+sampler                (**params) -> Sampler
+quantizer              (**params) -> Quantizer
+adapter                (**params) -> Adapter
+exporter               () -> Exporter
+importer               () -> Importer
+=====================  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from llamaforge.core.model import LlamaForgeModel
+    from llamaforge.core.spec import ModelSpec
+
+KINDS: dict[str, str] = {
+    "norm": "normalisation layers (block and final norms)",
+    "attention": "attention modules owning q/k/v/o projections",
+    "attention_kernel": "attention functions (q, k, v) -> output, chosen by name",
+    "position_embedding": "position encodings applied to queries and keys",
+    "rope_scaling": "RoPE frequency scaling schemes",
+    "activation": "feed-forward nonlinearities, gated or not",
+    "head": "output projections from hidden states to logits",
+    "sampler": "logits processors and token choosers for generation",
+    "quantizer": "post-training weight quantization",
+    "adapter": "parameter-efficient adapters wrapped around built modules",
+    "exporter": "writers of model directories in other formats",
+    "importer": "readers of model directories and checkpoints in other formats",
+}
+
+# Arguments the model builder passes to each kind's factory; everything else comes from a spec's `params`.
+STRUCTURAL_ARGS: dict[str, tuple[str, ...]] = {
+    "norm": ("dim", "eps"),
+    "attention": ("dim", "n_heads", "n_kv_heads", "head_dim", "layer_idx", "bias", "dropout", "kernel"),
+    "attention_kernel": ("q", "k", "v", "mask", "dropout_p", "scale"),
+    "position_embedding": ("head_dim", "max_positions", "theta", "scaling"),
+    "head": ("dim", "vocab_size", "embedding", "tie"),
+}
+
+
+@dataclass
+class AttentionMask:
+    """What an attention kernel must mask, computed once per forward by the model.
+
+    `causal=True` with `mask=None` is the fast path (training, full prefill): kernels may use a fused causal kernel.
+    Otherwise `mask` is a boolean tensor broadcastable to (batch, heads, q_len, kv_len), True where attention is
+    allowed; it already includes causality, padding and cache validity.
+    """
+
+    causal: bool = True
+    mask: torch.Tensor | None = None
+
+
+class Norm(nn.Module, abc.ABC):
+    """Maps (..., dim) to (..., dim), same dtype.
+
+    `scale_invariant` is True when norm(c * x) == norm(x) for any c > 0 (up to eps); the contract check tests it.
+    """
+
+    scale_invariant: bool = False
+
+
+@runtime_checkable
+class AttentionKernel(Protocol):
+    """q: (B, H, T, D); k, v: (B, Hkv, S, D) with H a multiple of Hkv -> (B, H, T, D).
+
+    Must honour `mask` exactly as `AttentionMask` documents, and `scale` (default 1/sqrt(D)).
+    """
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        mask: AttentionMask,
+        dropout_p: float = 0.0,
+        scale: float | None = None,
+    ) -> torch.Tensor: ...
+
+
+class PositionEmbedding(nn.Module, abc.ABC):
+    """Computes per-position state once per forward and applies it to queries and keys in every layer."""
+
+    @abc.abstractmethod
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> Any:
+        """position_ids (B, T) -> opaque state handed to `apply` in each layer."""
+
+    @abc.abstractmethod
+    def apply(self, q: torch.Tensor, k: torch.Tensor, state: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encode positions into q (B, H, T, D) and k (B, Hkv, T, D)."""
+
+
+class Attention(nn.Module, abc.ABC):
+    """Self-attention over (B, T, dim) -> (B, T, dim).
+
+    Owns its parameters; the arithmetic of attention itself is delegated to the registered kernel it was built
+    with, so swapping kernels never changes state-dict keys. Must be causal under `AttentionMask(causal=True)` and
+    treat batch rows independently.
+    """
+
+    layer_idx: int
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        positions: PositionEmbedding,
+        position_state: Any,
+        mask: AttentionMask,
+        cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+class Activation(nn.Module, abc.ABC):
+    """The feed-forward nonlinearity, applied elementwise.
+
+    When `gated` is True the feed-forward block computes act(gate(x)) * up(x) (SwiGLU style) and owns a
+    `gate_proj`; otherwise it computes act(up(x)).
+    """
+
+    gated: bool = False
+
+
+class Head(nn.Module, abc.ABC):
+    """(B, T, dim) -> (B, T, vocab) logits."""
+
+
+class KVCache(abc.ABC):
+    """Per-layer key/value storage for incremental decoding."""
+
+    @abc.abstractmethod
+    def update(
+        self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, Hkv, T, D) at `cache_position` (T,) and return the keys/values to attend over."""
+
+
+class Sampler(abc.ABC):
+    """One stage of a generation pipeline.
+
+    Stages transform logits (B, V) in order; a stage with `chooses=True` (greedy) picks tokens itself, otherwise
+    the pipeline samples from the softmax of the final logits. `input_ids` is the (B, L) context so far, for
+    stages such as repetition penalties.
+    """
+
+    chooses: bool = False
+
+    @abc.abstractmethod
+    def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+class Quantizer(abc.ABC):
+    """Replaces selected modules of a built model by quantized equivalents, in place."""
+
+    @abc.abstractmethod
+    def quantize(
+        self, model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
+    ) -> nn.Module: ...
+
+
+class Adapter(abc.ABC):
+    """Wraps selected modules of a built model with trainable adapter parameters, after the model is built."""
+
+    @abc.abstractmethod
+    def add(self, model: nn.Module, name: str = "default") -> nn.Module: ...
+
+
+class Exporter(abc.ABC):
+    """Writes a model (and tokenizer, if given) to `out` in some external format."""
+
+    @abc.abstractmethod
+    def export(self, model: LlamaForgeModel, out: Path, *, tokenizer: Any = None, **options: Any) -> Path: ...
+
+
+class Importer(abc.ABC):
+    """Reads a model from an external format."""
+
+    @abc.abstractmethod
+    def can_load(self, path: Path) -> bool: ...
+
+    @abc.abstractmethod
+    def load_spec(self, path: Path) -> ModelSpec: ...
+
+    @abc.abstractmethod
+    def load_state_dict(self, path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        """Weights under llamaforge (= Hugging Face Llama) names."""

@@ -1,0 +1,129 @@
+"""Saving and loading models.
+
+A llamaforge model directory holds `spec.yaml` and `model.safetensors` (plus tokenizer files and, for runs,
+training state). Anything else is handed to the registered importers (Hugging Face directories, and whatever
+third-party plugins add), so every command that takes MODEL accepts every format an importer understands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llamaforge.core.io import load_safetensors, save_safetensors
+from llamaforge.core.model import LlamaForgeModel, build_model, torch_dtype
+from llamaforge.core.spec import ModelSpec, load_spec
+from llamaforge.errors import ModelFileError
+
+SPEC_FILE = "spec.yaml"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def save_model(model: LlamaForgeModel, out: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
+    """Write spec.yaml + model.safetensors into `out` (atomically, file by file)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.spec.save(out / SPEC_FILE)
+    meta = {"format": "llamaforge", **(metadata or {})}
+    save_safetensors(out / WEIGHTS_FILE, model.state_dict(), metadata=meta)
+    return out
+
+
+def is_llamaforge_dir(path: Path) -> bool:
+    return path.is_dir() and (path / SPEC_FILE).exists() and (path / WEIGHTS_FILE).exists()
+
+
+def find_importer(path: Path):
+    from llamaforge.registry import registries
+
+    for entry in registries().importer:
+        importer = entry.factory()
+        if importer.can_load(path):
+            return entry.name, importer
+    return None, None
+
+
+def load_state_into(model: LlamaForgeModel, state: dict[str, torch.Tensor], *, source: str) -> LlamaForgeModel:
+    """Copy `state` into `model`, failing loudly on any missing, unexpected or mis-shaped tensor."""
+    if getattr(model.lm_head, "tied", False) and "lm_head.weight" not in state:
+        state = dict(state)
+        if "model.embed_tokens.weight" in state:
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensors (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensors (e.g. {unexpected[:3]})")
+        raise ModelFileError(f"{source} does not match its spec: " + "; ".join(parts))
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ModelFileError(
+                f"{source}: tensor {name} has shape {tuple(tensor.shape)}, the spec needs {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def load_model(
+    path: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> LlamaForgeModel:
+    """Load a llamaforge run/model directory or anything a registered importer reads (e.g. a HF directory)."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"model path {path} does not exist")
+    if is_llamaforge_dir(path):
+        spec = load_spec(path / SPEC_FILE)
+        state = load_safetensors(path / WEIGHTS_FILE)
+        source = str(path / WEIGHTS_FILE)
+    else:
+        name, importer = find_importer(path)
+        if importer is None:
+            from llamaforge.registry import registries
+
+            raise ModelFileError(
+                f"{path} is not a llamaforge model directory (spec.yaml + model.safetensors) and no importer "
+                f"recognises it (importers: {', '.join(registries().importer.names())})"
+            )
+        spec = importer.load_spec(path)
+        state = importer.load_state_dict(path, spec)
+        source = f"{path} (read by importer {name!r})"
+    return _materialise(spec, state, source=source, device=device, dtype=dtype)
+
+
+def _materialise(
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    *,
+    source: str,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype | None,
+) -> LlamaForgeModel:
+    target = torch_dtype(dtype) if dtype is not None else None
+    model = build_model(spec, device="meta")
+    model.to_empty(device=device or "cpu")
+    if target is None:
+        # keep the checkpoint's precision (a bf16 checkpoint stays bf16) unless the caller asks otherwise
+        floats = [t.dtype for t in state.values() if t.is_floating_point()]
+        target = floats[0] if floats else torch_dtype(spec.dtype)
+    model.to(dtype=target)
+    state = {k: v.to(dtype=target) if v.is_floating_point() else v for k, v in state.items()}
+    load_state_into(model, state, source=source)
+    # non-persistent buffers (e.g. RoPE frequencies) were left uninitialised by to_empty: components recompute them
+    for module in model.modules():
+        reset = getattr(module, "reset_buffers", None)
+        if callable(reset):
+            reset()
+    return model.eval()
+
+
+def model_from_state(spec: ModelSpec | str, state: dict[str, Any], **kwargs: Any) -> LlamaForgeModel:
+    return _materialise(load_spec(spec), state, source="state dict", **kwargs)

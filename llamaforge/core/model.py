@@ -1,0 +1,390 @@
+"""The one model class, assembled from a spec through the registry.
+
+Nothing here names a concrete component: every slot is looked up by the name the spec gives. Module and
+parameter names follow Hugging Face's Llama (``model.layers.{i}.self_attn.q_proj.weight``...), so exchanging
+weights with transformers is a rename-free copy.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamaforge.core.interfaces import Activation, AttentionMask, KVCache, PositionEmbedding
+from llamaforge.core.spec import IMPORT_PREFIX, ComponentSpec, ModelSpec, load_spec
+from llamaforge.errors import SpecError
+
+IGNORE_INDEX = -100
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise SpecError(f"unknown dtype {name!r}; use one of {', '.join(_DTYPES)}") from None
+
+
+def resolve(kind: str, comp: ComponentSpec) -> tuple[Any, dict[str, Any]]:
+    """(factory, validated params) for a slot; `py:module:attr` names import the factory directly."""
+    if comp.name.startswith(IMPORT_PREFIX):
+        target = comp.name[len(IMPORT_PREFIX) :]
+        module_name, _, attr = target.partition(":")
+        if not module_name or not attr:
+            raise SpecError(f"import escape hatch must look like 'py:package.module:attribute', got {comp.name!r}")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise SpecError(f"cannot import {target!r} for a {kind}: {exc}") from None
+        return factory, dict(comp.params)
+    from llamaforge.registry.manager import lookup
+
+    entry = lookup(kind, comp.name)
+    return entry.factory, entry.validate_params(comp.params)
+
+
+def build_component(kind: str, comp: ComponentSpec, **structural: Any) -> Any:
+    factory, params = resolve(kind, comp)
+    clash = set(params) & set(structural)
+    if clash:
+        raise SpecError(
+            f"{kind} {comp.name!r}: params {sorted(clash)} are supplied by the model builder from the spec's "
+            f"top-level fields; set those fields instead"
+        )
+    return factory(**structural, **params)
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None
+    loss: torch.Tensor | None = None
+
+
+class FeedForward(nn.Module):
+    """down(act(gate(x)) * up(x)) for gated activations, down(act(up(x))) otherwise."""
+
+    def __init__(self, dim: int, hidden: int, activation: Activation, bias: bool) -> None:
+        super().__init__()
+        self.gated = bool(getattr(activation, "gated", False))
+        if self.gated:
+            self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
+        self.act_fn = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gated:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.up_proj(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then + ffn(norm(.))."""
+
+    def __init__(self, spec: ModelSpec, layer_idx: int) -> None:
+        super().__init__()
+        layer = spec.layer(layer_idx)
+        norm_args = {"dim": spec.dim, "eps": spec.norm_eps}
+        kernel, kernel_params = resolve("attention_kernel", layer.attention_kernel)
+        if kernel_params:
+            import functools
+
+            kernel = functools.partial(kernel, **kernel_params)
+        self.input_layernorm = build_component("norm", layer.norm, **norm_args)
+        self.self_attn = build_component(
+            "attention",
+            layer.attention,
+            dim=spec.dim,
+            n_heads=spec.n_heads,
+            n_kv_heads=spec.kv_heads,
+            head_dim=spec.head_size,
+            layer_idx=layer_idx,
+            bias=spec.attention_bias,
+            dropout=spec.dropout,
+            kernel=kernel,
+        )
+        self.post_attention_layernorm = build_component("norm", layer.norm, **norm_args)
+        self.mlp = FeedForward(
+            spec.dim, layer.ffn_hidden, build_component("activation", layer.activation), spec.mlp_bias
+        )
+        self.dropout = spec.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: PositionEmbedding,
+        position_state: Any,
+        mask: AttentionMask,
+        cache: KVCache | None,
+        cache_position: torch.Tensor | None,
+    ) -> torch.Tensor:
+        h = self.self_attn(
+            self.input_layernorm(x),
+            positions=positions,
+            position_state=position_state,
+            mask=mask,
+            cache=cache,
+            cache_position=cache_position,
+        )
+        if self.dropout and self.training:
+            h = F.dropout(h, self.dropout, True)
+        x = x + h
+        h = self.mlp(self.post_attention_layernorm(x))
+        if self.dropout and self.training:
+            h = F.dropout(h, self.dropout, True)
+        return x + h
+
+
+class Backbone(nn.Module):
+    """Embedding, blocks, final norm (the `model.` prefix of Hugging Face names)."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.dim)
+        scaling = None
+        if spec.rope_scaling is not None:
+            scaling = build_component("rope_scaling", spec.rope_scaling)
+        self.rotary_emb = build_component(
+            "position_embedding",
+            spec.position_embedding,
+            head_dim=spec.head_size,
+            max_positions=spec.max_positions,
+            theta=spec.rope_theta,
+            scaling=scaling,
+        )
+        self.layers = nn.ModuleList(Block(spec, i) for i in range(spec.n_layers))
+        self.norm = build_component("norm", spec.final_norm, dim=spec.dim, eps=spec.norm_eps)
+
+
+class LlamaForgeModel(nn.Module):
+    """A decoder-only LM built from a `ModelSpec`.
+
+    forward(input_ids, targets=None, attention_mask=None, position_ids=None, cache=None, cache_position=None)
+    returns `ModelOutput(logits, loss)`. `targets` are aligned with `input_ids` (position t predicts targets[t];
+    the caller shifts) and positions equal to -100 are ignored by the loss.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = Backbone(spec)
+        self.lm_head = build_component(
+            "head",
+            spec.head,
+            dim=spec.dim,
+            vocab_size=spec.vocab_size,
+            embedding=self.model.embed_tokens,
+            tie=spec.tie_embeddings,
+        )
+
+    # ----- construction helpers -------------------------------------------------------------------------------
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Normal(0, init_std) for linear and embedding weights, zero biases, components' own reset otherwise."""
+        std = self.spec.init_std
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear | nn.Embedding):
+                    module.weight.normal_(0.0, std, generator=generator)
+                    bias = getattr(module, "bias", None)
+                    if bias is not None:
+                        bias.zero_()
+                elif module is not self and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            head_weight = getattr(self.lm_head, "weight", None)
+            if isinstance(head_weight, nn.Parameter) and head_weight is not self.model.embed_tokens.weight:
+                head_weight.normal_(0.0, std, generator=generator)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        """Unique parameters (tied weights counted once)."""
+        seen: set[int] = set()
+        total = 0
+        for p in self.parameters():
+            if id(p) in seen or (trainable_only and not p.requires_grad):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def new_cache(self, batch_size: int, max_length: int, *, dtype: torch.dtype | None = None) -> KVCache:
+        from llamaforge.core.cache import StaticKVCache
+
+        if max_length > self.spec.max_positions:
+            raise SpecError(f"cache length {max_length} exceeds the model's max_positions ({self.spec.max_positions})")
+        return StaticKVCache(
+            n_layers=self.spec.n_layers,
+            batch_size=batch_size,
+            n_kv_heads=self.spec.kv_heads,
+            head_dim=self.spec.head_size,
+            max_length=max_length,
+            device=self.device,
+            dtype=dtype or self.dtype,
+        )
+
+    def blocks(self) -> Iterator[Block]:
+        return iter(self.model.layers)
+
+    # ----- forward --------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+        logits_to_keep: int = 0,
+        return_logits: bool = True,
+    ) -> ModelOutput:
+        h = self.hidden_states(
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            cache_position=cache_position,
+        )
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        if targets is not None and not return_logits:
+            return ModelOutput(logits=None, loss=self.loss_from_hidden(h, targets))
+        logits = self.lm_head(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(
+                logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX
+            )
+        return ModelOutput(logits=logits, loss=loss)
+
+    def loss_from_hidden(self, h: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
+        """Cross-entropy without holding fp32 logits for the whole batch: the head runs chunk by chunk under
+        activation checkpointing, so peak memory is one chunk's logits."""
+        from torch.utils.checkpoint import checkpoint
+
+        flat_h = h.reshape(-1, h.size(-1))
+        flat_t = targets.reshape(-1)
+        n_valid = (flat_t != IGNORE_INDEX).sum().clamp(min=1)
+        total = flat_h.new_zeros((), dtype=torch.float32)
+
+        def chunk_loss(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+            logits = self.lm_head(hc).float()
+            return F.cross_entropy(logits, tc, ignore_index=IGNORE_INDEX, reduction="sum")
+
+        for start in range(0, flat_h.size(0), chunk_tokens):
+            hc, tc = flat_h[start : start + chunk_tokens], flat_t[start : start + chunk_tokens]
+            if torch.is_grad_enabled() and flat_h.size(0) > chunk_tokens:
+                total = total + checkpoint(chunk_loss, hc, tc, use_reentrant=False)
+            else:
+                total = total + chunk_loss(hc, tc)
+        return total / n_valid
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states (B, T, dim)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+        bsz, seq = input_ids.shape
+        device = input_ids.device
+        if cache is not None and cache_position is None:
+            raise ValueError(
+                "cache_position (the absolute positions of input_ids in the cache) is required with a cache"
+            )
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                full = attention_mask.long().cumsum(-1) - 1
+                full = full.clamp(min=0)
+                position_ids = full[:, cache_position] if cache_position is not None else full[:, -seq:]
+            elif cache_position is not None:
+                position_ids = cache_position.unsqueeze(0).expand(bsz, -1)
+            else:
+                position_ids = torch.arange(seq, device=device).unsqueeze(0).expand(bsz, -1)
+        mask = self._attention_mask(bsz, seq, device, attention_mask, cache, cache_position)
+
+        x = self.model.embed_tokens(input_ids)
+        positions = self.model.rotary_emb
+        position_state = positions(position_ids, x.dtype)
+        for block in self.model.layers:
+            x = block(x, positions, position_state, mask, cache, cache_position)
+        return self.model.norm(x)
+
+    @staticmethod
+    def _attention_mask(
+        bsz: int,
+        seq: int,
+        device: torch.device,
+        attention_mask: torch.Tensor | None,
+        cache: KVCache | None,
+        cache_position: torch.Tensor | None,
+    ) -> AttentionMask:
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return AttentionMask(causal=False, mask=_ensure_row(attention_mask.bool()))
+        if cache is None and attention_mask is None:
+            return AttentionMask(causal=True, mask=None)
+        if cache is not None:
+            kv_len = cache.max_length  # type: ignore[attr-defined]
+            q_pos = cache_position
+        else:
+            kv_len = seq
+            q_pos = torch.arange(seq, device=device)
+        k_pos = torch.arange(kv_len, device=device)
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, T, S)
+        if attention_mask is not None:
+            am = attention_mask.bool()
+            if am.size(-1) < kv_len:  # mask given for the tokens so far only
+                am = F.pad(am, (0, kv_len - am.size(-1)), value=True)
+            allowed = allowed & am[:, None, None, :kv_len]
+        return AttentionMask(causal=False, mask=_ensure_row(allowed.expand(bsz, 1, seq, kv_len)))
+
+
+def _ensure_row(mask: torch.Tensor) -> torch.Tensor:
+    """Rows with nothing to attend to (padding queries) would give NaN; let them attend everywhere instead.
+    Their outputs are never used (they are padding), but NaNs would poison later layers via residual sums."""
+    empty = ~mask.any(dim=-1, keepdim=True)
+    return mask | empty
+
+
+def build_model(
+    spec: ModelSpec | str | dict[str, Any],
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    seed: int | None = None,
+    init: bool = True,
+) -> LlamaForgeModel:
+    """Assemble a model from a spec (preset name, file, dict or ModelSpec) and initialise its weights.
+
+    `device="meta"` builds without allocating memory (for counting parameters or loading weights by assignment).
+    """
+    spec = load_spec(spec)
+    target_dtype = torch_dtype(dtype if dtype is not None else spec.dtype)
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.device(dev):
+        model = LlamaForgeModel(spec)
+    if dev.type != "meta" and init:
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=dev).manual_seed(seed)
+        model.init_weights(gen)
+    return model.to(dtype=target_dtype)

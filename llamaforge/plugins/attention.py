@@ -1,0 +1,138 @@
+"""rope_attention (MHA / GQA / MQA through n_kv_heads) and the attention kernels `sdpa` and `eager`.
+
+The module owns q/k/v/o projections under Hugging Face names; the arithmetic is a registered kernel function, so
+choosing `eager` for debugging or `sdpa` for speed never changes a state-dict key.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamaforge.core.interfaces import Attention, AttentionKernel, AttentionMask, KVCache, PositionEmbedding
+from llamaforge.registry import hookimpl
+
+
+class RopeAttention(Attention):
+    """Causal self-attention with separate q/k/v projections and grouped key/value heads."""
+
+    def __init__(
+        self,
+        *,
+        dim: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        layer_idx: int,
+        bias: bool,
+        dropout: float,
+        kernel: AttentionKernel,
+    ) -> None:
+        super().__init__()
+        if n_heads % n_kv_heads:
+            raise ValueError(f"n_kv_heads ({n_kv_heads}) must divide n_heads ({n_heads})")
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.layer_idx = layer_idx
+        self.dropout = dropout
+        self.kernel = kernel
+        self.q_proj = nn.Linear(dim, n_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        positions: PositionEmbedding,
+        position_state: Any,
+        mask: AttentionMask,
+        cache: KVCache | None = None,
+        cache_position: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q = self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = positions.apply(q, k, position_state)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v, cache_position)
+        out = self.kernel(q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim))
+
+    def extra_repr(self) -> str:
+        return (
+            f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, kernel={_kname(self.kernel)}"
+        )
+
+
+def _kname(kernel: Any) -> str:
+    return getattr(kernel, "__name__", None) or getattr(getattr(kernel, "func", None), "__name__", repr(kernel))
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: AttentionMask,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """torch scaled_dot_product_attention (flash / memory-efficient kernels where the hardware has them)."""
+    gqa = q.size(1) != k.size(1)
+    if gqa and q.device.type == "cuda" and mask.mask is None:
+        # enable_gqa routes to the math kernel on some torch builds; expanding k/v keeps flash attention.
+        rep = q.size(1) // k.size(1)
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+        gqa = False
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask.mask,
+        is_causal=mask.causal and mask.mask is None and q.size(2) > 1,
+        dropout_p=dropout_p,
+        scale=scale,
+        enable_gqa=gqa,
+    )
+
+
+def eager(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: AttentionMask,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Reference implementation: explicit scores, fp32 softmax. Slow; for checking other kernels."""
+    rep = q.size(1) // k.size(1)
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.size(-1))
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if mask.mask is not None:
+        scores = scores.masked_fill(~mask.mask, float("-inf"))
+    elif mask.causal:
+        t, s = q.size(2), k.size(2)
+        causal = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=s - t)
+        scores = scores.masked_fill(~causal, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p, True)
+    return torch.matmul(probs, v)
+
+
+@hookimpl
+def llamaforge_register(register):
+    register("attention", "rope_attention", RopeAttention)
+    register("attention_kernel", "sdpa", sdpa)
+    register("attention_kernel", "eager", eager)

@@ -1,0 +1,96 @@
+"""Exporters: Hugging Face Llama directories that transformers loads with `from_pretrained`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llamaforge.core.hf_config import hf_config_from_spec
+from llamaforge.core.interfaces import Exporter
+from llamaforge.core.io import atomic_write_json, save_safetensors, unique_tensors
+from llamaforge.registry import hookimpl
+
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+class HFExporter(Exporter):
+    """config.json, generation_config.json, model.safetensors (sharded with an index above `max_shard_bytes`)
+    and the tokenizer files when a tokenizer is given."""
+
+    def export(
+        self,
+        model: Any,
+        out: Path,
+        *,
+        tokenizer: Any = None,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        dtype: str | None = None,
+        **options: Any,
+    ) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        spec = model.spec
+        config = hf_config_from_spec(spec)
+        state = model.state_dict()
+        if spec.tie_embeddings:
+            state.pop("lm_head.weight", None)
+        state = unique_tensors(state)
+        if dtype is not None:
+            from llamaforge.core.model import torch_dtype
+
+            state = {k: v.to(torch_dtype(dtype)) if v.is_floating_point() else v for k, v in state.items()}
+            config["torch_dtype"] = dtype
+        else:
+            config["torch_dtype"] = str(next(iter(state.values())).dtype).removeprefix("torch.")
+        atomic_write_json(out / "config.json", config)
+        gen = {"_from_model_config": True, "do_sample": False}
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if config.get(key) is not None:
+                gen[key] = config[key]
+        atomic_write_json(out / "generation_config.json", gen)
+        _write_weights(out, state, max_shard_bytes)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(out))
+        return out
+
+
+def _write_weights(out: Path, state: dict[str, torch.Tensor], max_shard_bytes: int) -> None:
+    for stale in [*list(out.glob("model-*-of-*.safetensors")), out / "model.safetensors.index.json"]:
+        stale.unlink(missing_ok=True)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    if total <= max_shard_bytes:
+        save_safetensors(out / "model.safetensors", state, metadata={"format": "pt"})
+        return
+    (out / "model.safetensors").unlink(missing_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_safetensors(out / fname, shard, metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    atomic_write_json(
+        out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map}
+    )
+
+
+def export_hf(model: Any, out: str | Path, **options: Any) -> Path:
+    return HFExporter().export(model, Path(out), **options)
+
+
+@hookimpl
+def llamaforge_register(register):
+    register("exporter", "hf", HFExporter)
+
+
+__all__ = ["HFExporter", "export_hf", "json"]

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llamaforge import build_model, load_spec
+from llamaforge.testing import check_component, check_model, specs
+
+
+@settings(max_examples=25)
+@given(specs())
+def test_model_contract_for_any_valid_spec(spec):
+    check_model(spec)
+
+
+@settings(max_examples=15)
+@given(specs(kernels=("sdpa",)), st.integers(1, 12))
+def test_eager_and_sdpa_agree(spec, seq):
+    a = build_model(spec, seed=1).eval()
+    b = build_model(spec.with_updates(attention_kernel="eager"), seed=1).eval()
+    assert set(a.state_dict()) == set(b.state_dict())
+    ids = torch.randint(0, spec.vocab_size, (2, seq))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=1e-5, rtol=1e-4)
+
+
+@settings(max_examples=15)
+@given(specs(), st.integers(2, 20), st.integers(1, 6))
+def test_kv_cache_matches_full_forward(spec, seq, prefill):
+    model = build_model(spec, seed=2).eval()
+    prefill = min(prefill, seq)
+    ids = torch.randint(0, spec.vocab_size, (2, seq))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache(2, seq + 3)
+        parts = [model(ids[:, :prefill], cache=cache, cache_position=torch.arange(prefill)).logits]
+        for t in range(prefill, seq):
+            parts.append(model(ids[:, t : t + 1], cache=cache, cache_position=torch.tensor([t])).logits)
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_left_padding_matches_unpadded():
+    model = build_model("tiny", seed=0).eval()
+    ids = torch.randint(0, 4096, (1, 7))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3), torch.ones(1, 7)], 1).long()
+    with torch.no_grad():
+        ref = model(ids).logits
+        out = model(padded, attention_mask=mask).logits[:, 3:]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_loss_ignores_minus_100_and_chunked_loss_matches():
+    model = build_model("tiny", seed=0)
+    ids = torch.randint(0, 4096, (2, 16))
+    targets = ids.clone()
+    targets[:, :5] = -100
+    full = model(ids, targets)
+    chunked = model(ids, targets, return_logits=False)
+    assert chunked.logits is None
+    torch.testing.assert_close(full.loss, chunked.loss)
+    h = model.hidden_states(ids)
+    torch.testing.assert_close(model.loss_from_hidden(h, targets, chunk_tokens=7), full.loss)
+    manual = torch.nn.functional.cross_entropy(full.logits[:, 5:].reshape(-1, 4096).float(), ids[:, 5:].reshape(-1))
+    torch.testing.assert_close(full.loss, manual)
+
+
+def test_chunked_loss_gradients_match():
+    model = build_model("tiny", seed=0)
+    ids = torch.randint(0, 4096, (2, 16))
+    model(ids, ids).loss.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    h = model.hidden_states(ids)
+    model.loss_from_hidden(h, ids, chunk_tokens=5).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def test_tied_embeddings_share_one_tensor():
+    model = build_model("tiny")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.num_parameters() == sum(p.numel() for p in model.parameters())
+
+
+def test_seed_feedforward_matches_the_chapter_layout():
+    model = build_model("seed-feedforward")
+    names = dict(model.named_parameters())
+    assert names["lm_head.fc.weight"].shape == (288, 288)
+    assert names["lm_head.proj.weight"].shape == (32001, 288)
+    assert names["lm_head.proj.bias"].shape == (32001,)
+    assert model.num_parameters() == 18_547_809
+    check_model(load_spec("seed-feedforward").with_updates(vocab_size=100, pad_token_id=None, bos_token_id=None))
+
+
+def test_bf16_keeps_rope_frequencies_fp32():
+    model = build_model("tiny", dtype="bfloat16")
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+    out = model(torch.randint(0, 4096, (1, 8))).logits
+    assert out.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "kind,name",
+    [
+        ("norm", "rmsnorm"),
+        ("norm", "layernorm"),
+        ("norm", "identity"),
+        ("activation", "swiglu"),
+        ("activation", "geglu"),
+        ("activation", "gelu"),
+        ("activation", "relu"),
+        ("activation", "silu"),
+        ("attention", "rope_attention"),
+        ("attention_kernel", "sdpa"),
+        ("attention_kernel", "eager"),
+        ("position_embedding", "rope"),
+        ("position_embedding", "none"),
+        ("head", "linear"),
+        ("head", "mlp"),
+    ],
+)
+def test_builtin_contracts(kind, name):
+    check_component(kind, name)
+
+
+def test_import_escape_hatch():
+    spec = load_spec("tiny").with_updates(norm="py:llamaforge.plugins.norms:LayerNorm")
+    model = build_model(spec)
+    assert type(model.model.layers[0].input_layernorm).__name__ == "LayerNorm"
