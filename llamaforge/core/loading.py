@@ -7,18 +7,49 @@ third-party plugins add), so every command that takes MODEL accepts every format
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from llamaforge.core.io import load_safetensors, save_safetensors
+from llamaforge.core.io import atomic_write_json, load_safetensors, save_safetensors
 from llamaforge.core.model import LlamaForgeModel, build_model, torch_dtype
 from llamaforge.core.spec import ModelSpec, load_spec
 from llamaforge.errors import ModelFileError
 
 SPEC_FILE = "spec.yaml"
 WEIGHTS_FILE = "model.safetensors"
+TRANSFORMS_FILE = "transforms.json"
+_TRANSFORMS_ATTR = "_llamaforge_transforms"
+
+
+def apply_transform(model: LlamaForgeModel, kind: str, name: str, **params: Any) -> LlamaForgeModel:
+    """Apply a registered post-build transform (quantizer, adapter...) and remember it, so that `save_model`
+    records it and `load_model` rebuilds the same module structure before loading the saved tensors.
+
+    The component's factory is called with `params`; the product's `apply(model)` does the work in place.
+    """
+    from llamaforge.registry.manager import lookup
+
+    entry = lookup(kind, name)
+    component = entry.factory(**params)
+    result = component.apply(model)
+    target = result if isinstance(result, LlamaForgeModel) else model
+    records = list(getattr(target, _TRANSFORMS_ATTR, []))
+    records.append({"kind": kind, "name": name, "params": params})
+    setattr(target, _TRANSFORMS_ATTR, records)
+    return target
+
+
+def transforms_of(model: LlamaForgeModel) -> list[dict[str, Any]]:
+    return list(getattr(model, _TRANSFORMS_ATTR, []))
+
+
+def forget_transform(model: LlamaForgeModel, kind: str, name: str | None = None) -> None:
+    """Drop records of a kind (e.g. after merging and removing an adapter)."""
+    records = [r for r in transforms_of(model) if not (r["kind"] == kind and (name is None or r["name"] == name))]
+    setattr(model, _TRANSFORMS_ATTR, records)
 
 
 def save_model(model: LlamaForgeModel, out: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
@@ -26,6 +57,11 @@ def save_model(model: LlamaForgeModel, out: str | Path, *, metadata: dict[str, s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.spec.save(out / SPEC_FILE)
+    records = transforms_of(model)
+    if records:
+        atomic_write_json(out / TRANSFORMS_FILE, records)
+    else:
+        (out / TRANSFORMS_FILE).unlink(missing_ok=True)
     meta = {"format": "llamaforge", **(metadata or {})}
     save_safetensors(out / WEIGHTS_FILE, model.state_dict(), metadata=meta)
     return out
@@ -84,6 +120,8 @@ def load_model(
         spec = load_spec(path / SPEC_FILE)
         state = load_safetensors(path / WEIGHTS_FILE)
         source = str(path / WEIGHTS_FILE)
+        if (path / TRANSFORMS_FILE).exists():
+            return _load_transformed(path, spec, state, source=source, device=device)
     else:
         name, importer = find_importer(path)
         if importer is None:
@@ -122,6 +160,26 @@ def _materialise(
         reset = getattr(module, "reset_buffers", None)
         if callable(reset):
             reset()
+    return model.eval()
+
+
+def _load_transformed(
+    path: Path, spec: ModelSpec, state: dict[str, torch.Tensor], *, source: str, device: str | torch.device | None
+) -> LlamaForgeModel:
+    """Rebuild the transformed structure (quantized / adapted modules), then load the saved tensors into it."""
+    try:
+        records = json.loads((path / TRANSFORMS_FILE).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path / TRANSFORMS_FILE} is not valid JSON: {exc}") from None
+    model = build_model(spec, init=False)
+    for record in records:
+        try:
+            model = apply_transform(model, record["kind"], record["name"], **record.get("params", {}))
+        except KeyError as exc:
+            raise ModelFileError(f"{path / TRANSFORMS_FILE}: malformed record {record!r} ({exc})") from None
+    load_state_into(model, state, source=source)
+    if device is not None:
+        model.to(device)
     return model.eval()
 
 

@@ -26,15 +26,14 @@ from llamaforge.registry.registry import Registries, Source
 ENTRY_POINT_GROUP = "llamaforge"
 ALLOWLIST_ENV = "LLAMAFORGE_PLUGINS"
 
-BUILTIN_MODULES = (
-    "llamaforge.plugins.norms",
-    "llamaforge.plugins.attention",
-    "llamaforge.plugins.positions",
-    "llamaforge.plugins.activations",
-    "llamaforge.plugins.heads",
-    "llamaforge.plugins.exporters",
-    "llamaforge.plugins.importers",
-)
+
+def builtin_modules() -> list[str]:
+    """Every module in llamaforge.plugins that implements the hook (sorted, so registration order is stable)."""
+    import pkgutil
+
+    import llamaforge.plugins as pkg
+
+    return [f"{pkg.__name__}.{m.name}" for m in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name)]
 
 
 class PluginLoadWarning(UserWarning):
@@ -95,8 +94,10 @@ def _allowlist() -> set[str] | None:
 
 def _load(state: PluginState) -> None:
     version = _own_version()
-    for mod_name in BUILTIN_MODULES:
+    for mod_name in builtin_modules():
         module = importlib.import_module(mod_name)
+        if not hasattr(module, "llamaforge_register"):
+            continue
         state.add_plugin(module, Source(plugin=mod_name, distribution="llamaforge", version=version))
 
     allow = _allowlist()

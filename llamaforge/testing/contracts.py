@@ -213,11 +213,24 @@ _CHECKS = {
 
 def check_component(kind: str, component: Any, **kwargs: Any) -> None:
     """Run the contract check for `kind` on a registered name or a factory."""
+    _load_check_modules()
     try:
         check = _CHECKS[kind]
     except KeyError:
         raise ValueError(f"no contract check for kind {kind!r}; kinds with checks: {sorted(_CHECKS)}") from None
     check(component, **kwargs)
+
+
+def _load_check_modules() -> None:
+    """Import the other modules of llamaforge.testing: each registers checks for its kinds (samplers, ...)."""
+    import importlib
+    import pkgutil
+
+    import llamaforge.testing as pkg
+
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in ("contracts", "strategies") and not info.name.startswith("_"):
+            importlib.import_module(f"{pkg.__name__}.{info.name}")
 
 
 def register_check(kind: str, check: Any) -> None:
