@@ -130,3 +130,34 @@ def test_import_escape_hatch():
     spec = load_spec("tiny").with_updates(norm="py:llamaforge.plugins.norms:LayerNorm")
     model = build_model(spec)
     assert type(model.model.layers[0].input_layernorm).__name__ == "LayerNorm"
+
+
+def test_fused_linear_cross_entropy_matches_reference():
+    from llamaforge.core.losses import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 37, 16, generator=g, requires_grad=True)
+    w = torch.randn(50, 16, generator=g, requires_grad=True)
+    b = torch.randn(50, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (2, 37), generator=g)
+    t[0, :5] = -100
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w, b).view(-1, 50), t.view(-1))
+    ref.backward()
+    grads = [x.grad.clone() for x in (h, w, b)]
+    for x in (h, w, b):
+        x.grad = None
+    out = linear_cross_entropy(h, w, t, b, chunk_tokens=10)
+    (3 * out).backward()
+    torch.testing.assert_close(out, ref)
+    for x, ref_grad in zip((h, w, b), grads):
+        torch.testing.assert_close(x.grad, 3 * ref_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_mlp_head_loss_path_matches():
+    model = build_model(load_spec("seed-feedforward").with_updates(vocab_size=64, pad_token_id=None, bos_token_id=None))
+    ids = torch.randint(0, 64, (2, 12))
+    full = model(ids, ids).loss
+    fast = model(ids, ids, return_logits=False).loss
+    torch.testing.assert_close(full, fast)
+    h = model.hidden_states(ids)
+    torch.testing.assert_close(model.loss_from_hidden(h, ids, chunk_tokens=5), full)

@@ -152,6 +152,11 @@ class Activation(nn.Module, abc.ABC):
 class Head(nn.Module, abc.ABC):
     """(B, T, dim) -> (B, T, vocab) logits."""
 
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(weight, bias) when the head is exactly `h @ weight.T + bias`, which enables the fused
+        chunked cross-entropy during training; None otherwise (the loss then chunks through forward)."""
+        return None
+
 
 class KVCache(abc.ABC):
     """Per-layer key/value storage for incremental decoding."""

@@ -271,9 +271,18 @@ class LlamaForgeModel(nn.Module):
             )
         return ModelOutput(logits=logits, loss=loss)
 
-    def loss_from_hidden(self, h: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 8192) -> torch.Tensor:
-        """Cross-entropy without holding fp32 logits for the whole batch: the head runs chunk by chunk under
-        activation checkpointing, so peak memory is one chunk's logits."""
+    def loss_from_hidden(self, h: torch.Tensor, targets: torch.Tensor, chunk_tokens: int = 4096) -> torch.Tensor:
+        """Cross-entropy without holding fp32 logits for the whole batch.
+
+        A plain linear head goes through the fused chunked kernel (gradients computed in the forward pass, nothing
+        recomputed); any other head runs chunk by chunk under activation checkpointing. Either way peak memory is
+        one chunk's logits."""
+        projection = self.lm_head.projection() if hasattr(self.lm_head, "projection") else None
+        if projection is not None:
+            from llamaforge.core.losses import linear_cross_entropy
+
+            weight, bias = projection
+            return linear_cross_entropy(h, weight, targets, bias, chunk_tokens=chunk_tokens)
         from torch.utils.checkpoint import checkpoint
 
         flat_h = h.reshape(-1, h.size(-1))

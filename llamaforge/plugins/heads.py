@@ -27,6 +27,9 @@ class LinearHead(Head):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.weight, self.bias)
 
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.weight, self.bias
+
     def extra_repr(self) -> str:
         return f"{self.weight.shape[1]} -> {self.weight.shape[0]}, tied={self.tied}"
 

@@ -1,0 +1,88 @@
+"""Cross-entropy over a linear vocabulary projection without materialising the full logits.
+
+For a 32k-128k vocabulary the logits dominate activation memory (batch x seq x vocab, in fp32 for a stable
+softmax). `linear_cross_entropy` walks the tokens in chunks and, in the forward pass, already computes the
+gradients with respect to the hidden states and the projection weight, so backward is a rescale and nothing is
+recomputed. Peak extra memory is one chunk's logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, bias, targets, chunk_tokens, compute_dtype):  # type: ignore[override]
+        n = h.size(0)
+        needs_h, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        needs_b = bias is not None and ctx.needs_input_grad[2]
+        hc_all = h.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        b = bias.to(compute_dtype) if bias is not None else None
+        valid = targets != IGNORE_INDEX
+        n_valid = valid.sum().clamp(min=1)
+        grad_h = torch.empty_like(h) if needs_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_w else None
+        grad_b = torch.zeros(weight.size(0), dtype=torch.float32, device=weight.device) if needs_b else None
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for start in range(0, n, chunk_tokens):
+            end = min(start + chunk_tokens, n)
+            hc = hc_all[start:end]
+            tc = targets[start:end]
+            logits = F.linear(hc, w, b).float()
+            total = total + F.cross_entropy(logits, tc, ignore_index=IGNORE_INDEX, reduction="sum")
+            if grad_h is None and grad_w is None and grad_b is None:
+                continue
+            # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
+            g = torch.softmax(logits, dim=-1)
+            vc = valid[start:end]
+            rows = torch.arange(tc.size(0), device=tc.device)
+            g[rows[vc], tc[vc]] -= 1.0
+            g = g * vc.unsqueeze(1)
+            g_c = g.to(compute_dtype)
+            if grad_h is not None:
+                grad_h[start:end] = (g_c @ w).to(h.dtype)
+            if grad_w is not None:
+                grad_w += (g_c.t() @ hc).float()
+            if grad_b is not None:
+                grad_b += g.sum(0)
+        ctx.save_for_backward(grad_h, grad_w, grad_b, n_valid)
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        grad_h, grad_w, grad_b, n_valid = ctx.saved_tensors
+        scale = grad_out / n_valid
+        gh = grad_h * scale.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * scale).to(ctx.weight_dtype) if grad_w is not None else None
+        gb = (grad_b * scale).to(ctx.bias_dtype) if grad_b is not None else None
+        return gh, gw, gb, None, None, None
+
+
+def linear_cross_entropy(
+    h: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    chunk_tokens: int = 4096,
+) -> torch.Tensor:
+    """Mean cross-entropy of softmax(h @ weight.T + bias) against `targets` (-100 ignored).
+
+    h: (..., dim), targets: (...). Honours an enclosing autocast region's dtype for the matmuls; the softmax and
+    the loss are fp32.
+    """
+    flat_h = h.reshape(-1, h.size(-1))
+    flat_t = targets.reshape(-1)
+    if torch.is_autocast_enabled(h.device.type):
+        compute_dtype = torch.get_autocast_dtype(h.device.type)
+    else:
+        compute_dtype = torch.promote_types(h.dtype, weight.dtype)
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(flat_h, weight, bias, flat_t, chunk_tokens, compute_dtype)
