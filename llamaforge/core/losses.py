@@ -14,42 +14,62 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def _chunk_loss_and_grad(
+    hc: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tc: torch.Tensor, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed CE of one chunk and d(sum CE)/d(logits) = softmax - onehot (zero on ignored rows)."""
+    logits = F.linear(hc, w, b).float()
+    lse = torch.logsumexp(logits, dim=-1)
+    valid = tc != IGNORE_INDEX
+    safe = tc.clamp(min=0).unsqueeze(1)
+    loss_sum = ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
+    if not want_grad:
+        return loss_sum, None
+    g = torch.exp(logits - lse.unsqueeze(1))
+    g = g.scatter_add(1, safe, torch.full_like(safe, -1, dtype=g.dtype))
+    return loss_sum, (g * valid.unsqueeze(1)).to(hc.dtype)
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _chunk_fn(device_type: str):
+    """On CUDA the pointwise softmax/one-hot/cast work is compiled into a few fused kernels."""
+    if device_type != "cuda":
+        return _chunk_loss_and_grad
+    if "cuda" not in _COMPILED:
+        _COMPILED["cuda"] = torch.compile(_chunk_loss_and_grad, dynamic=False)
+    return _COMPILED["cuda"]
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, targets, chunk_tokens, compute_dtype):  # type: ignore[override]
-        n = h.size(0)
         needs_h, needs_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         needs_b = bias is not None and ctx.needs_input_grad[2]
+        want_grad = needs_h or needs_w or needs_b
         hc_all = h.to(compute_dtype)
         w = weight.to(compute_dtype)
         b = bias.to(compute_dtype) if bias is not None else None
-        valid = targets != IGNORE_INDEX
-        n_valid = valid.sum().clamp(min=1)
+        n_valid = (targets != IGNORE_INDEX).sum().clamp(min=1)
         grad_h = torch.empty_like(h) if needs_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_w else None
         grad_b = torch.zeros(weight.size(0), dtype=torch.float32, device=weight.device) if needs_b else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        for start in range(0, n, chunk_tokens):
-            end = min(start + chunk_tokens, n)
+        chunk = _chunk_fn(h.device.type)
+        for start in range(0, h.size(0), chunk_tokens):
+            end = min(start + chunk_tokens, h.size(0))
             hc = hc_all[start:end]
-            tc = targets[start:end]
-            logits = F.linear(hc, w, b).float()
-            total = total + F.cross_entropy(logits, tc, ignore_index=IGNORE_INDEX, reduction="sum")
-            if grad_h is None and grad_w is None and grad_b is None:
+            loss_sum, g = chunk(hc, w, b, targets[start:end], want_grad)
+            total = total + loss_sum
+            if g is None:
                 continue
-            # d(sum CE)/d logits = softmax - onehot, zero on ignored rows
-            g = torch.softmax(logits, dim=-1)
-            vc = valid[start:end]
-            rows = torch.arange(tc.size(0), device=tc.device)
-            g[rows[vc], tc[vc]] -= 1.0
-            g = g * vc.unsqueeze(1)
-            g_c = g.to(compute_dtype)
             if grad_h is not None:
-                grad_h[start:end] = (g_c @ w).to(h.dtype)
+                grad_h[start:end] = (g @ w).to(h.dtype)
             if grad_w is not None:
-                grad_w += (g_c.t() @ hc).float()
+                grad_w += (g.t() @ hc).float()
             if grad_b is not None:
-                grad_b += g.sum(0)
+                grad_b += g.float().sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b, n_valid)
         ctx.weight_dtype = weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaforge.core.interfaces import Attention, AttentionKernel, AttentionMask, KVCache, PositionEmbedding
+from llamaforge.core.ops import fused_linear
 from llamaforge.registry import hookimpl
 
 
@@ -55,9 +56,14 @@ class RopeAttention(Attention):
         cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        q = self.q_proj(x).view(bsz, seq, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if _plain_linears(self.q_proj, self.k_proj, self.v_proj):
+            # one matmul for q, k and v (parameters stay separate, so state-dict keys are Hugging Face's)
+            q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
+        else:  # wrapped projections (adapters, quantized weights) must run their own forward
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(bsz, seq, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = positions.apply(q, k, position_state)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)
@@ -68,6 +74,10 @@ class RopeAttention(Attention):
         return (
             f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, kernel={_kname(self.kernel)}"
         )
+
+
+def _plain_linears(*modules: nn.Module) -> bool:
+    return all(type(m) is nn.Linear for m in modules)
 
 
 def _kname(kernel: Any) -> str:
@@ -85,12 +95,6 @@ def sdpa(
 ) -> torch.Tensor:
     """torch scaled_dot_product_attention (flash / memory-efficient kernels where the hardware has them)."""
     gqa = q.size(1) != k.size(1)
-    if gqa and q.device.type == "cuda" and mask.mask is None:
-        # enable_gqa routes to the math kernel on some torch builds; expanding k/v keeps flash attention.
-        rep = q.size(1) // k.size(1)
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-        gqa = False
     return F.scaled_dot_product_attention(
         q,
         k,
