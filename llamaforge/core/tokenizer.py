@@ -1,0 +1,268 @@
+"""Tokenizers: train a byte-level BPE, or load Hugging Face, Llama 2 (SentencePiece) and Llama 3 (tiktoken) files.
+
+Everything becomes a transformers fast tokenizer underneath, so a tokenizer saved by llamaforge is a plain
+`tokenizer.json` that `AutoTokenizer.from_pretrained` reads. BOS/EOS are added explicitly by `encode`, and the pad
+token is explicit too (`add_pad_token`): packing never pads, so pad only matters for batched generation and
+serving, and it is kept out of every loss.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from llamaforge.errors import ModelFileError
+
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+] + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - 11)]  # Meta's rule: 256 specials in all
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+class Tokenizer:
+    """A thin wrapper over a transformers fast tokenizer with explicit BOS/EOS/pad handling."""
+
+    def __init__(self, hf: Any) -> None:
+        self.hf = hf
+
+    # ----- special ids ----------------------------------------------------------------------------------------
+    @property
+    def bos_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.hf.pad_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.hf, "chat_template", None)
+
+    def add_pad_token(self, token: str = "<PAD>") -> int:
+        """Add (or reuse) a pad token and return its id; the vocabulary grows by one if it is new."""
+        if self.hf.pad_token is None:
+            self.hf.add_special_tokens({"pad_token": token})
+        return int(self.hf.pad_token_id)
+
+    # ----- encoding -------------------------------------------------------------------------------------------
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
+        ids = list(self.hf.encode(text, add_special_tokens=False))
+        return self._wrap(ids, bos, eos)
+
+    def encode_batch(self, texts: list[str], *, bos: bool = False, eos: bool = False) -> list[list[int]]:
+        if not texts:
+            return []
+        out = self.hf(list(texts), add_special_tokens=False)["input_ids"]
+        return [self._wrap(list(ids), bos, eos) for ids in out]
+
+    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        if bos:
+            if self.bos_id is None:
+                raise ModelFileError("this tokenizer has no BOS token; encode with bos=False")
+            ids = [self.bos_id, *ids]
+        if eos:
+            if self.eos_id is None:
+                raise ModelFileError("this tokenizer has no EOS token; encode with eos=False")
+            ids = [*ids, self.eos_id]
+        return ids
+
+    def decode(self, ids: Sequence[int], *, skip_special: bool = True) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
+
+    def token_to_id(self, token: str) -> int | None:
+        tid = self.hf.convert_tokens_to_ids(token)
+        return None if tid is None or (tid == self.hf.unk_token_id and token != self.hf.unk_token) else int(tid)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.hf.save_pretrained(str(directory))
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_id}, eos={self.eos_id}, pad={self.pad_id})"
+
+
+def _fast(tok: Any, **specials: Any) -> Tokenizer:
+    from transformers import PreTrainedTokenizerFast
+
+    return Tokenizer(PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=False, **specials))
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int = 2, seed: int = 0) -> Tokenizer:
+    """Train a byte-level BPE (any Unicode round-trips) with BOS/EOS/pad specials at ids 0, 1, 2.
+
+    `seed` is accepted for interface symmetry: BPE training is deterministic for a given input order.
+    """
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    specials = [BOS, EOS, PAD]
+    if vocab_size < 256 + len(specials):
+        raise ValueError(f"vocab_size must be at least {256 + len(specials)} for a byte-level BPE, got {vocab_size}")
+    raw = RawTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator((t for t in texts), trainer=trainer)
+    return _fast(raw, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def _is_tiktoken_file(path: Path) -> bool:
+    try:
+        with path.open("rb") as fh:
+            first = fh.readline().split()
+        return len(first) == 2 and first[1].isdigit() and bool(base64.b64decode(first[0], validate=True))
+    except (OSError, ValueError):
+        return False
+
+
+def load_llama3_tiktoken(path: str | Path) -> Tokenizer:
+    """Meta's Llama 3 `tokenizer.model` (base64 token + rank lines) as a fast tokenizer with 256 specials."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as RawTokenizer
+
+    byte_map = _bytes_to_unicode()
+    ranks: dict[bytes, int] = {}
+    with Path(path).open("rb") as fh:
+        for lineno, line in enumerate(fh, 1):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 2:
+                raise ModelFileError(f"{path}:{lineno}: expected 'base64-token rank', got {line[:60]!r}")
+            ranks[base64.b64decode(parts[0])] = int(parts[1])
+    vocab = {"".join(byte_map[b] for b in tok): rank for tok, rank in ranks.items()}
+    # Recover BPE merges from ranks: a token of rank r is the merge of the split whose parts have the lowest ranks.
+    merges: list[tuple[int, str, str]] = []
+    for tok, rank in ranks.items():
+        if len(tok) < 2:
+            continue
+        splits = []
+        for i in range(1, len(tok)):
+            a, b = tok[:i], tok[i:]
+            if a in ranks and b in ranks:
+                splits.append((ranks[a], ranks[b], a, b))
+        for _, _, a, b in sorted(splits):
+            merges.append((rank, "".join(byte_map[x] for x in a), "".join(byte_map[x] for x in b)))
+    merges.sort(key=lambda m: m[0])
+    raw = RawTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, a, b in merges], ignore_merges=True))
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    raw.decoder = decoders.ByteLevel()
+    raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIALS])
+    bos_id = len(ranks)
+    raw.post_processor = processors.TemplateProcessing(
+        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
+    )
+    tok = _fast(raw, bos_token=BOS, eos_token=EOS)
+    if tok.bos_id != 128000 and len(ranks) == 128000:
+        raise ModelFileError(f"{path}: special tokens landed at {tok.bos_id}, expected 128000")
+    return tok
+
+
+def load_sentencepiece(path: str | Path) -> Tokenizer:
+    """A SentencePiece `tokenizer.model` (Llama 2) converted to a fast tokenizer that splits like SentencePiece.
+
+    transformers' conversion replaces spaces by U+2581 without splitting, so BPE can merge across word boundaries
+    ("world  x" -> '__' + 'x') where SentencePiece splits into whitespace-prefixed pieces first ('_' + '_x'). A
+    split pre-tokenizer restores SentencePiece's pieces.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(path, Path(tmp) / "tokenizer.model")
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False, "legacy": True}
+        (Path(tmp) / "tokenizer_config.json").write_text(json.dumps(config))
+        try:
+            hf = AutoTokenizer.from_pretrained(tmp)
+        except Exception as exc:
+            raise ModelFileError(f"cannot read SentencePiece model {path}: {exc}") from None
+    # SentencePiece pieces: a word with one leading U+2581, and a run of k+1 U+2581 before a word gives a
+    # k-long piece of its own (observed: "world  x" -> [_world, _, _x], "  lead" -> [__, _lead]).
+    from tokenizers import Regex, normalizers
+
+    hf.backend_tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
+    )
+    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Split(
+        Regex("\u2581[^\u2581]+|\u2581+(?=\u2581[^\u2581])|\u2581+|[^\u2581]+"), behavior="isolated"
+    )
+    return Tokenizer(hf)
+
+
+def is_tokenizer_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Auto-detect: a directory with tokenizer files (HF or llamaforge run dir), a tiktoken or SentencePiece
+    `tokenizer.model`."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelFileError(f"tokenizer path {path} does not exist")
+    if path.is_dir():
+        if (path / "tokenizer.json").exists():
+            from transformers import AutoTokenizer
+
+            try:
+                return Tokenizer(AutoTokenizer.from_pretrained(str(path)))
+            except Exception as exc:
+                raise ModelFileError(f"cannot load the tokenizer in {path}: {exc}") from None
+        if (path / "tokenizer.model").exists():
+            return load_tokenizer(path / "tokenizer.model")
+        raise ModelFileError(f"{path} has no tokenizer.json or tokenizer.model")
+    if _is_tiktoken_file(path):
+        return load_llama3_tiktoken(path)
+    return load_sentencepiece(path)
