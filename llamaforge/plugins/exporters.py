@@ -1,4 +1,9 @@
-"""Exporters: Hugging Face Llama directories that transformers loads with `from_pretrained`."""
+"""Exporters: Hugging Face Llama directories that transformers loads with `from_pretrained`, llama2.c checkpoints
+that its `run` executes, and Meta's original params.json + consolidated.NN.pth layout.
+
+Each exporter rejects options it does not know, so a typo on the command line (`-o shards=2` given to `hf`) fails
+instead of being silently ignored.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import torch
 from llamaforge.core.hf_config import hf_config_from_spec
 from llamaforge.core.interfaces import Exporter
 from llamaforge.core.io import atomic_write_json, save_safetensors, unique_tensors
+from llamaforge.errors import LlamaforgeError, SpecError
 from llamaforge.registry import hookimpl
 
 DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -30,6 +36,8 @@ class HFExporter(Exporter):
         dtype: str | None = None,
         **options: Any,
     ) -> Path:
+        _reject_unknown("hf", options)
+        max_shard_bytes = int(max_shard_bytes)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         spec = model.spec
@@ -53,7 +61,61 @@ class HFExporter(Exporter):
         atomic_write_json(out / "generation_config.json", gen)
         _write_weights(out, state, max_shard_bytes)
         if tokenizer is not None:
-            tokenizer.save_pretrained(str(out))
+            save_hf_tokenizer(tokenizer, out)
+        return out
+
+
+def _reject_unknown(fmt: str, options: dict[str, Any]) -> None:
+    if options:
+        raise SpecError(f"the {fmt!r} exporter has no option(s) {sorted(options)}; see `llamaforge export --help`")
+
+
+def hf_tokenizer_of(tokenizer: Any) -> Any:
+    """The transformers tokenizer behind any tokenizer llamaforge knows: a transformers tokenizer itself or a
+    llamaforge Tokenizer (its `.hf`; a llama2.c tokenizer converts itself there)."""
+    inner = getattr(tokenizer, "hf", None)
+    if inner is not None and hasattr(inner, "save_pretrained"):
+        return inner
+    if hasattr(tokenizer, "save_pretrained"):
+        return tokenizer
+    raise LlamaforgeError(
+        f"cannot write a {type(tokenizer).__name__} as Hugging Face tokenizer files; pass a transformers tokenizer"
+    )
+
+
+def save_hf_tokenizer(tokenizer: Any, out: Path) -> None:
+    hf_tokenizer_of(tokenizer).save_pretrained(str(out))
+
+
+class Llama2cExporter(Exporter):
+    """A llama2.c checkpoint (`version` 1 by default, 0 for the legacy header) plus tokenizer.bin when the model's
+    tokenizer is a llama2.c one. `out` is a .bin file path or a directory (then model.bin inside)."""
+
+    def export(self, model: Any, out: Path, *, tokenizer: Any = None, version: int = 1, **options: Any) -> Path:
+        from llamaforge.core.llama2c import Llama2cTokenizer, save_llama2c
+
+        _reject_unknown("llama2c", options)
+        out = Path(out)
+        target = out if out.suffix == ".bin" else out / "model.bin"
+        save_llama2c(model, target, version=int(version))
+        if isinstance(tokenizer, Llama2cTokenizer):
+            tokenizer.save_bin(target.parent / "tokenizer.bin")
+        return target
+
+
+class MetaExporter(Exporter):
+    """params.json + consolidated.NN.pth (`shards` model-parallel ranks), as Meta's reference code loads them."""
+
+    def export(
+        self, model: Any, out: Path, *, tokenizer: Any = None, shards: int = 1, dtype: str | None = None, **options: Any
+    ) -> Path:
+        from llamaforge.core.meta_format import save_meta
+
+        _reject_unknown("meta", options)
+        out = save_meta(model, out, shards=int(shards), dtype=dtype)
+        save = getattr(tokenizer, "save", None)
+        if callable(save):
+            save(out)
         return out
 
 
@@ -91,6 +153,8 @@ def export_hf(model: Any, out: str | Path, **options: Any) -> Path:
 @hookimpl
 def llamaforge_register(register):
     register("exporter", "hf", HFExporter)
+    register("exporter", "llama2c", Llama2cExporter)
+    register("exporter", "meta", MetaExporter)
 
 
-__all__ = ["HFExporter", "export_hf", "json"]
+__all__ = ["HFExporter", "Llama2cExporter", "MetaExporter", "export_hf", "hf_tokenizer_of", "json"]

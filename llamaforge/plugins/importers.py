@@ -1,4 +1,5 @@
-"""Importers: Hugging Face Llama directories (transformers 4.x or 5.x, sharded or not)."""
+"""Importers: Hugging Face Llama directories (transformers 4.x or 5.x, sharded or not), llama2.c checkpoints (a
+single .bin file) and Meta's original format (params.json + consolidated.NN.pth)."""
 
 from __future__ import annotations
 
@@ -54,6 +55,58 @@ class HFImporter(Importer):
         return {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
 
 
+class Llama2cImporter(Importer):
+    """A llama2.c checkpoint file (legacy v0 or version 1 header, fp32); recognised by header and exact size."""
+
+    def can_load(self, path: Path) -> bool:
+        from llamaforge.core.llama2c import looks_like_checkpoint
+
+        return looks_like_checkpoint(path)
+
+    def load_spec(self, path: Path) -> ModelSpec:
+        from llamaforge.core.llama2c import read_header, spec_from_config
+
+        return spec_from_config(read_header(path), name=Path(path).stem)
+
+    def load_state_dict(self, path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        from llamaforge.core.llama2c import read_checkpoint
+        from llamaforge.core.meta_format import meta_to_hf_state
+
+        _, state = read_checkpoint(path)
+        return meta_to_hf_state(state, spec)
+
+
+class MetaImporter(Importer):
+    """Meta's original Llama 3 layout: params.json plus one consolidated.NN.pth per model-parallel rank."""
+
+    def __init__(self) -> None:
+        self._cache: tuple[Path, ModelSpec, dict[str, torch.Tensor]] | None = None
+
+    def can_load(self, path: Path) -> bool:
+        from llamaforge.core.meta_format import is_meta_dir
+
+        return is_meta_dir(path)
+
+    def _load(self, path: Path) -> tuple[ModelSpec, dict[str, torch.Tensor]]:
+        # tying is decided by comparing output and embedding weights, so the spec needs the tensors too
+        from llamaforge.core.meta_format import load_meta
+
+        path = Path(path).resolve()
+        if self._cache is None or self._cache[0] != path:
+            self._cache = (path, *load_meta(path))
+        return self._cache[1], self._cache[2]
+
+    def load_spec(self, path: Path) -> ModelSpec:
+        return self._load(path)[0]
+
+    def load_state_dict(self, path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
+        state = self._load(path)[1]
+        self._cache = None
+        return state
+
+
 @hookimpl
 def llamaforge_register(register):
     register("importer", "hf", HFImporter)
+    register("importer", "llama2c", Llama2cImporter)
+    register("importer", "meta", MetaImporter)
