@@ -90,11 +90,11 @@ class RunC:
         kv_dim = self.dim * self.n_kv // self.n_heads
         kv_mul = self.n_heads // self.n_kv
         x = self.emb[token].copy()
-        for l in range(self.n_layers):
-            xb = self.rmsnorm(x, self.rms_att[l])
-            q = self.wq[l] @ xb
-            k = self.wk[l] @ xb
-            v = self.wv[l] @ xb
+        for layer in range(self.n_layers):
+            xb = self.rmsnorm(x, self.rms_att[layer])
+            q = self.wq[layer] @ xb
+            k = self.wk[layer] @ xb
+            v = self.wv[layer] @ xb
             for i in range(0, dim, 2):  # RoPE, interleaved pairs, frequency by position within the head
                 head_dim = i % hs
                 freq = np.float32(1.0) / np.power(np.float32(10000.0), np.float32(head_dim) / np.float32(hs))
@@ -104,22 +104,22 @@ class RunC:
                     v0, v1 = vec[i], vec[i + 1]
                     vec[i] = v0 * fcr - v1 * fci
                     vec[i + 1] = v0 * fci + v1 * fcr
-            self.key_cache[l, pos] = k
-            self.value_cache[l, pos] = v
+            self.key_cache[layer, pos] = k
+            self.value_cache[layer, pos] = v
             out = np.zeros(dim, np.float32)
             for h in range(self.n_heads):
                 qh = q[h * hs : (h + 1) * hs]
-                kh = self.key_cache[l, : pos + 1, (h // kv_mul) * hs : (h // kv_mul + 1) * hs]
+                kh = self.key_cache[layer, : pos + 1, (h // kv_mul) * hs : (h // kv_mul + 1) * hs]
                 att = (kh @ qh) / np.sqrt(np.float32(hs))
                 att = np.exp(att - att.max())
                 att = att / att.sum()
-                vh = self.value_cache[l, : pos + 1, (h // kv_mul) * hs : (h // kv_mul + 1) * hs]
+                vh = self.value_cache[layer, : pos + 1, (h // kv_mul) * hs : (h // kv_mul + 1) * hs]
                 out[h * hs : (h + 1) * hs] = att @ vh
-            x = x + self.wo[l] @ out
-            xb = self.rmsnorm(x, self.rms_ffn[l])
-            hb, hb2 = self.w1[l] @ xb, self.w3[l] @ xb
+            x = x + self.wo[layer] @ out
+            xb = self.rmsnorm(x, self.rms_ffn[layer])
+            hb, hb2 = self.w1[layer] @ xb, self.w3[layer] @ xb
             hb = hb * (np.float32(1.0) / (np.float32(1.0) + np.exp(-hb))) * hb2
-            x = x + self.w2[l] @ hb
+            x = x + self.w2[layer] @ hb
         x = self.rmsnorm(x, self.rms_final)
         return self.wcls @ x
 
