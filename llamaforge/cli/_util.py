@@ -17,3 +17,16 @@ def emit(data: Any, as_json: bool, human: str | None = None) -> None:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+
+
+def apply_adapter(model, adapter_dir):
+    """Apply a LoRA adapter directory to a loaded model (used by --adapter on generate, eval, serve)."""
+    from llamaforge.errors import LlamaforgeError
+
+    try:
+        from llamaforge.core.finetune import load_adapter
+    except ImportError:
+        raise LlamaforgeError(
+            "--adapter needs the LoRA support (llamaforge.core.finetune), which is not installed"
+        ) from None
+    return load_adapter(model, adapter_dir)

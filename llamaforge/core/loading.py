@@ -185,3 +185,30 @@ def _load_transformed(
 
 def model_from_state(spec: ModelSpec | str, state: dict[str, Any], **kwargs: Any) -> LlamaForgeModel:
     return _materialise(load_spec(spec), state, source="state dict", **kwargs)
+
+
+def load_model_and_tokenizer(
+    path: str | Path,
+    *,
+    tokenizer: str | Path | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    require_tokenizer: bool = False,
+) -> tuple[LlamaForgeModel, Any]:
+    """A model plus the tokenizer stored beside it (or the one given); the tokenizer is None when there is none."""
+    from llamaforge.core.tokenizer import is_tokenizer_dir, load_tokenizer
+
+    model = load_model(path, device=device, dtype=dtype)
+    tok = None
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    elif is_tokenizer_dir(path):
+        tok = load_tokenizer(path)
+    if tok is None and require_tokenizer:
+        raise ModelFileError(f"{path} has no tokenizer files; pass --tokenizer PATH (or use --prompt-ids)")
+    if tok is not None and tok.vocab_size > model.spec.vocab_size:
+        raise ModelFileError(
+            f"tokenizer has {tok.vocab_size} entries but the model's vocab_size is {model.spec.vocab_size}; "
+            f"they do not belong together"
+        )
+    return model, tok

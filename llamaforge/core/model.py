@@ -180,6 +180,7 @@ class LlamaForgeModel(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
+        self.gradient_checkpointing = False  # activation checkpointing per block (memory for compute)
         self.model = Backbone(spec)
         self.lm_head = build_component(
             "head",
@@ -339,8 +340,14 @@ class LlamaForgeModel(nn.Module):
         x = self.model.embed_tokens(input_ids)
         positions = self.model.rotary_emb
         position_state = positions(position_ids, x.dtype)
-        for block in self.model.layers:
-            x = block(x, positions, position_state, mask, cache, cache_position)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            from torch.utils.checkpoint import checkpoint
+
+            for block in self.model.layers:  # recompute each block's activations in backward
+                x = checkpoint(block, x, positions, position_state, mask, cache, cache_position, use_reentrant=False)
+        else:
+            for block in self.model.layers:
+                x = block(x, positions, position_state, mask, cache, cache_position)
         return self.model.norm(x)
 
     @staticmethod

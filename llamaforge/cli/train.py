@@ -1,0 +1,233 @@
+"""`llamaforge train`, `eval` and `quickstart`."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+from llamaforge.cli._util import emit, json_option
+
+set_option = click.option(
+    "--set", "overrides", multiple=True, metavar="NAME=VALUE", help="Override a training-spec field (repeatable)."
+)
+
+
+def _prepare_tokenizer(data, tokenizer_path, vocab_size, seed):
+    from llamaforge.core.data import read_documents
+    from llamaforge.core.tokenizer import load_tokenizer, train_tokenizer
+
+    if tokenizer_path:
+        return load_tokenizer(tokenizer_path)
+    docs = data if isinstance(data, list) else read_documents(data)
+    return train_tokenizer(docs, vocab_size, seed=seed)
+
+
+def run_training(
+    *,
+    spec_source,
+    data,
+    out,
+    train_overrides=None,
+    train_spec_file=None,
+    tokenizer_path=None,
+    vocab_size=4096,
+    val_data=None,
+    resume=False,
+    progress=True,
+    seed_docs=None,
+    model_overrides=None,
+):
+    """Shared by train, ablate and quickstart: tokenizer, data, model, Trainer.fit. Returns (result, model, tok)."""
+    from llamaforge.core.data import prepare_data
+    from llamaforge.core.loading import load_model_and_tokenizer
+    from llamaforge.core.model import build_model
+    from llamaforge.core.spec import load_spec
+    from llamaforge.core.train import Trainer, TrainSpec
+
+    out = Path(out)
+    tspec = TrainSpec.load(train_spec_file, train_overrides)
+    if resume:
+        model, tok = load_model_and_tokenizer(out, require_tokenizer=True)
+        model.train()
+    else:
+        source = seed_docs if seed_docs is not None else data
+        tok = _prepare_tokenizer(source, tokenizer_path, vocab_size, tspec.seed)
+        spec = load_spec(spec_source)
+        updates = dict(model_overrides or {})
+        if spec.vocab_size != tok.vocab_size:
+            updates["vocab_size"] = tok.vocab_size
+        for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("pad_token_id", tok.pad_id)):
+            updates[key] = value
+        if spec.max_positions < tspec.seq_len:
+            updates["max_positions"] = tspec.seq_len
+        spec = spec.with_updates(**updates)
+        model = build_model(spec, seed=tspec.seed, dtype="float32")
+    docs = seed_docs if seed_docs is not None else data
+    bundle = prepare_data(docs, tok, val_fraction=tspec.val_fraction, seed=tspec.seed, val_source=val_data)
+    trainer = Trainer(model, tspec, bundle.train, bundle.val, out, tokenizer=tok, progress=progress)
+    result = trainer.fit(resume=resume)
+    return result, trainer.model, tok, bundle
+
+
+@click.command("train")
+@click.option("--spec", "spec_source", required=True, help="Model spec: preset name, YAML/JSON file.")
+@click.option("--data", required=True, help="Training text: .txt/.jsonl/.parquet file, directory or Hub id.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--train-spec", "train_spec_file", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--val-data", default=None, help="Validation text (default: a split of --data).")
+@click.option("--tokenizer", "tokenizer_path", default=None, help="Tokenizer to use instead of training one.")
+@click.option("--vocab-size", default=4096, show_default=True, help="Vocabulary of the tokenizer trained on --data.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@set_option
+@json_option
+def train_cmd(
+    spec_source, data, out, train_spec_file, val_data, tokenizer_path, vocab_size, resume, overrides, as_json
+):
+    """Train a model from a spec; the run directory is a loadable model."""
+    from llamaforge.core.train import parse_overrides
+
+    result, model, _, _ = run_training(
+        spec_source=spec_source,
+        data=data,
+        out=out,
+        train_overrides=parse_overrides(list(overrides)),
+        train_spec_file=train_spec_file,
+        tokenizer_path=tokenizer_path,
+        vocab_size=vocab_size,
+        val_data=val_data,
+        resume=resume,
+        progress=not as_json,
+    )
+    summary = {
+        "run": str(out),
+        "steps": result.steps,
+        "train_loss": result.train_loss,
+        "val_loss": result.val_loss,
+        "tokens": result.tokens,
+        "tokens_per_s": result.tokens_per_s,
+        "seconds": result.seconds,
+        "params": model.num_parameters(),
+    }
+    emit(summary, as_json, _human_summary(summary))
+
+
+def _human_summary(s: dict) -> str:
+    val = f"{s['val_loss']:.4f}" if s.get("val_loss") is not None else "n/a"
+    return (
+        f"run {s['run']}: {s['steps']} steps, train loss {s['train_loss']:.4f}, val loss {val}, "
+        f"{s['tokens_per_s']:,.0f} tokens/s, {s['seconds']:.0f} s, {s['params']:,} parameters"
+    )
+
+
+@click.command("eval")
+@click.argument("model_path", metavar="MODEL")
+@click.option("--data", required=True, help="Evaluation text.")
+@click.option("--tokenizer", "tokenizer_path", default=None)
+@click.option("--seq-len", default=None, type=int, help="Block length (default: min(max_positions, 256)).")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--max-batches", default=None, type=int)
+@click.option("--adapter", default=None, help="A LoRA adapter directory to apply.")
+@json_option
+def eval_cmd(model_path, data, tokenizer_path, seq_len, batch_size, max_batches, adapter, as_json):
+    """Loss and perplexity of MODEL on DATA (JSON keys: loss, perplexity)."""
+    import torch
+
+    from llamaforge.core.data import read_documents, tokenize_documents
+    from llamaforge.core.loading import load_model_and_tokenizer
+    from llamaforge.core.train import evaluate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = load_model_and_tokenizer(model_path, tokenizer=tokenizer_path, require_tokenizer=True, device=device)
+    if adapter:
+        from llamaforge.cli._util import apply_adapter
+
+        model = apply_adapter(model, adapter)
+    tokens = tokenize_documents(read_documents(data), tok)
+    metrics = evaluate(model, tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches)
+    emit(
+        metrics,
+        as_json,
+        f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  ({metrics['tokens']:,} tokens)",
+    )
+
+
+@click.command("quickstart")
+@click.option("--data", default=None, help="Real data instead of the built-in corpus (file, dir or Hub id).")
+@click.option("--out", default="runs/quickstart", show_default=True, type=click.Path(file_okay=False))
+@click.option("--steps", default=600, show_default=True, help="Training steps.")
+@click.option("--stories", default=6000, show_default=True, help="Stories generated for the built-in corpus.")
+@click.option("--vocab-size", default=2048, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@json_option
+def quickstart_cmd(data, out, steps, stories, vocab_size, seed, as_json):
+    """Train a tokenizer and the `tiny` model offline in a few minutes, evaluate, and generate samples."""
+    from llamaforge.core.corpus import generate_corpus
+    from llamaforge.core.generation import GenerationConfig, generate_text
+
+    started = time.perf_counter()
+    docs = None if data else list(generate_corpus(stories, seed=seed))
+    overrides = {
+        "steps": steps,
+        "seq_len": 128,
+        "batch_size": 32,
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_steps": min(30, steps // 5),
+        "eval_every": max(50, steps // 6),
+        "eval_batches": 10,
+        "log_every": 10,
+        "seed": seed,
+    }
+    if not as_json:
+        source = data or f"the built-in story corpus ({stories:,} generated stories)"
+        click.echo(f"llamaforge quickstart: training `tiny` on {source} for {steps} steps -> {out}")
+    result, model, tok, bundle = run_training(
+        spec_source="tiny",
+        data=data,
+        out=out,
+        train_overrides=overrides,
+        vocab_size=vocab_size,
+        seed_docs=docs,
+        progress=not as_json,
+    )
+    from llamaforge.core.train import evaluate
+
+    metrics = evaluate(model, bundle.val, batch_size=16, seq_len=128)
+    prompts = ["Once upon a time", "One day, Mia went to", "The little dog"]
+    config = GenerationConfig.from_options(temperature=0.8, top_k=40, max_new_tokens=60, seed=seed)
+    samples = generate_text(model.eval(), tok, prompts, config)
+    summary = {
+        "run": str(out),
+        "params": model.num_parameters(),
+        "steps": result.steps,
+        "train_docs": bundle.n_train_docs,
+        "val_docs": bundle.n_val_docs,
+        "train_tokens": int(bundle.train.numel()),
+        "train_loss": result.train_loss,
+        "val_loss": metrics["loss"],
+        "val_perplexity": metrics["perplexity"],
+        "tokens_per_s": result.tokens_per_s,
+        "seconds": time.perf_counter() - started,
+        "samples": [{"prompt": p, "completion": s} for p, s in zip(prompts, samples)],
+    }
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo("\nSamples:")
+    for p, s in zip(prompts, samples):
+        click.echo(f"  {p} ->{s}")
+    click.echo(
+        f"\nSummary: {summary['params']:,} parameters, {result.steps} steps, train loss {result.train_loss:.3f}, "
+        f"validation loss {metrics['loss']:.3f} (perplexity {metrics['perplexity']:.2f}), "
+        f"{result.tokens_per_s:,.0f} tokens/s, {summary['seconds']:.0f} s in all."
+    )
+    click.echo(f"Run directory: {out} (try: llamaforge generate {out} --prompt 'Once upon a time')")
+
+
+def register(cli: click.Group) -> None:
+    cli.add_command(train_cmd)
+    cli.add_command(eval_cmd)
+    cli.add_command(quickstart_cmd)

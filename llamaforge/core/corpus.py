@@ -1,0 +1,186 @@
+"""The project's own offline corpus: short children's stories from a seeded grammar.
+
+Written for llamaforge (no third-party text), so `llamaforge quickstart` trains with no network and no data
+files. The grammar varies characters, places, objects, goals, problems, helpers and endings and ties them
+together with pronouns and callbacks, so a small model has real structure to learn; the same seed always gives
+the same stories.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+NAMES = [
+    ("Mia", "she"),
+    ("Leo", "he"),
+    ("Ava", "she"),
+    ("Sam", "he"),
+    ("Zoe", "she"),
+    ("Max", "he"),
+    ("Lily", "she"),
+    ("Ben", "he"),
+    ("Ella", "she"),
+    ("Tom", "he"),
+    ("Nora", "she"),
+    ("Finn", "he"),
+    ("Ruby", "she"),
+    ("Jack", "he"),
+    ("Ivy", "she"),
+    ("Omar", "he"),
+    ("Lucy", "she"),
+    ("Theo", "he"),
+    ("Rosa", "she"),
+    ("Kai", "he"),
+]
+ANIMALS = [
+    "cat",
+    "dog",
+    "rabbit",
+    "duck",
+    "fox",
+    "bear",
+    "owl",
+    "frog",
+    "mouse",
+    "turtle",
+    "bird",
+    "puppy",
+    "kitten",
+    "squirrel",
+    "goat",
+    "pony",
+]
+ADJ = ["little", "big", "happy", "sleepy", "brave", "shy", "funny", "kind", "curious", "tiny", "old", "quick"]
+COLOURS = ["red", "blue", "green", "yellow", "purple", "orange", "pink", "white", "brown", "golden"]
+PLACES = [
+    ("the park", "under a tall tree"),
+    ("the beach", "near the water"),
+    ("the garden", "by the flowers"),
+    ("the forest", "behind a big rock"),
+    ("the farm", "in the barn"),
+    ("the school", "in the yard"),
+    ("the town", "on the street"),
+    ("the lake", "on the shore"),
+    ("the hill", "at the top"),
+    ("the kitchen", "under the table"),
+]
+OBJECTS = [
+    "ball",
+    "kite",
+    "hat",
+    "box",
+    "book",
+    "toy boat",
+    "shell",
+    "cup",
+    "blanket",
+    "drum",
+    "map",
+    "key",
+    "flower",
+    "apple",
+    "cake",
+    "balloon",
+    "shoe",
+    "bell",
+]
+FEELINGS_GOOD = ["happy", "glad", "proud", "excited", "calm"]
+FEELINGS_BAD = ["sad", "worried", "scared", "upset", "lonely"]
+HIDING = ["in the grass", "behind a box", "under a bed", "near the door"]
+ELDERS = ["mom", "dad", "grandma", "grandpa"]
+WEATHER = [
+    "The sun was warm.",
+    "It was a windy day.",
+    "Rain fell softly.",
+    "The sky was very blue.",
+    "Snow covered the ground.",
+    "It was a quiet morning.",
+]
+
+
+def _obj(rng: random.Random) -> str:
+    return f"{rng.choice(COLOURS)} {rng.choice(OBJECTS)}"
+
+
+def story(rng: random.Random) -> str:
+    """One story: setting, a want or a problem, an attempt, help, resolution, a closing line."""
+    name, pro = rng.choice(NAMES)
+    poss = "her" if pro == "she" else "his"
+    friend, _ = rng.choice([n for n in NAMES if n[0] != name])
+    animal = f"{rng.choice(ADJ)} {rng.choice(ANIMALS)}"
+    place, spot = rng.choice(PLACES)
+    thing = _obj(rng)
+    cap = pro.capitalize()
+    opening = rng.choice(
+        [
+            f"Once upon a time, there was a {rng.choice(ADJ)} {rng.choice(['girl', 'boy', 'child'])} named {name}.",
+            f"One day, {name} went to {place}.",
+            f"{name} lived in a small house near {place}.",
+            f"There was a {animal} who lived at {place}. Its best friend was {name}.",
+        ]
+    )
+    lines = [opening, rng.choice(WEATHER)]
+    kind = rng.randrange(4)
+    if kind == 0:  # something lost
+        lines += [
+            f"{name} had a {thing}. {cap} loved it very much.",
+            f"But one day, the {thing} was gone! {name} felt {rng.choice(FEELINGS_BAD)}.",
+            f"{cap} looked {spot}, but it was not there.",
+            f'Then {friend} came and said, "I will help you look."',
+            f"They looked together. At last, {friend} found the {thing} {rng.choice(HIDING)}.",
+            f'{name} said, "Thank you, {friend}!" {cap} was very {rng.choice(FEELINGS_GOOD)}.',
+        ]
+    elif kind == 1:  # an animal in trouble
+        lines += [
+            f"At {place}, {name} saw a {animal}. The {animal.split()[-1]} was stuck {spot}.",
+            f'"Do not be scared," said {name}. {cap} moved slowly and was very gentle.',
+            f"{cap} pulled and pulled. Then the {animal.split()[-1]} was free!",
+            f"The {animal.split()[-1]} jumped and played with {name} all day.",
+            "From that day on, they were best friends.",
+        ]
+    elif kind == 2:  # learning to share
+        lines += [
+            f"{name} and {friend} both wanted to play with the {thing}.",
+            f'"It is mine!" said {name}. {friend} felt {rng.choice(FEELINGS_BAD)} and sat down.',
+            f'Then {name} thought about it. {cap} gave the {thing} to {friend} and said, "Let us play together."',
+            "They took turns. It was more fun to play together.",
+            f"{name} learned that sharing makes friends {rng.choice(FEELINGS_GOOD)}.",
+        ]
+    else:  # a wish and hard work
+        goal = rng.choice(
+            [
+                "climb the hill",
+                "build a tall tower",
+                "ride a bike",
+                "bake a cake",
+                "fly a kite",
+                "swim in the lake",
+                "read a big book",
+            ]
+        )
+        lines += [
+            f"{name} wanted to {goal}. {cap} tried, but it was hard.",
+            f"{cap} fell down and felt {rng.choice(FEELINGS_BAD)}.",
+            f'{poss.capitalize()} {rng.choice(["mom", "dad", "grandma", "grandpa"])} said, "Try again. You can do it."',
+            f"So {name} tried again, and again. Every day {pro} got a little better.",
+            f"At last, {name} could {goal}! {cap} was so {rng.choice(FEELINGS_GOOD)}.",
+        ]
+    lines.append(
+        rng.choice(
+            [
+                f"That night, {name} went to sleep with a big smile.",
+                f"{name} never forgot that day at {place}.",
+                "The end.",
+                f"And {name} and {friend} played until the sun went down.",
+            ]
+        )
+    )
+    return " ".join(lines)
+
+
+def generate_corpus(n_stories: int = 4000, seed: int = 0) -> Iterator[str]:
+    """`n_stories` stories, deterministic for a given seed."""
+    rng = random.Random(seed)
+    for _ in range(n_stories):
+        yield story(rng)
