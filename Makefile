@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml examples/relu2_plugin/pyproject.toml
 install: $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/llamaforge spec show tiny
+	$(BIN)/llamaforge quickstart
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
