@@ -172,7 +172,7 @@ def quickstart_cmd(data, out, steps, stories, vocab_size, seed, as_json):
     overrides = {
         "steps": steps,
         "seq_len": 128,
-        "batch_size": 32,
+        "batch_size": 16,
         "lr": 3e-3,
         "min_lr": 3e-4,
         "warmup_steps": min(30, steps // 5),
