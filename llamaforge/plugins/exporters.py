@@ -84,7 +84,16 @@ def hf_tokenizer_of(tokenizer: Any) -> Any:
 
 
 def save_hf_tokenizer(tokenizer: Any, out: Path) -> None:
+    """Tokenizer files both transformers 4.x and 5.x load: 5.x writes tokenizer_class "TokenizersBackend", a class
+    4.x lacks, while both resolve "PreTrainedTokenizerFast" for a tokenizer.json."""
     hf_tokenizer_of(tokenizer).save_pretrained(str(out))
+    cfg_path = out / "tokenizer_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        if cfg.get("tokenizer_class") == "TokenizersBackend" and (out / "tokenizer.json").exists():
+            cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+            cfg.pop("backend", None)
+            atomic_write_json(cfg_path, cfg)
 
 
 class Llama2cExporter(Exporter):
@@ -157,4 +166,4 @@ def llamaforge_register(register):
     register("exporter", "meta", MetaExporter)
 
 
-__all__ = ["HFExporter", "Llama2cExporter", "MetaExporter", "export_hf", "hf_tokenizer_of", "json"]
+__all__ = ["HFExporter", "Llama2cExporter", "MetaExporter", "export_hf", "hf_tokenizer_of", "save_hf_tokenizer"]
