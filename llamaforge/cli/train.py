@@ -9,20 +9,33 @@ from pathlib import Path
 import click
 
 from llamaforge.cli._util import emit, json_option
+from llamaforge.errors import LlamaforgeError
 
 set_option = click.option(
     "--set", "overrides", multiple=True, metavar="NAME=VALUE", help="Override a training-spec field (repeatable)."
 )
 
 
-def _prepare_tokenizer(data, tokenizer_path, vocab_size, seed):
+def _prepare_tokenizer(data, tokenizer_path, vocab_size, seed, pad_token=None, max_docs=None):
     from llamaforge.core.data import read_documents
     from llamaforge.core.tokenizer import load_tokenizer, train_tokenizer
 
     if tokenizer_path:
-        return load_tokenizer(tokenizer_path)
-    docs = data if isinstance(data, list) else read_documents(data)
-    return train_tokenizer(docs, vocab_size, seed=seed)
+        tok = load_tokenizer(tokenizer_path)
+    else:
+        docs = data if isinstance(data, list) else read_documents(data)
+        if max_docs is not None:
+            import itertools
+
+            docs = itertools.islice(docs, max_docs)
+        tok = train_tokenizer(docs, vocab_size, seed=seed)
+    if pad_token:
+        tok.add_pad_token(pad_token)
+    return tok
+
+
+def _echo_err(message: str) -> None:
+    click.echo(message, err=True)
 
 
 def run_training(
@@ -39,36 +52,59 @@ def run_training(
     progress=True,
     seed_docs=None,
     model_overrides=None,
+    pad_token=None,
+    stop_after=None,
+    max_docs=None,
+    echo=_echo_err,
 ):
-    """Shared by train, ablate and quickstart: tokenizer, data, model, Trainer.fit. Returns (result, model, tok)."""
+    """Shared by train and quickstart: tokenizer, data, model, Trainer.fit. Returns (result, model, tok, bundle).
+
+    `spec_source` may be a run file (model + train + data + tokenizer); explicit arguments win over its entries.
+    On --resume the run's own train.yaml, tokenizer and weights are used (overrides still apply, e.g. more steps).
+    """
     from llamaforge.core.data import prepare_data
     from llamaforge.core.loading import load_model_and_tokenizer
     from llamaforge.core.model import build_model
     from llamaforge.core.spec import load_spec
-    from llamaforge.core.train import Trainer, TrainSpec
+    from llamaforge.core.train import TRAIN_SPEC_FILE, Trainer, TrainSpec, fit_spec_to_tokenizer, read_run_file
 
     out = Path(out)
-    tspec = TrainSpec.load(train_spec_file, train_overrides)
+    run_file = read_run_file(spec_source) if isinstance(spec_source, str | Path) else None
+    train_source = train_spec_file
+    if run_file is not None:
+        spec_source = run_file.get("model", spec_source)
+        data = data or run_file.get("data")
+        val_data = val_data or run_file.get("val_data")
+        tokenizer_path = tokenizer_path or run_file.get("tokenizer")
+        pad_token = pad_token or run_file.get("pad_token")
+        vocab_size = run_file.get("vocab_size", vocab_size)
+        model_overrides = {**(run_file.get("model_updates") or {}), **(model_overrides or {})}
+        if train_source is None and "train" in run_file:
+            train_source = run_file["train"]
+    if resume and train_source is None and (out / TRAIN_SPEC_FILE).exists():
+        train_source = out / TRAIN_SPEC_FILE
+    if data is None and seed_docs is None:
+        raise LlamaforgeError("no training data: pass --data (or put `data:` in the run file)")
+    tspec = TrainSpec.load(train_source, train_overrides)
     if resume:
         model, tok = load_model_and_tokenizer(out, require_tokenizer=True)
         model.train()
     else:
         source = seed_docs if seed_docs is not None else data
-        tok = _prepare_tokenizer(source, tokenizer_path, vocab_size, tspec.seed)
+        tok = _prepare_tokenizer(source, tokenizer_path, vocab_size, tspec.seed, pad_token, max_docs)
         spec = load_spec(spec_source)
-        updates = dict(model_overrides or {})
-        if spec.vocab_size != tok.vocab_size:
-            updates["vocab_size"] = tok.vocab_size
-        for key, value in (("bos_token_id", tok.bos_id), ("eos_token_id", tok.eos_id), ("pad_token_id", tok.pad_id)):
-            updates[key] = value
-        if spec.max_positions < tspec.seq_len:
-            updates["max_positions"] = tspec.seq_len
-        spec = spec.with_updates(**updates)
+        if model_overrides:
+            spec = spec.with_updates(**model_overrides)
+        spec, notes = fit_spec_to_tokenizer(spec, tok, tspec.seq_len)
+        for note in notes:
+            echo(f"note: {note}")
         model = build_model(spec, seed=tspec.seed, dtype="float32")
     docs = seed_docs if seed_docs is not None else data
-    bundle = prepare_data(docs, tok, val_fraction=tspec.val_fraction, seed=tspec.seed, val_source=val_data)
+    bundle = prepare_data(
+        docs, tok, val_fraction=tspec.val_fraction, seed=tspec.seed, val_source=val_data, max_docs=max_docs
+    )
     trainer = Trainer(model, tspec, bundle.train, bundle.val, out, tokenizer=tok, progress=progress)
-    result = trainer.fit(resume=resume)
+    result = trainer.fit(resume=resume, stop_at=stop_after)
     return result, trainer.model, tok, bundle
 
 

@@ -7,6 +7,7 @@ that takes MODEL accepts it, and `--resume` continues exactly where the run stop
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -19,7 +20,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from llamaforge.core.data import BlockLoader, eval_batches
+from llamaforge.core.data import BlockLoader
+from llamaforge.core.evaluate import autocast, evaluate
 from llamaforge.core.io import atomic_write_json, atomic_write_text, load_safetensors, save_safetensors
 from llamaforge.core.loading import save_model
 from llamaforge.errors import LlamaforgeError, SpecError
@@ -27,6 +29,10 @@ from llamaforge.errors import LlamaforgeError, SpecError
 TRAIN_SPEC_FILE = "train.yaml"
 CHECKPOINT_DIR = "checkpoint"
 METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingInterrupted(LlamaforgeError):
+    """Ctrl-C during training: the message says where the last checkpoint is."""
 
 
 class TrainSpec(BaseModel):
@@ -132,36 +138,6 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-@torch.no_grad()
-def evaluate(
-    model: Any,
-    tokens: torch.Tensor,
-    *,
-    batch_size: int = 8,
-    seq_len: int | None = None,
-    max_batches: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
-) -> dict[str, float]:
-    """Token-weighted mean cross-entropy and perplexity over non-overlapping blocks."""
-    seq_len = seq_len or min(model.spec.max_positions, 256)
-    device = model.device
-    was_training = model.training
-    model.eval()
-    total_loss, total_tokens = 0.0, 0
-    try:
-        for inputs, targets in eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches):
-            inputs, targets = inputs.to(device), targets.to(device)
-            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                loss = model(inputs, targets, return_logits=False).loss
-            n = int((targets != -100).sum())
-            total_loss += float(loss) * n
-            total_tokens += n
-    finally:
-        model.train(was_training)
-    mean = total_loss / max(1, total_tokens)
-    return {"loss": mean, "perplexity": math.exp(min(mean, 50.0)), "tokens": total_tokens}
-
-
 @dataclass
 class TrainResult:
     steps: int
@@ -171,6 +147,7 @@ class TrainResult:
     tokens_per_s: float
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    data_digest: str = ""  # chained hash of every training batch: equal digests mean the same data order
 
 
 class Trainer:
@@ -221,6 +198,10 @@ class Trainer:
         )
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self.data_digest = ""
+        self.train_seconds = 0.0  # time in training steps only (evals and checkpoints excluded)
+        self._window_sum = 0.0  # loss sum and step count since the last log line, kept across a resume
+        self._window_steps = 0
         self.extra_metadata = extra_metadata or {}
         self._forward: Callable[..., Any] = self.model
         if spec.compile:
@@ -252,6 +233,9 @@ class Trainer:
                 "param_groups": opt_state["param_groups"],
                 "loader": self.loader.state_dict(),
                 "history": self.history,
+                "data_digest": self.data_digest,
+                "train_seconds": self.train_seconds,
+                "window": [self._window_sum, self._window_steps],
                 **self.extra_metadata,
             },
         )
@@ -279,6 +263,9 @@ class Trainer:
         self.loader.load_state_dict(state["loader"])
         self.step = int(state["step"])
         self.history = list(state.get("history", []))
+        self.data_digest = str(state.get("data_digest", ""))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        self._window_sum, self._window_steps = state.get("window", [0.0, 0])
 
     # ----- the loop -------------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -300,7 +287,12 @@ class Trainer:
             autocast_dtype=self.autocast_dtype,
         )
 
-    def fit(self, *, resume: bool = False) -> TrainResult:
+    def fit(self, *, resume: bool = False, stop_at: int | None = None) -> TrainResult:
+        """Train to the spec's step count; with `stop_at`, stop (checkpointed) after that many steps.
+
+        A run stopped by `stop_at` and continued with `resume=True` logs exactly the losses of an uninterrupted
+        run on CPU: weights, optimizer moments, RNG, loader position and the partial logging window are restored.
+        """
         from tqdm.auto import tqdm
 
         spec = self.spec
@@ -314,88 +306,124 @@ class Trainer:
             if self.rank == 0:
                 (self.out / METRICS_FILE).unlink(missing_ok=True)
         total = spec.total_steps
+        end = total if stop_at is None else max(self.step, min(total, stop_at))
         batches = iter(self.loader)
         self.model.train()
         bar = tqdm(
             total=total, initial=self.step, disable=not self.progress or self.rank != 0, unit="step", dynamic_ncols=True
         )
-        start = time.perf_counter()
-        tokens_done = 0
-        last_loss = float("nan")
-        val_loss = None
-        window_loss = torch.zeros((), device=self.device)
-        window_steps = 0
-        while self.step < total:
-            lr = lr_at(spec, self.step)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            step_loss = torch.zeros((), device=self.device)
-            for _ in range(spec.grad_accum):
-                inputs, targets = next(batches)
-                inputs, targets = inputs.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-                with torch.autocast(
-                    self.device.type,
-                    dtype=self.autocast_dtype or torch.float32,
-                    enabled=self.autocast_dtype is not None,
-                ):
-                    loss = self._forward(inputs, targets, return_logits=False).loss / spec.grad_accum
-                loss.backward()
-                step_loss += loss.detach()
-            if self.world_size > 1:
-                import torch.distributed as dist
+        tokens_per_step = spec.tokens_per_step * self.world_size
+        first_step = self.step
+        last_loss = next((r["loss"] for r in reversed(self.history) if "loss" in r), float("nan"))
+        val_loss = next((r["val_loss"] for r in reversed(self.history) if "val_loss" in r), None)
+        window = torch.tensor(self._window_sum, dtype=torch.float32, device=self.device)
+        window_steps = int(self._window_steps)
+        session_seconds = 0.0
+        saved_at = -1
+        mark = time.perf_counter()
 
-                dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-            if spec.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            tokens_done += spec.tokens_per_step * self.world_size
-            window_loss += step_loss
-            window_steps += 1
-            bar.update(1)
-            is_last = self.step == total
-            if self.step % spec.log_every == 0 or is_last:
-                last_loss = float(window_loss / window_steps)  # the only host sync, once per log interval
-                window_loss.zero_()
-                window_steps = 0
-                elapsed = time.perf_counter() - start
-                tps = tokens_done / max(elapsed, 1e-9)
-                self._log(
-                    {
-                        "step": self.step,
-                        "loss": last_loss,
-                        "lr": lr,
-                        "tokens_per_s": tps,
-                        "tokens": self.step * spec.tokens_per_step * self.world_size,
-                    }
-                )
-                bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
-            if self.step % spec.eval_every == 0 or is_last:
-                metrics = self.run_eval()
-                if metrics is not None:
-                    val_loss = metrics["loss"]
-                    self._log({"step": self.step, "val_loss": val_loss, "val_perplexity": metrics["perplexity"]})
-                    bar.set_postfix(loss=f"{last_loss:.3f}", val=f"{val_loss:.3f}")
-                if spec.save_every is None:
-                    self.save()
-            if spec.save_every is not None and (self.step % spec.save_every == 0 or is_last):
-                self.save()
+        def lap() -> None:  # add the time since the last mark to the training clock
+            nonlocal mark, session_seconds
+            now = time.perf_counter()
+            session_seconds += now - mark
+            self.train_seconds += now - mark
+            mark = now
+
+        def checkpoint() -> None:
+            nonlocal saved_at, mark
+            lap()
+            self._window_sum, self._window_steps = float(window), window_steps
+            self.save()
+            saved_at = self.step
+            mark = time.perf_counter()
+
+        try:
+            while self.step < end:
+                lr = lr_at(spec, self.step)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                step_loss = torch.zeros((), device=self.device)
+                for _ in range(spec.grad_accum):
+                    inputs, targets = next(batches)
+                    self.data_digest = hashlib.blake2b(
+                        self.data_digest.encode() + inputs.numpy().tobytes(), digest_size=16
+                    ).hexdigest()
+                    inputs = inputs.to(self.device, non_blocking=True)
+                    targets = targets.to(self.device, non_blocking=True)
+                    with autocast(self.device, self.autocast_dtype):
+                        loss = self._forward(inputs, targets, return_logits=False).loss / spec.grad_accum
+                    loss.backward()
+                    step_loss += loss.detach()
+                if self.world_size > 1:
+                    import torch.distributed as dist
+
+                    dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+                if spec.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                window += step_loss
+                window_steps += 1
+                bar.update(1)
+                is_last = self.step == total
+                if self.step % spec.log_every == 0 or is_last:
+                    last_loss = float(window / window_steps)  # the only host sync, once per log interval
+                    window.zero_()
+                    window_steps = 0
+                    lap()
+                    tps = (self.step - first_step) * tokens_per_step / max(session_seconds, 1e-9)
+                    self._log(
+                        {
+                            "step": self.step,
+                            "loss": last_loss,
+                            "lr": lr,
+                            "tokens_per_s": tps,
+                            "tokens": self.step * tokens_per_step,
+                        }
+                    )
+                    bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tps:,.0f}")
+                if self.step % spec.eval_every == 0 or is_last:
+                    lap()
+                    metrics = self.run_eval()
+                    if metrics is not None:
+                        val_loss = metrics["loss"]
+                        self._log({"step": self.step, "val_loss": val_loss, "val_perplexity": metrics["perplexity"]})
+                        bar.set_postfix(loss=f"{last_loss:.3f}", val=f"{val_loss:.3f}")
+                    mark = time.perf_counter()
+                    if spec.save_every is None:
+                        checkpoint()
+                if spec.save_every is not None and (self.step % spec.save_every == 0 or is_last):
+                    checkpoint()
+        except KeyboardInterrupt:
+            bar.close()
+            last = self._checkpoint_step()
+            where = f"the last checkpoint (step {last}) continues with --resume" if last else "nothing was checkpointed"
+            raise TrainingInterrupted(f"training interrupted at step {self.step} of {total}; {where}") from None
         bar.close()
-        elapsed = time.perf_counter() - start
-        self.save()
+        if saved_at != self.step:
+            checkpoint()
+        lap()
         if self.rank == 0:
             write_metrics_csv(self.out)
             plot_losses(self.out)
+        tokens = (self.step - first_step) * tokens_per_step
         return TrainResult(
             steps=self.step,
             train_loss=last_loss,
             val_loss=val_loss,
-            tokens=tokens_done,
-            tokens_per_s=tokens_done / max(elapsed, 1e-9),
-            seconds=elapsed,
+            tokens=tokens,
+            tokens_per_s=tokens / max(session_seconds, 1e-9),
+            seconds=session_seconds,
             history=list(self.history),
+            data_digest=self.data_digest,
         )
+
+    def _checkpoint_step(self) -> int | None:
+        path = self.out / CHECKPOINT_DIR / "state.json"
+        if not path.exists():
+            return None
+        return int(json.loads(path.read_text()).get("step", 0))
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
@@ -419,31 +447,246 @@ def write_metrics_csv(run: str | Path) -> None:
 
 
 def plot_losses(run: str | Path, path: str | Path | None = None) -> Path | None:
-    """loss_curve.png: training loss and validation loss against steps."""
+    """loss_curve.png: training and validation loss against steps (skipped without matplotlib)."""
+    from llamaforge.core.plots import plot_loss_curve
+
     rows = read_metrics(run)
-    if not rows:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1.4)
-    if val:
-        ax.plot(*zip(*val), label="validation", marker="o", ms=3, lw=1.4)
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(Path(run).name)
-    fig.tight_layout()
-    out = Path(path) if path else Path(run) / "loss_curve.png"
-    tmp = out.with_suffix(".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    return plot_loss_curve(train, val, Path(path) if path else Path(run) / "loss_curve.png", title=Path(run).name)
+
+
+# ----- run files and ablations --------------------------------------------------------------------------------------
+RUN_FILE_KEYS = {"model", "train", "data", "val_data", "tokenizer", "vocab_size", "pad_token", "vary", "model_updates"}
+
+
+def read_run_file(path: str | Path) -> dict[str, Any] | None:
+    """A run file bundles a model (`model:` preset/file/mapping), a `train:` spec and optionally data, tokenizer
+    and ablation axes (`vary:`); returns None for a plain model spec file (no `model`/`train` key).
+
+    Relative paths inside resolve against the working directory first, then against the file's own folder.
+    """
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() not in {".yaml", ".yml", ".json"}:
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise SpecError(f"cannot parse {path}: {exc}") from None
+    if not isinstance(data, dict) or not ({"model", "train"} & set(data)) or "dim" in data:
+        return None
+    unknown = sorted(set(data) - RUN_FILE_KEYS)
+    if unknown:
+        raise SpecError(f"{path}: unknown run-file keys {unknown}; allowed: {sorted(RUN_FILE_KEYS)}")
+    for key in ("data", "val_data", "tokenizer"):
+        value = data.get(key)
+        if isinstance(value, str) and not Path(value).exists() and (path.parent / value).exists():
+            data[key] = str(path.parent / value)
+    model = data.get("model")
+    if isinstance(model, str) and not Path(model).exists() and (path.parent / model).exists():
+        data["model"] = str(path.parent / model)
+    return data
+
+
+def parse_vary(items: list[str] | dict[str, Any]) -> list[tuple[str, list[Any]]]:
+    """`PATH=A,B[,C]` strings (or a mapping PATH -> list) -> [(path, [values])], values parsed as YAML scalars."""
+    if isinstance(items, dict):
+        pairs = [(str(k), v if isinstance(v, list) else [v]) for k, v in items.items()]
+    else:
+        pairs = []
+        for item in items:
+            if "=" not in item:
+                raise SpecError(f"--vary expects PATH=A,B[,C], got {item!r} (e.g. norm=rmsnorm,layernorm)")
+            path, values = item.split("=", 1)
+            pairs.append((path.strip(), [yaml.safe_load(v.strip()) for v in values.split(",") if v.strip()]))
+    for path, values in pairs:
+        if not path:
+            raise SpecError("--vary needs a spec path before '=' (e.g. activation.name=swiglu,relu2)")
+        if len(values) < 1:
+            raise SpecError(f"--vary {path}= lists no values")
+    return pairs
+
+
+def expand_variants(axes: list[tuple[str, list[Any]]]) -> list[dict[str, Any]]:
+    """Every combination of the axes' values, in the order given (first axis slowest)."""
+    import itertools
+
+    if not axes:
+        return [{}]
+    paths = [p for p, _ in axes]
+    return [dict(zip(paths, combo)) for combo in itertools.product(*(vals for _, vals in axes))]
+
+
+def variant_name(assignment: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in assignment.items()) or "base"
+
+
+def variant_dirname(assignment: dict[str, Any]) -> str:
+    import re
+
+    text = "__".join(f"{k}-{Path(str(v)).stem if '/' in str(v) else v}" for k, v in assignment.items()) or "base"
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)
+
+
+def apply_variant(base_model: Any, base_train: TrainSpec, assignment: dict[str, Any]) -> tuple[Any, TrainSpec]:
+    """The model spec and training spec of one variant.
+
+    `model=X` replaces the whole model spec (a preset or a spec file), `train.FIELD=V` changes the training spec,
+    and every other path is a dotted model-spec path (`norm`, `activation.name`, `n_kv_heads`, ...)."""
+    from llamaforge.core.spec import load_spec
+
+    spec = load_spec(assignment["model"]) if "model" in assignment else load_spec(base_model)
+    model_updates = {k: v for k, v in assignment.items() if k != "model" and not k.startswith("train.")}
+    train_updates = {k.removeprefix("train."): v for k, v in assignment.items() if k.startswith("train.")}
+    if model_updates:
+        spec = spec.with_updates(**model_updates)
+    tspec = TrainSpec.parse({**base_train.model_dump(), **train_updates}) if train_updates else base_train
+    return spec, tspec
+
+
+def fit_spec_to_tokenizer(spec: Any, tokenizer: Any, seq_len: int) -> tuple[Any, list[str]]:
+    """Make a model spec agree with the tokenizer (vocab size, BOS/EOS/pad ids) and the sequence length.
+
+    Returns the updated spec and human-readable notes on what changed, so front ends can say so."""
+    updates: dict[str, Any] = {}
+    notes: list[str] = []
+    if spec.vocab_size != tokenizer.vocab_size:
+        updates["vocab_size"] = tokenizer.vocab_size
+        notes.append(f"vocab_size set to {tokenizer.vocab_size:,} from the tokenizer (spec said {spec.vocab_size:,})")
+    for key, value in (("bos_token_id", tokenizer.bos_id), ("eos_token_id", tokenizer.eos_id)):
+        if value is not None and getattr(spec, key) != value:
+            updates[key] = value
+    pad = tokenizer.pad_id
+    if pad is not None and pad < tokenizer.vocab_size and spec.pad_token_id != pad:
+        updates["pad_token_id"] = pad
+    if spec.max_positions < seq_len:
+        updates["max_positions"] = seq_len
+        notes.append(f"max_positions raised from {spec.max_positions} to seq_len {seq_len}")
+    return (spec.with_updates(**updates) if updates else spec), notes
+
+
+def run_ablation(
+    base_model: Any,
+    base_train: TrainSpec,
+    axes: list[tuple[str, list[Any]]],
+    *,
+    tokenizer: Any,
+    train_tokens: torch.Tensor,
+    val_tokens: torch.Tensor,
+    out: str | Path,
+    progress: bool = True,
+    resume: bool = False,
+    echo: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Train every variant on the same token streams with the same seed and budget; write the report.
+
+    Each variant is a full run directory under `out`; `results.md`, `results.csv`, `results.json` and
+    `val_curves.png` compare them. Variants with different token budgets (a varied train.batch_size, say) are
+    allowed but flagged in the table."""
+    from llamaforge.core.model import build_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = []
+    variants = expand_variants(axes)
+    # validate every variant before spending time on the first
+    resolved = []
+    for assignment in variants:
+        spec, tspec = apply_variant(base_model, base_train, assignment)
+        spec, notes = fit_spec_to_tokenizer(spec, tokenizer, tspec.seq_len)
+        resolved.append((assignment, spec, tspec, notes))
+    for i, (assignment, spec, tspec, notes) in enumerate(resolved, 1):
+        name = variant_name(assignment)
+        run_dir = out / variant_dirname(assignment)
+        if echo:
+            echo(f"[{i}/{len(resolved)}] {name} -> {run_dir}" + "".join(f"\n  note: {n}" for n in notes))
+        model = build_model(spec, seed=tspec.seed, dtype="float32")
+        trainer = Trainer(
+            model,
+            tspec,
+            train_tokens,
+            val_tokens,
+            run_dir,
+            tokenizer=tokenizer,
+            progress=progress,
+            extra_metadata={"variant": assignment},
+        )
+        can_resume = resume and (run_dir / CHECKPOINT_DIR / "state.json").exists()
+        result = trainer.fit(resume=can_resume)
+        train_logs = [r for r in result.history if "loss" in r]
+        rows.append(
+            {
+                "variant": name,
+                "run": str(run_dir),
+                "params": trainer.model.num_parameters(),
+                "steps": result.steps,
+                "tokens": result.steps * tspec.tokens_per_step,
+                "train_loss": train_logs[-1]["loss"] if train_logs else result.train_loss,
+                "val_loss": result.val_loss,
+                "best_val_loss": min((r["val_loss"] for r in result.history if "val_loss" in r), default=None),
+                "tokens_per_s": train_logs[-1]["tokens_per_s"] if train_logs else result.tokens_per_s,
+                "seconds": trainer.train_seconds,
+                "data_digest": result.data_digest,
+                "curve": [(r["step"], r["val_loss"]) for r in result.history if "val_loss" in r],
+            }
+        )
+        del trainer, model
+    write_ablation_report(rows, out, axes=axes, base_train=base_train)
+    return rows
+
+
+def write_ablation_report(
+    rows: list[dict[str, Any]], out: str | Path, *, axes: list[tuple[str, list[Any]]], base_train: TrainSpec
+) -> None:
+    import csv
+    import io
+
+    from llamaforge.core.plots import plot_curves
+
+    out = Path(out)
+    same_data = len({r["data_digest"] for r in rows}) == 1
+    same_budget = len({r["tokens"] for r in rows}) == 1
+
+    def fmt(v: Any, spec: str = ".4f") -> str:
+        return "n/a" if v is None else format(v, spec)
+
+    lines = [
+        f"Ablation over {', '.join(p for p, _ in axes) or 'nothing'}: {rows[0]['steps'] if rows else 0} steps, "
+        f"seed {base_train.seed}, batch {base_train.batch_size}x{base_train.grad_accum}, seq_len "
+        f"{base_train.seq_len}; data order {'identical' if same_data else 'DIFFERENT'} across variants"
+        f"{'' if same_budget else '; token budgets DIFFER'}.",
+        "",
+        "| variant | params | train loss | val loss | best val loss | tokens/s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['params']:,} | {fmt(r['train_loss'])} | {fmt(r['val_loss'])} | "
+            f"{fmt(r['best_val_loss'])} | {r['tokens_per_s']:,.0f} |"
+        )
+    atomic_write_text(out / "results.md", "\n".join(lines) + "\n")
+    keys = [
+        "variant",
+        "params",
+        "steps",
+        "tokens",
+        "train_loss",
+        "val_loss",
+        "best_val_loss",
+        "tokens_per_s",
+        "seconds",
+        "data_digest",
+        "run",
+    ]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    atomic_write_json(out / "results.json", {"same_data_order": same_data, "variants": rows})
+    plot_curves(
+        {r["variant"]: r["curve"] for r in rows},
+        out / "val_curves.png",
+        title="validation loss",
+        ylabel="validation cross-entropy",
+    )
