@@ -32,3 +32,7 @@ class PluginError(LlamaforgeError, RuntimeError):
 
 class ModelFileError(LlamaforgeError, ValueError):
     """A model directory or checkpoint file is missing, unreadable or inconsistent."""
+
+
+class DataError(LlamaforgeError, ValueError):
+    """A data source is missing, unreadable, of an unknown format, or yields nothing usable."""

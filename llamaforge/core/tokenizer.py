@@ -67,14 +67,21 @@ class Tokenizer:
         return int(self.hf.pad_token_id)
 
     # ----- encoding -------------------------------------------------------------------------------------------
-    def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
-        ids = list(self.hf.encode(text, add_special_tokens=False))
-        return self._wrap(ids, bos, eos)
+    def encode(self, text: str, *, bos: bool = False, eos: bool = False, allow_special: bool = True) -> list[int]:
+        """Token ids of `text`, with BOS/EOS only where asked.
 
-    def encode_batch(self, texts: list[str], *, bos: bool = False, eos: bool = False) -> list[list[int]]:
+        `allow_special=False` encodes special-token strings found in the text ("<|eot_id|>", "<s>", "<PAD>") as
+        ordinary text, as Meta's tiktoken encoder and SentencePiece do: training text must not be able to inject
+        control tokens (or pad) into the stream. True (the default) parses them, which chat templates rely on.
+        """
+        return self.encode_batch([text], bos=bos, eos=eos, allow_special=allow_special)[0]
+
+    def encode_batch(
+        self, texts: list[str], *, bos: bool = False, eos: bool = False, allow_special: bool = True
+    ) -> list[list[int]]:
         if not texts:
             return []
-        out = self.hf(list(texts), add_special_tokens=False)["input_ids"]
+        out = self.hf(list(texts), add_special_tokens=False, split_special_tokens=not allow_special)["input_ids"]
         return [self._wrap(list(ids), bos, eos) for ids in out]
 
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
@@ -132,7 +139,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, min_frequency: int
         show_progress=False,
     )
     raw.train_from_iterator((t for t in texts), trainer=trainer)
+    if raw.get_vocab_size() <= len(specials):
+        raise ValueError("cannot train a tokenizer on an empty corpus")
+    _bos_post_processor(raw, BOS)
     return _fast(raw, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
+def _bos_post_processor(raw: Any, bos: str) -> None:
+    """`add_special_tokens=True` prepends BOS, as Hugging Face's Llama tokenizers do.
+
+    llamaforge's own `encode` never relies on it (it adds BOS/EOS explicitly); this is for code that loads the saved
+    directory with `AutoTokenizer` and calls it the usual way.
+    """
+    from tokenizers import processors
+
+    raw.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, raw.token_to_id(bos))]
+    )
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -160,7 +183,7 @@ def _is_tiktoken_file(path: Path) -> bool:
 
 def load_llama3_tiktoken(path: str | Path) -> Tokenizer:
     """Meta's Llama 3 `tokenizer.model` (base64 token + rank lines) as a fast tokenizer with 256 specials."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RawTokenizer
 
     byte_map = _bytes_to_unicode()
@@ -173,21 +196,23 @@ def load_llama3_tiktoken(path: str | Path) -> Tokenizer:
             if len(parts) != 2:
                 raise ModelFileError(f"{path}:{lineno}: expected 'base64-token rank', got {line[:60]!r}")
             ranks[base64.b64decode(parts[0])] = int(parts[1])
-    vocab = {"".join(byte_map[b] for b in tok): rank for tok, rank in ranks.items()}
-    # Recover BPE merges from ranks: a token of rank r is the merge of the split whose parts have the lowest ranks.
-    merges: list[tuple[int, str, str]] = []
-    for tok, rank in ranks.items():
-        if len(tok) < 2:
-            continue
-        splits = []
-        for i in range(1, len(tok)):
-            a, b = tok[:i], tok[i:]
-            if a in ranks and b in ranks:
-                splits.append((ranks[a], ranks[b], a, b))
-        for _, _, a, b in sorted(splits):
-            merges.append((rank, "".join(byte_map[x] for x in a), "".join(byte_map[x] for x in b)))
-    merges.sort(key=lambda m: m[0])
-    raw = RawTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for _, a, b in merges], ignore_merges=True))
+    # One byte is one character of the byte-level alphabet, so latin-1 decoding + a translation table maps a token
+    # to its vocabulary string, and splitting that string at i splits the token's bytes at i.
+    table = str.maketrans({chr(b): c for b, c in byte_map.items()})
+    vocab = {tok.decode("latin-1").translate(table): rank for tok, rank in ranks.items()}
+    # tiktoken stores ranks, not merges: it repeatedly joins the adjacent pair whose concatenation has the lowest
+    # rank, whatever the halves' ranks. So every split of a token into two tokens is a merge with the token's rank
+    # as priority (ties broken by the halves' ranks), and `ignore_merges` takes a whole pre-token found in the
+    # vocabulary as-is, as tiktoken does before merging.
+    merges: list[tuple[int, int, int, str, str]] = []
+    for word, rank in vocab.items():
+        for i in range(1, len(word)):
+            a, b = word[:i], word[i:]
+            ra, rb = vocab.get(a), vocab.get(b)
+            if ra is not None and rb is not None:
+                merges.append((rank, ra, rb, a, b))
+    merges.sort()
+    raw = RawTokenizer(models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], ignore_merges=True))
     raw.pre_tokenizer = pre_tokenizers.Sequence(
         [
             pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
@@ -196,10 +221,7 @@ def load_llama3_tiktoken(path: str | Path) -> Tokenizer:
     )
     raw.decoder = decoders.ByteLevel()
     raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in LLAMA3_SPECIALS])
-    bos_id = len(ranks)
-    raw.post_processor = processors.TemplateProcessing(
-        single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)]
-    )
+    _bos_post_processor(raw, BOS)
     tok = _fast(raw, bos_token=BOS, eos_token=EOS)
     if tok.bos_id != 128000 and len(ranks) == 128000:
         raise ModelFileError(f"{path}: special tokens landed at {tok.bos_id}, expected 128000")
@@ -235,10 +257,14 @@ def load_sentencepiece(path: str | Path) -> Tokenizer:
     hf.backend_tokenizer.normalizer = normalizers.Sequence(
         [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
     )
-    hf.backend_tokenizer.pre_tokenizer = pre_tokenizers.Split(
+    raw = hf.backend_tokenizer
+    raw.pre_tokenizer = pre_tokenizers.Split(
         Regex("\u2581[^\u2581]+|\u2581+(?=\u2581[^\u2581])|\u2581+|[^\u2581]+"), behavior="isolated"
     )
-    return Tokenizer(hf)
+    # A LlamaTokenizer rebuilds its pipeline from vocab and merges when loaded, which would drop the splitter above;
+    # a plain fast tokenizer saves and reloads tokenizer.json as it is.
+    _bos_post_processor(raw, hf.bos_token)
+    return _fast(raw, bos_token=hf.bos_token, eos_token=hf.eos_token, unk_token=hf.unk_token)
 
 
 def is_tokenizer_dir(path: str | Path) -> bool:
