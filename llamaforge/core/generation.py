@@ -241,12 +241,21 @@ def generate(
     return out
 
 
+def _stop_at(text: str, stops: Sequence[str]) -> int | None:
+    """Index in `text` where the earliest stop string begins, or None."""
+    found = [i for i in (text.find(s) for s in stops if s) if i >= 0]
+    return min(found) if found else None
+
+
 def _trim_stop(ids: list[int], tokenizer: Any, stops: list[str]) -> list[int]:
-    """Drop the tokens from the one that completed a stop string on."""
-    for n in range(1, len(ids) + 1):
-        if any(s in tokenizer.decode(ids[:n]) for s in stops):
-            return ids[: n - 1]
-    return ids
+    """The longest prefix of `ids` whose text ends before the first stop string (the stop string is not kept)."""
+    cut = _stop_at(tokenizer.decode(ids), stops)
+    if cut is None:
+        return ids
+    n = len(ids)
+    while n > 0 and len(tokenizer.decode(ids[:n])) > cut:
+        n -= 1
+    return ids[:n]
 
 
 def generate_text(model: Any, tokenizer: Any, prompt: str | list[str], config: GenerationConfig) -> str | list[str]:
