@@ -192,10 +192,56 @@ class Quantizer(abc.ABC):
 
 
 class Adapter(abc.ABC):
-    """Wraps selected modules of a built model with trainable adapter parameters, after the model is built."""
+    """Wraps selected modules of a built model with trainable adapter parameters, after the model is built.
+
+    Every module it wraps becomes an `AdapterLayer` whose base parameters keep their state-dict names, so
+    model-level operations (merge, remove, switch; llamaforge.core.finetune) work for any adapter type.
+    """
+
+    name: str = "default"
 
     @abc.abstractmethod
     def add(self, model: nn.Module, name: str = "default") -> nn.Module: ...
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """What `apply_transform` calls, so adapted model directories rebuild their structure on load."""
+        return self.add(model, self.name)
+
+
+class AdapterLayer(metaclass=abc.ABCMeta):
+    """A module wrapped by one or more named adapters.
+
+    Local adapter state keys (`adapter_state_dict`) carry no adapter name (e.g. `lora_A.weight`); `remove` of the
+    last adapter restores the original module exactly (same class, bitwise-equal parameters).
+    """
+
+    # ABCMeta rather than abc.ABC: ABC's empty __slots__ would change the instance layout and forbid mixing this
+    # class into an existing module's class at runtime
+    adapters_enabled: bool
+
+    @abc.abstractmethod
+    def adapter_names(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def set_active_adapters(self, names: list[str]) -> None: ...
+
+    @abc.abstractmethod
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]: ...
+
+    @abc.abstractmethod
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]: ...
+
+    @abc.abstractmethod
+    def load_adapter_state_dict(self, name: str, state: dict[str, torch.Tensor]) -> None: ...
+
+    @abc.abstractmethod
+    def merge(self, names: list[str] | None = None, *, keep_original: bool = True) -> None: ...
+
+    @abc.abstractmethod
+    def unmerge(self) -> None: ...
+
+    @abc.abstractmethod
+    def remove(self, name: str) -> None: ...
 
 
 class Exporter(abc.ABC):
