@@ -52,8 +52,16 @@ def forget_transform(model: LlamaForgeModel, kind: str, name: str | None = None)
     setattr(model, _TRANSFORMS_ATTR, records)
 
 
-def save_model(model: LlamaForgeModel, out: str | Path, *, metadata: dict[str, str] | None = None) -> Path:
-    """Write spec.yaml + model.safetensors into `out` (atomically, file by file)."""
+def save_model(
+    model: LlamaForgeModel,
+    out: str | Path,
+    *,
+    metadata: dict[str, str] | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write spec.yaml + model.safetensors into `out` (atomically, file by file).
+
+    `state` replaces `model.state_dict()` (a sharded model's gathered full state dict)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model.spec.save(out / SPEC_FILE)
@@ -63,7 +71,7 @@ def save_model(model: LlamaForgeModel, out: str | Path, *, metadata: dict[str, s
     else:
         (out / TRANSFORMS_FILE).unlink(missing_ok=True)
     meta = {"format": "llamaforge", **(metadata or {})}
-    save_safetensors(out / WEIGHTS_FILE, model.state_dict(), metadata=meta)
+    save_safetensors(out / WEIGHTS_FILE, model.state_dict() if state is None else state, metadata=meta)
     return out
 
 
@@ -148,6 +156,8 @@ def _materialise(
     target = torch_dtype(dtype) if dtype is not None else None
     model = build_model(spec, device="meta")
     model.to_empty(device=device or "cpu")
+    if getattr(model.lm_head, "tied", False):  # to_empty gives each module its own tensor: tie the head again
+        model.lm_head.weight = model.model.embed_tokens.weight
     if target is None:
         # keep the checkpoint's precision (a bf16 checkpoint stays bf16) unless the caller asks otherwise
         floats = [t.dtype for t in state.values() if t.is_floating_point()]
