@@ -229,17 +229,20 @@ def load_llama3_tiktoken(path: str | Path) -> Tokenizer:
 
 
 def load_sentencepiece(path: str | Path) -> Tokenizer:
-    """A SentencePiece `tokenizer.model` (Llama 2) converted to a fast tokenizer that splits like SentencePiece.
+    """A SentencePiece `tokenizer.model` (Llama 2) converted to a fast tokenizer that encodes like SentencePiece.
 
-    transformers' conversion replaces spaces by U+2581 without splitting, so BPE can merge across word boundaries
-    ("world  x" -> '__' + 'x') where SentencePiece splits into whitespace-prefixed pieces first ('_' + '_x'). A
-    split pre-tokenizer restores SentencePiece's pieces.
+    SentencePiece (with allow_whitespace_only_pieces) cuts the text into words, each a run of U+2581 plus the text
+    up to the next one, and merges inside a word by piece score; whitespace-only pieces ("__", "___") score -1e9,
+    so they merge last. transformers' conversion orders merges by piece id instead, which puts "_ _" first (id
+    259) and turns "world  x" into [_world, __, x] where SentencePiece gives [_world, _, _x]. Moving the
+    whitespace-only merges to the end and splitting into SentencePiece's words restores its output exactly.
     """
     import json
     import shutil
     import tempfile
 
-    from tokenizers import pre_tokenizers
+    from tokenizers import Regex, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer as RawTokenizer
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,18 +253,17 @@ def load_sentencepiece(path: str | Path) -> Tokenizer:
             hf = AutoTokenizer.from_pretrained(tmp)
         except Exception as exc:
             raise ModelFileError(f"cannot read SentencePiece model {path}: {exc}") from None
-    # SentencePiece pieces: a word with one leading U+2581, and a run of k+1 U+2581 before a word gives a
-    # k-long piece of its own (observed: "world  x" -> [_world, _, _x], "  lead" -> [__, _lead]).
-    from tokenizers import Regex, normalizers
+    state = json.loads(hf.backend_tokenizer.to_str())
+    merges = state["model"].get("merges") or []
 
-    hf.backend_tokenizer.normalizer = normalizers.Sequence(
-        [normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]
-    )
-    raw = hf.backend_tokenizer
-    raw.pre_tokenizer = pre_tokenizers.Split(
-        Regex("\u2581[^\u2581]+|\u2581+(?=\u2581[^\u2581])|\u2581+|[^\u2581]+"), behavior="isolated"
-    )
-    # A LlamaTokenizer rebuilds its pipeline from vocab and merges when loaded, which would drop the splitter above;
+    def whitespace_only(merge: list[str] | str) -> bool:
+        return set("".join(merge).replace(" ", "") if isinstance(merge, str) else "".join(merge)) == {"\u2581"}
+
+    state["model"]["merges"] = [m for m in merges if not whitespace_only(m)] + [m for m in merges if whitespace_only(m)]
+    raw = RawTokenizer.from_str(json.dumps(state))
+    raw.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    raw.pre_tokenizer = pre_tokenizers.Split(Regex("\u2581*[^\u2581]+|\u2581+"), behavior="isolated")
+    # A LlamaTokenizer rebuilds its pipeline from vocab and merges when loaded, which would undo all of the above;
     # a plain fast tokenizer saves and reloads tokenizer.json as it is.
     _bos_post_processor(raw, hf.bos_token)
     return _fast(raw, bos_token=hf.bos_token, eos_token=hf.eos_token, unk_token=hf.unk_token)
