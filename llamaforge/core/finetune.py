@@ -541,6 +541,15 @@ class FinetuneResult:
         return asdict(self)
 
 
+def adapter_optimizer(params: list[nn.Parameter], config: FinetuneConfig, *, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over exactly `params` (the adapter's): frozen base weights never get optimizer state."""
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay}]
+    rest = [p for p in params if p.dim() < 2]
+    if rest:
+        groups.append({"params": rest, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), fused=fused)
+
+
 def finetune(
     model: nn.Module,
     batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
@@ -560,12 +569,7 @@ def finetune(
     autocast = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
     if config.activation_checkpointing:
         model.gradient_checkpointing = True  # type: ignore[assignment]
-    decay = [p for p in params if p.dim() >= 2]
-    groups = [{"params": decay, "weight_decay": config.weight_decay}]
-    rest = [p for p in params if p.dim() < 2]
-    if rest:
-        groups.append({"params": rest, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
+    optimizer = adapter_optimizer(params, config, fused=device.type == "cuda")
     torch.manual_seed(config.seed)
 
     val_before = evaluate(model) if evaluate is not None else None
