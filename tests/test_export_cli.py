@@ -29,12 +29,12 @@ def run(*args):
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
 
 
-def _train_briefly(model, steps=25):
+def _train_briefly(model, steps=12):
     """A few AdamW steps on a repeating pattern: weights leave their initial distribution and loss drops."""
     g = torch.Generator().manual_seed(0)
     pattern = torch.randint(0, model.spec.vocab_size, (12,), generator=g)
-    batch = pattern.repeat(2, 3)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = pattern.repeat(1, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     model.train()
     for _ in range(steps):

@@ -171,7 +171,7 @@ def meta_params(draw):
     return params
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(meta_params(), st.sampled_from([1, 2]), st.booleans(), st.integers(2, 20))
 def test_import_matches_meta_reference_forward(tmp_path_factory, params, ranks, tied, T):
     d = tmp_path_factory.mktemp("meta")
