@@ -17,31 +17,9 @@ from llamaforge.cli._util import emit, json_option
 
 
 def resolve_tokenizer(model: str | Path, tokenizer: str | Path | None = None) -> Any:
-    """The tokenizer for MODEL: `--tokenizer` if given (a directory, tokenizer.model/.json, or llama2.c
-    tokenizer.bin), else whatever sits in the model directory or, for a llama2.c file, tokenizer.bin beside it.
-    None when there is none; llama2.c's tokenizer.bin is preferred where it exists, since it is the exact one."""
-    from llamaforge.core.llama2c import Llama2cTokenizer, tokenizer_beside
-    from llamaforge.core.tokenizer import is_tokenizer_dir, load_tokenizer
-    from llamaforge.errors import ModelFileError
+    from llamaforge.core.llama2c import find_tokenizer
 
-    if tokenizer is not None:
-        path = Path(tokenizer)
-        if not path.exists():
-            raise ModelFileError(f"tokenizer path {path} does not exist")
-        if path.is_file() and Llama2cTokenizer.looks_like(path):
-            return Llama2cTokenizer.load(path)
-        if path.is_dir() and (path / "tokenizer.bin").is_file():
-            return Llama2cTokenizer.load(path / "tokenizer.bin")
-        return load_tokenizer(path)
-    model = Path(model)
-    if model.is_file():
-        beside = tokenizer_beside(model)
-        return Llama2cTokenizer.load(beside) if beside else None
-    if (model / "tokenizer.bin").is_file() and Llama2cTokenizer.looks_like(model / "tokenizer.bin"):
-        return Llama2cTokenizer.load(model / "tokenizer.bin")
-    if is_tokenizer_dir(model):
-        return load_tokenizer(model)
-    return None
+    return find_tokenizer(model, tokenizer)
 
 
 def parse_options(pairs: tuple[str, ...]) -> dict[str, Any]:

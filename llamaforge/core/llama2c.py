@@ -559,3 +559,29 @@ def tokenizer_beside(model_path: str | Path) -> Path | None:
     """llama2.c keeps tokenizer.bin beside its checkpoints; the one next to `model_path`, if any."""
     candidate = Path(model_path).parent / "tokenizer.bin"
     return candidate if candidate.is_file() and Llama2cTokenizer.looks_like(candidate) else None
+
+
+def find_tokenizer(model: str | Path, tokenizer: str | Path | None = None) -> Tokenizer | None:
+    """The tokenizer for MODEL: `tokenizer` if given (a directory, tokenizer.model/.json, or llama2.c's
+    tokenizer.bin), else the one in the model directory or, for a llama2.c checkpoint file, tokenizer.bin beside it.
+    None when there is none. llama2.c's tokenizer.bin is preferred where it exists: it is the exact original."""
+    from llamaforge.core.tokenizer import is_tokenizer_dir, load_tokenizer
+
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        if not path.exists():
+            raise ModelFileError(f"tokenizer path {path} does not exist")
+        if path.is_file() and Llama2cTokenizer.looks_like(path):
+            return Llama2cTokenizer.load(path)
+        if path.is_dir() and Llama2cTokenizer.looks_like(path / "tokenizer.bin"):
+            return Llama2cTokenizer.load(path / "tokenizer.bin")
+        return load_tokenizer(path)
+    model = Path(model)
+    if model.is_file():
+        beside = tokenizer_beside(model)
+        return Llama2cTokenizer.load(beside) if beside else None
+    if Llama2cTokenizer.looks_like(model / "tokenizer.bin"):
+        return Llama2cTokenizer.load(model / "tokenizer.bin")
+    if is_tokenizer_dir(model):
+        return load_tokenizer(model)
+    return None

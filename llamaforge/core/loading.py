@@ -206,14 +206,10 @@ def load_model_and_tokenizer(
     require_tokenizer: bool = False,
 ) -> tuple[LlamaForgeModel, Any]:
     """A model plus the tokenizer stored beside it (or the one given); the tokenizer is None when there is none."""
-    from llamaforge.core.tokenizer import is_tokenizer_dir, load_tokenizer
+    from llamaforge.core.llama2c import find_tokenizer  # also llama2.c's tokenizer.bin, given or beside a .bin
 
     model = load_model(path, device=device, dtype=dtype)
-    tok = None
-    if tokenizer is not None:
-        tok = load_tokenizer(tokenizer)
-    elif is_tokenizer_dir(path):
-        tok = load_tokenizer(path)
+    tok = find_tokenizer(path, tokenizer)
     if tok is None and require_tokenizer:
         raise ModelFileError(f"{path} has no tokenizer files; pass --tokenizer PATH (or use --prompt-ids)")
     if tok is not None and tok.vocab_size > model.spec.vocab_size:
