@@ -132,17 +132,18 @@ class LoRALayer(AdapterLayer):
 
     def merge(self, names: list[str] | None = None, *, keep_original: bool = True) -> None:
         names = [n for n in (names if names is not None else self._lora_active) if n not in self._lora_merged]
-        if not names:
-            return
-        weight = self._mergeable_weight()
-        with torch.no_grad():
-            if keep_original and self._lora_original is None:
-                self._lora_original = weight.detach().clone()
-            total = weight.detach().float()
-            for name in names:
-                total = total + self.delta_weight(name).to(total.device)
-            weight.copy_(total.to(weight.dtype))
-        self._lora_merged.extend(names)
+        if names:
+            weight = self._mergeable_weight()
+            with torch.no_grad():
+                if keep_original and not self._lora_merged:
+                    self._lora_original = weight.detach().clone()
+                total = weight.detach().float()
+                for name in names:
+                    total = total + self.delta_weight(name).to(total.device)
+                weight.copy_(total.to(weight.dtype))
+            self._lora_merged.extend(names)
+        if not keep_original:  # merged for good: the weight is now the base
+            self._lora_original = None
 
     def unmerge(self) -> None:
         if not self._lora_merged:
