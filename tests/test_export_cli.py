@@ -149,7 +149,7 @@ def test_other_formats_and_options(tmp_path):
     r = run("export", tmp_path / "run", "--format", "hf", "--out", tmp_path / "hf", "-o", "max_shard_bytes=400000")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists()
-    for where in (tmp_path / "l2c" / "model.bin", tmp_path / "meta", tmp_path / "hf"):
+    for where in (tmp_path / "l2c" / "model.bin", tmp_path / "l2c", tmp_path / "meta", tmp_path / "hf"):
         with torch.no_grad():
             torch.testing.assert_close(load_model(where)(ids).logits, want, atol=1e-5, rtol=1e-5)
 

@@ -56,23 +56,30 @@ class HFImporter(Importer):
 
 
 class Llama2cImporter(Importer):
-    """A llama2.c checkpoint file (legacy v0 or version 1 header, fp32); recognised by header and exact size."""
+    """A llama2.c checkpoint file (legacy v0 or version 1 header, fp32), recognised by header and exact size; also a
+    directory holding one as model.bin (what the `llama2c` exporter writes)."""
+
+    @staticmethod
+    def _file(path: Path) -> Path:
+        path = Path(path)
+        return path / "model.bin" if path.is_dir() else path
 
     def can_load(self, path: Path) -> bool:
         from llamaforge.core.llama2c import looks_like_checkpoint
 
-        return looks_like_checkpoint(path)
+        return looks_like_checkpoint(self._file(path))
 
     def load_spec(self, path: Path) -> ModelSpec:
         from llamaforge.core.llama2c import read_header, spec_from_config
 
-        return spec_from_config(read_header(path), name=Path(path).stem)
+        name = Path(path).name if Path(path).is_dir() else Path(path).stem
+        return spec_from_config(read_header(self._file(path)), name=name)
 
     def load_state_dict(self, path: Path, spec: ModelSpec) -> dict[str, torch.Tensor]:
         from llamaforge.core.llama2c import read_checkpoint
         from llamaforge.core.meta_format import meta_to_hf_state
 
-        _, state = read_checkpoint(path)
+        _, state = read_checkpoint(self._file(path))
         return meta_to_hf_state(state, spec)
 
 
