@@ -1,0 +1,273 @@
+"""Training spec, schedule, gradient accumulation, exact resume, evaluation and the train/eval CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from hypothesis import given
+from hypothesis import strategies as st
+
+from llamaforge.cli import cli
+from llamaforge.core.evaluate import evaluate
+from llamaforge.core.loading import load_model
+from llamaforge.core.model import build_model
+from llamaforge.core.spec import load_spec
+from llamaforge.core.train import Trainer, TrainSpec, lr_at, parse_overrides, read_metrics
+from llamaforge.errors import LlamaforgeError, SpecError
+
+SPEC = {
+    "vocab_size": 64,
+    "dim": 32,
+    "n_layers": 2,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "multiple_of": 16,
+    "max_positions": 64,
+    "rope_theta": 10000.0,
+}
+
+
+def tiny(**updates):
+    return build_model(load_spec({**SPEC, **updates}), seed=0)
+
+
+@pytest.fixture(scope="module")
+def streams():
+    g = torch.Generator().manual_seed(0)
+    # a learnable stream: a noisy cycle, so losses move during a few steps
+    base = torch.arange(6000) % 17
+    noise = torch.randint(0, 64, (6000,), generator=g)
+    keep = torch.rand(6000, generator=g) < 0.8
+    tokens = torch.where(keep, base, noise)
+    return tokens[:5000], tokens[5000:]
+
+
+def spec_(**kw):
+    base = dict(steps=8, batch_size=4, seq_len=16, warmup_steps=2, log_every=1, eval_every=4, eval_batches=2)
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+# ----- TrainSpec ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({"stepz": 3}, "unknown field 'stepz'"),
+        ({"lr": 1e-3, "min_lr": 1e-2}, "min_lr"),
+        ({"steps": 10, "warmup_steps": 10}, "warmup_steps"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"precision": "fp8"}, "precision"),
+        ({"grad_accum": -1}, "grad_accum"),
+    ],
+)
+def test_train_spec_rejects_bad_fields(data, fragment):
+    with pytest.raises(SpecError, match=fragment):
+        TrainSpec.parse(data)
+
+
+def test_train_spec_from_yaml_with_overrides(tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({"train": {"steps": 50, "lr": 0.01, "batch_size": 2}}))
+    spec = TrainSpec.load(path, parse_overrides(["lr=1e-3", "steps=200", "compile=true", "tokens=null"]))
+    assert (spec.steps, spec.lr, spec.batch_size, spec.compile, spec.tokens) == (200, 1e-3, 2, True, None)
+    with pytest.raises(SpecError, match="name=value"):
+        parse_overrides(["lr"])
+    with pytest.raises(SpecError, match="does not exist"):
+        TrainSpec.load(tmp_path / "missing.yaml")
+
+
+def test_token_budget_sets_steps():
+    spec = TrainSpec(tokens=10_000, batch_size=4, seq_len=16, grad_accum=2, warmup_steps=5)
+    assert spec.tokens_per_step == 128
+    assert spec.total_steps == math.ceil(10_000 / 128)
+
+
+# ----- schedule ----------------------------------------------------------------------------------------------------
+def test_warmup_then_cosine_values():
+    spec = TrainSpec(steps=110, lr=1.0, min_lr=0.1, warmup_steps=10)
+    assert [lr_at(spec, s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lr_at(spec, 10) == pytest.approx(1.0)
+    assert lr_at(spec, 109) == pytest.approx(0.1)
+    mid = 10 + (109 - 10) / 2
+    assert lr_at(spec, int(mid)) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * (int(mid) - 10) / 99)))
+
+
+@given(st.integers(2, 300), st.integers(0, 50), st.floats(1e-5, 1.0), st.floats(0.0, 1.0))
+def test_schedule_is_bounded_and_decays_after_warmup(steps, warmup, lr, frac):
+    warmup = min(warmup, steps - 1)
+    spec = TrainSpec(steps=steps, lr=lr, min_lr=lr * frac, warmup_steps=warmup)
+    values = [lr_at(spec, s) for s in range(steps)]
+    assert all(spec.min_lr - 1e-12 <= v <= lr + 1e-12 for v in values[warmup:])
+    assert all(a >= b - 1e-12 for a, b in zip(values[warmup:], values[warmup + 1 :]))
+    assert all(0 < v <= lr + 1e-12 for v in values[:warmup])
+
+
+# ----- optimisation ------------------------------------------------------------------------------------------------
+def test_grad_accumulation_matches_a_bigger_batch(streams, tmp_path):
+    """accum 2 x batch 4 == batch 8: same logged losses and same gradients at every optimizer step."""
+    train, _ = streams
+    runs = {}
+    for name, kw in {"accum": dict(batch_size=4, grad_accum=2), "big": dict(batch_size=8, grad_accum=1)}.items():
+        trainer = Trainer(tiny(), spec_(steps=3, warmup_steps=1, **kw), train, None, tmp_path / name, progress=False)
+        grads = []
+        step = trainer.optimizer.step
+
+        def recording_step(*a, _step=step, _grads=grads, _model=trainer.model, **k):
+            _grads.append({n: p.grad.clone() for n, p in _model.named_parameters()})
+            return _step(*a, **k)
+
+        trainer.optimizer.step = recording_step
+        runs[name] = (trainer.fit(), grads)
+    (ra, ga), (rb, gb) = runs["accum"], runs["big"]
+    assert [r["loss"] for r in ra.history] == pytest.approx([r["loss"] for r in rb.history], rel=1e-5)
+    assert len(ga) == len(gb) == 3
+    for step_a, step_b in zip(ga, gb):
+        for n in step_a:
+            torch.testing.assert_close(step_a[n], step_b[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_training_lowers_the_loss_and_writes_a_loadable_run(streams, tmp_path):
+    train, val = streams
+    spec = spec_(steps=30, warmup_steps=3, lr=1e-2, eval_every=10, log_every=5)
+    model = tiny()
+    result = Trainer(model, spec, train, val, tmp_path / "run", progress=False).fit()
+    val_losses = [r["val_loss"] for r in result.history if "val_loss" in r]
+    assert len(val_losses) == 3 and val_losses[-1] < val_losses[0] - 0.5
+    assert result.steps == 30 and result.tokens == 30 * 64
+    run = tmp_path / "run"
+    for name in ("spec.yaml", "model.safetensors", "train.yaml", "metrics.jsonl", "metrics.csv", "loss_curve.png"):
+        assert (run / name).exists(), name
+    assert (run / "checkpoint" / "optimizer.safetensors").exists()
+    loaded = load_model(run)
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert TrainSpec.load(run / "train.yaml") == spec
+    csv_rows = (run / "metrics.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("step,loss,val_loss") and len(csv_rows) == 1 + len(read_metrics(run))
+
+
+@pytest.mark.parametrize("stop_at, log_every", [(4, 1), (3, 2)])
+def test_resume_is_bitwise_identical_on_cpu(streams, tmp_path, stop_at, log_every):
+    """N steps straight == stop part-way + resume: every logged loss equal, weights equal, same data."""
+    train, val = streams
+    spec = spec_(steps=8, log_every=log_every, eval_every=4)
+    straight = Trainer(tiny(dropout=0.1), spec, train, val, tmp_path / "a", progress=False).fit()
+    part = Trainer(tiny(dropout=0.1), spec, train, val, tmp_path / "b", progress=False).fit(stop_at=stop_at)
+    assert part.steps == stop_at
+    # a differently initialised model: everything must come from the checkpoint
+    other = build_model(load_spec({**SPEC, "dropout": 0.1}), seed=123)
+    resumed_trainer = Trainer(other, spec, train, val, tmp_path / "b", progress=False)
+    resumed = resumed_trainer.fit(resume=True)
+
+    def losses(h, key):
+        return [(r["step"], r[key]) for r in h if key in r]
+
+    assert losses(resumed.history, "loss") == losses(straight.history, "loss")
+    assert losses(resumed.history, "val_loss") == losses(straight.history, "val_loss")
+    assert resumed.data_digest == straight.data_digest
+    a = load_model(tmp_path / "a").state_dict()
+    b = load_model(tmp_path / "b").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    logged = [r["loss"] for r in read_metrics(tmp_path / "b") if "loss" in r]
+    assert logged == [r["loss"] for r in straight.history if "loss" in r]
+
+
+def test_resume_without_checkpoint_is_a_user_error(streams, tmp_path):
+    train, val = streams
+    with pytest.raises(LlamaforgeError, match="cannot resume"):
+        Trainer(tiny(), spec_(), train, val, tmp_path / "none", progress=False).fit(resume=True)
+
+
+# ----- evaluation --------------------------------------------------------------------------------------------------
+def test_eval_loss_is_token_weighted_and_perplexity_is_exp(streams):
+    _, val = streams
+    model = tiny()
+    metrics = evaluate(model, val, batch_size=3, seq_len=16)  # 1000 tokens: 62 blocks, a short last batch
+    n_blocks = (val.numel() - 1) // 16
+    idx = torch.arange(n_blocks)[:, None] * 16 + torch.arange(17)[None, :]
+    blocks = val[idx]
+    with torch.no_grad():
+        logits = model(blocks[:, :-1]).logits
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 64).double(), blocks[:, 1:].reshape(-1))
+    assert metrics["tokens"] == n_blocks * 16
+    assert metrics["loss"] == pytest.approx(float(ref), rel=1e-5)
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-12)
+
+
+# ----- CLI ---------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def story_file(tmp_path_factory):
+    from llamaforge.core.corpus import generate_corpus
+
+    path = tmp_path_factory.mktemp("data") / "stories.txt"
+    path.write_text("\n".join(generate_corpus(150, seed=3)), encoding="utf-8")
+    return path
+
+
+def test_cli_train_eval_resume_json(story_file, tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        "train",
+        "--spec",
+        "tiny",
+        "--data",
+        str(story_file),
+        "--out",
+        str(run_dir),
+        "--vocab-size",
+        "320",
+        "--set",
+        "steps=6",
+        "--set",
+        "batch_size=4",
+        "--set",
+        "seq_len=32",
+        "--set",
+        "warmup_steps=1",
+        "--set",
+        "eval_every=3",
+        "--set",
+        "eval_batches=2",
+        "--set",
+        "log_every=1",
+    ]
+    runner = CliRunner()
+    first = runner.invoke(cli, [*args, "--stop-after", "3", "--json"], catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.stdout)["steps"] == 3
+    assert "vocab_size set to 320" in first.stderr
+    second = runner.invoke(
+        cli,
+        ["train", "--spec", "tiny", "--data", str(story_file), "--out", str(run_dir), "--resume", "--json"],
+        catch_exceptions=False,
+    )
+    assert second.exit_code == 0, second.output
+    summary = json.loads(second.stdout)
+    assert summary["steps"] == 6 and summary["params"] > 0
+    assert load_model(run_dir).spec.vocab_size == 320
+
+    eval_args = ["eval", str(run_dir), "--data", str(story_file), "--seq-len", "32", "--max-batches"]
+    ev = runner.invoke(cli, [*eval_args, "4", "--json"])
+    assert ev.exit_code == 0, ev.output
+    metrics = json.loads(ev.stdout)
+    assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+    assert 0 < metrics["loss"] < math.log(320) + 1
+    human = runner.invoke(cli, [*eval_args, "2"])
+    assert "perplexity" in human.output
+
+
+def test_cli_train_errors_are_one_line(story_file, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(
+        cli, ["train", "--spec", "tiny", "--data", str(story_file), "--out", str(tmp_path / "r"), "--set", "lrr=1"]
+    )
+    assert res.exit_code == 2 and "unknown field 'lrr'" in res.output
+    res = runner.invoke(
+        cli, ["train", "--spec", "tiny", "--data", str(story_file), "--out", str(tmp_path / "r2"), "--resume"]
+    )
+    assert res.exit_code == 2 and "error:" in res.output
