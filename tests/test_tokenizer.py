@@ -265,3 +265,37 @@ def test_load_tokenizer_errors(tmp_path: Path) -> None:
     bad_tiktoken.write_text("IQ== 0\nIg== 1 extra\n")
     with pytest.raises(ModelFileError, match="expected 'base64-token rank'"):
         load_tokenizer(bad_tiktoken)
+
+
+# ----- CLI -------------------------------------------------------------------------------------------------------
+def test_cli_train_encode_decode(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from llamaforge.cli import cli
+
+    data = tmp_path / "corpus.jsonl"
+    rng = random.Random(2)
+    data.write_text(
+        "\n".join(json.dumps({"text": " ".join(rng.choices(["ab", "cd", "efg", "h"], k=30))}) for _ in range(50))
+    )
+    runner = CliRunner()
+    out = tmp_path / "tok"
+    result = runner.invoke(
+        cli, ["tokenizer", "train", "--data", str(data), "--vocab-size", "300", "--out", str(out), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["documents"] == 50 and info["vocab_size"] == load_tokenizer(out).vocab_size
+    assert info["chars_per_token"] > 1.0
+    result = runner.invoke(cli, ["tokenizer", "encode", str(out), "ab cd efg", "--bos", "--json"])
+    encoded = json.loads(result.output)
+    tok = load_tokenizer(out)
+    assert encoded["ids"] == tok.encode("ab cd efg", bos=True) and encoded["tokens"][0] == tok.hf.bos_token
+    result = runner.invoke(cli, ["tokenizer", "decode", str(out), *map(str, encoded["ids"])])
+    assert result.output.strip() == "ab cd efg"
+    result = runner.invoke(cli, ["tokenizer", "train", "--data", str(tmp_path / "none.txt"), "--out", str(out)])
+    assert result.exit_code == 2 and "does not exist" in result.output
+    result = runner.invoke(cli, ["tokenizer", "decode", str(out), "99999"])
+    assert result.exit_code == 2 and "outside the vocabulary" in result.output
