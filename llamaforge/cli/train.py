@@ -1,4 +1,4 @@
-"""`llamaforge train`, `eval` and `quickstart`."""
+"""`llamaforge train`, `eval`, `ablate` and `quickstart`."""
 
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ def run_training(
     stop_after=None,
     max_docs=None,
     echo=_echo_err,
+    rank=0,
+    world_size=1,
 ):
     """Shared by train and quickstart: tokenizer, data, model, Trainer.fit. Returns (result, model, tok, bundle).
 
@@ -91,51 +93,85 @@ def run_training(
         model.train()
     else:
         source = seed_docs if seed_docs is not None else data
-        tok = _prepare_tokenizer(source, tokenizer_path, vocab_size, tspec.seed, pad_token, max_docs)
+        from llamaforge.core.distributed import from_rank0  # every rank must use rank 0's tokenizer
+
+        tok = from_rank0(
+            lambda: _prepare_tokenizer(source, tokenizer_path, vocab_size, tspec.seed, pad_token, max_docs)
+        )
         spec = load_spec(spec_source)
         if model_overrides:
             spec = spec.with_updates(**model_overrides)
         spec, notes = fit_spec_to_tokenizer(spec, tok, tspec.seq_len)
-        for note in notes:
+        for note in notes if rank == 0 else []:
             echo(f"note: {note}")
         model = build_model(spec, seed=tspec.seed, dtype="float32")
     docs = seed_docs if seed_docs is not None else data
     bundle = prepare_data(
         docs, tok, val_fraction=tspec.val_fraction, seed=tspec.seed, val_source=val_data, max_docs=max_docs
     )
-    trainer = Trainer(model, tspec, bundle.train, bundle.val, out, tokenizer=tok, progress=progress)
+    trainer = Trainer(
+        model, tspec, bundle.train, bundle.val, out, tokenizer=tok, progress=progress, rank=rank, world_size=world_size
+    )
     result = trainer.fit(resume=resume, stop_at=stop_after)
     return result, trainer.model, tok, bundle
 
 
 @click.command("train")
-@click.option("--spec", "spec_source", required=True, help="Model spec: preset name, YAML/JSON file.")
-@click.option("--data", required=True, help="Training text: .txt/.jsonl/.parquet file, directory or Hub id.")
+@click.option(
+    "--spec", "spec_source", required=True, help="Model spec (preset, YAML/JSON file) or a run file (model + train)."
+)
+@click.option("--data", default=None, help="Training text: .txt/.jsonl/.parquet file, directory or Hub id.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--train-spec", "train_spec_file", type=click.Path(exists=True, dir_okay=False), default=None)
 @click.option("--val-data", default=None, help="Validation text (default: a split of --data).")
 @click.option("--tokenizer", "tokenizer_path", default=None, help="Tokenizer to use instead of training one.")
 @click.option("--vocab-size", default=4096, show_default=True, help="Vocabulary of the tokenizer trained on --data.")
+@click.option("--pad-token", default=None, help="Add this pad token to the tokenizer if it has none (e.g. '<PAD>').")
+@click.option("--max-docs", default=None, type=int, help="Use at most this many documents (Hub streams).")
 @click.option("--resume", is_flag=True, help="Continue the run in --out from its last checkpoint.")
+@click.option("--stop-after", default=None, type=int, help="Stop (checkpointed) after this many steps; --resume later.")
 @set_option
 @json_option
 def train_cmd(
-    spec_source, data, out, train_spec_file, val_data, tokenizer_path, vocab_size, resume, overrides, as_json
+    spec_source,
+    data,
+    out,
+    train_spec_file,
+    val_data,
+    tokenizer_path,
+    vocab_size,
+    pad_token,
+    max_docs,
+    resume,
+    stop_after,
+    overrides,
+    as_json,
 ):
-    """Train a model from a spec; the run directory is a loadable model."""
+    """Train a model from a spec; the run directory is a loadable model.
+
+    Every training-spec field can be set with --set (e.g. --set lr=1e-3 --set steps=200)."""
+    from llamaforge.core.distributed import init_distributed, shutdown
     from llamaforge.core.train import parse_overrides
 
+    train_overrides = parse_overrides(list(overrides))
+    # under torchrun (RANK/WORLD_SIZE set): join the process group; the Trainer shards the model with FSDP2
+    launch = init_distributed(str(train_overrides.get("device", "auto")))
     result, model, _, _ = run_training(
+        rank=launch.rank,
+        world_size=launch.world_size,
         spec_source=spec_source,
         data=data,
         out=out,
-        train_overrides=parse_overrides(list(overrides)),
+        train_overrides=train_overrides,
         train_spec_file=train_spec_file,
         tokenizer_path=tokenizer_path,
         vocab_size=vocab_size,
         val_data=val_data,
         resume=resume,
         progress=not as_json,
+        pad_token=pad_token,
+        stop_after=stop_after,
+        max_docs=max_docs,
     )
     summary = {
         "run": str(out),
@@ -147,6 +183,11 @@ def train_cmd(
         "seconds": result.seconds,
         "params": model.num_parameters(),
     }
+    shutdown()
+    if not launch.is_main:  # one summary, from rank 0
+        return
+    if launch.distributed:
+        summary["world_size"] = launch.world_size
     emit(summary, as_json, _human_summary(summary))
 
 
@@ -168,26 +209,133 @@ def _human_summary(s: dict) -> str:
 @click.option("--adapter", default=None, help="A LoRA adapter directory to apply.")
 @json_option
 def eval_cmd(model_path, data, tokenizer_path, seq_len, batch_size, max_batches, adapter, as_json):
-    """Loss and perplexity of MODEL on DATA (JSON keys: loss, perplexity)."""
+    """Loss and perplexity of MODEL on DATA (JSON keys: loss, perplexity).
+
+    MODEL is a run directory or anything `llamaforge.load_model` reads (e.g. a Hugging Face directory)."""
     import torch
 
     from llamaforge.core.data import read_documents, tokenize_documents
-    from llamaforge.core.loading import load_model_and_tokenizer
-    from llamaforge.core.train import evaluate
+    from llamaforge.core.evaluate import evaluate, evaluate_path
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = load_model_and_tokenizer(model_path, tokenizer=tokenizer_path, require_tokenizer=True, device=device)
     if adapter:
         from llamaforge.cli._util import apply_adapter
+        from llamaforge.core.loading import load_model_and_tokenizer
 
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tok = load_model_and_tokenizer(
+            model_path, tokenizer=tokenizer_path, require_tokenizer=True, device=device
+        )
         model = apply_adapter(model, adapter)
-    tokens = tokenize_documents(read_documents(data), tok)
-    metrics = evaluate(model, tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches)
+        tokens = tokenize_documents(read_documents(data), tok)
+        dtype = torch.bfloat16 if device == "cuda" else None
+        metrics = evaluate(
+            model, tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches, autocast_dtype=dtype
+        )
+    else:
+        metrics = evaluate_path(
+            model_path, data, tokenizer=tokenizer_path, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches
+        )
     emit(
         metrics,
         as_json,
         f"loss {metrics['loss']:.4f}  perplexity {metrics['perplexity']:.3f}  ({metrics['tokens']:,} tokens)",
     )
+
+
+@click.command("ablate")
+@click.option(
+    "--spec", "spec_source", required=True, help="Base model spec (preset/file) or a run file with model, train, vary."
+)
+@click.option(
+    "--vary",
+    "vary",
+    multiple=True,
+    metavar="PATH=A,B[,C]",
+    help="A spec path and its values (repeatable; all combinations run). `model=` takes presets/spec files, "
+    "`train.FIELD=` varies the training spec.",
+)
+@click.option("--data", default=None, help="Training text (or `data:` in the run file).")
+@click.option("--val-data", default=None, help="Validation text (default: a split of --data).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the runs and the report.")
+@click.option("--train-spec", "train_spec_file", type=click.Path(exists=True, dir_okay=False), default=None)
+@click.option("--tokenizer", "tokenizer_path", default=None, help="Tokenizer to use instead of training one.")
+@click.option("--vocab-size", default=None, type=int, help="Vocabulary of a tokenizer trained on --data.")
+@click.option("--pad-token", default=None, help="Add this pad token to the tokenizer if it has none.")
+@click.option("--max-docs", default=None, type=int)
+@click.option("--resume", is_flag=True, help="Continue (or reuse) variant runs already in --out.")
+@set_option
+@json_option
+def ablate_cmd(
+    spec_source,
+    vary,
+    data,
+    val_data,
+    out,
+    train_spec_file,
+    tokenizer_path,
+    vocab_size,
+    pad_token,
+    max_docs,
+    resume,
+    overrides,
+    as_json,
+):
+    """Train variants of a spec on the same data order, seed and token budget; compare them.
+
+    Writes OUT/results.md, results.csv, results.json and val_curves.png; each variant is a run directory in OUT."""
+    from llamaforge.core.data import prepare_data
+    from llamaforge.core.train import TrainSpec, parse_overrides, parse_vary, read_run_file, run_ablation
+
+    run_file = read_run_file(spec_source) or {}
+    base_model = run_file.get("model", spec_source) if run_file else spec_source
+    axes = parse_vary(run_file.get("vary") or {}) if run_file else []
+    cli_axes = parse_vary(list(vary))
+    if cli_axes:  # command-line axes replace run-file axes of the same path
+        cli_paths = {p for p, _ in cli_axes}
+        axes = [a for a in axes if a[0] not in cli_paths] + cli_axes
+    if not axes:
+        raise LlamaforgeError("nothing to vary: give --vary PATH=A,B (e.g. --vary norm=rmsnorm,layernorm)")
+    data = data or run_file.get("data")
+    if data is None:
+        raise LlamaforgeError("no training data: pass --data (or put `data:` in the run file)")
+    val_data = val_data or run_file.get("val_data")
+    tspec = TrainSpec.load(train_spec_file or run_file.get("train"), parse_overrides(list(overrides)))
+    model_updates = run_file.get("model_updates") or {}
+    say = (lambda m: None) if as_json else _echo_err
+    tok = _prepare_tokenizer(
+        data,
+        tokenizer_path or run_file.get("tokenizer"),
+        vocab_size or run_file.get("vocab_size", 4096),
+        tspec.seed,
+        pad_token or run_file.get("pad_token"),
+        max_docs,
+    )
+    bundle = prepare_data(
+        data, tok, val_fraction=tspec.val_fraction, seed=tspec.seed, val_source=val_data, max_docs=max_docs
+    )
+    say(
+        f"ablation: {len(bundle.train):,} training tokens ({bundle.n_train_docs:,} docs), {len(bundle.val):,} "
+        f"validation tokens; tokenizer vocabulary {tok.vocab_size:,}; {tspec.total_steps} steps x "
+        f"{tspec.tokens_per_step:,} tokens per variant"
+    )
+    rows = run_ablation(
+        base_model,
+        tspec,
+        axes,
+        tokenizer=tok,
+        train_tokens=bundle.train,
+        val_tokens=bundle.val,
+        out=out,
+        progress=not as_json,
+        resume=resume,
+        echo=say,
+        model_updates=model_updates,
+    )
+    if as_json:
+        emit([{k: v for k, v in r.items() if k != "curve"} for r in rows], True)
+    else:
+        click.echo((Path(out) / "results.md").read_text())
+        click.echo(f"table: {Path(out) / 'results.csv'}  curves: {Path(out) / 'val_curves.png'}")
 
 
 @click.command("quickstart")
@@ -266,4 +414,5 @@ def quickstart_cmd(data, out, steps, stories, vocab_size, seed, as_json):
 def register(cli: click.Group) -> None:
     cli.add_command(train_cmd)
     cli.add_command(eval_cmd)
+    cli.add_command(ablate_cmd)
     cli.add_command(quickstart_cmd)

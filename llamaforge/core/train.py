@@ -179,6 +179,10 @@ class Trainer:
         self.autocast_dtype = None
         if spec.precision == "bf16" or (spec.precision == "auto" and self.device.type == "cuda"):
             self.autocast_dtype = torch.bfloat16
+        if world_size > 1:  # FSDP2 (llamaforge.core.distributed): shard before the optimizer sees the parameters
+            from llamaforge.core.distributed import shard_model
+
+            self.model = shard_model(self.model, param_dtype=self.autocast_dtype)
         self.loader = BlockLoader(
             train_tokens,
             batch_size=spec.batch_size,
@@ -209,15 +213,20 @@ class Trainer:
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
     def save(self) -> None:
+        weights, opt_state = None, None
+        if self.world_size > 1:  # gathering a sharded model is collective: every rank takes part, rank 0 writes
+            from llamaforge.core.distributed import gather_full_state
+
+            weights, opt_state = gather_full_state(self.model, self.optimizer)
         if self.rank != 0:
             return
-        save_model(self.model, self.out, metadata={"step": str(self.step)})
+        save_model(self.model, self.out, metadata={"step": str(self.step)}, state=weights)
         if self.tokenizer is not None:
             self.tokenizer.save(self.out)
         atomic_write_text(self.out / TRAIN_SPEC_FILE, yaml.safe_dump(self.spec.model_dump(), sort_keys=False))
         ckpt = self.out / CHECKPOINT_DIR
         ckpt.mkdir(parents=True, exist_ok=True)
-        opt_state = self.optimizer.state_dict()
+        opt_state = self.optimizer.state_dict() if opt_state is None else opt_state
         tensors: dict[str, torch.Tensor] = {}
         for idx, st in opt_state["state"].items():
             for name, value in st.items():
@@ -247,16 +256,24 @@ class Trainer:
             raise LlamaforgeError(f"cannot resume: {ckpt / 'state.json'} not found (was the run ever checkpointed?)")
         from llamaforge.core.loading import WEIGHTS_FILE, load_state_into
 
-        weights = load_safetensors(self.out / WEIGHTS_FILE, device=self.device)
-        load_state_into(self.model, weights, source=str(self.out / WEIGHTS_FILE))
+        sharded = self.world_size > 1  # full tensors stay on the CPU; each rank keeps its shard of them
+        weights = load_safetensors(self.out / WEIGHTS_FILE, device="cpu" if sharded else self.device)
+        if not sharded:
+            load_state_into(self.model, weights, source=str(self.out / WEIGHTS_FILE))
         state = json.loads((ckpt / "state.json").read_text())
         tensors = load_safetensors(ckpt / "optimizer.safetensors")
         opt_state: dict[str, Any] = {"state": {}, "param_groups": state["param_groups"]}
         for key, value in tensors.items():
             if key.startswith("state."):
                 _, idx, name = key.split(".", 2)
-                opt_state["state"].setdefault(int(idx), {})[name] = value.to(self.device) if name != "step" else value
-        self.optimizer.load_state_dict(opt_state)
+                on_device = name != "step" and not sharded
+                opt_state["state"].setdefault(int(idx), {})[name] = value.to(self.device) if on_device else value
+        if sharded:
+            from llamaforge.core.distributed import load_full_state
+
+            load_full_state(self.model, weights, self.optimizer, opt_state)
+        else:
+            self.optimizer.load_state_dict(opt_state)
         torch.set_rng_state(tensors["rng.cpu"])
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -528,15 +545,19 @@ def variant_dirname(assignment: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", text)
 
 
-def apply_variant(base_model: Any, base_train: TrainSpec, assignment: dict[str, Any]) -> tuple[Any, TrainSpec]:
+def apply_variant(
+    base_model: Any, base_train: TrainSpec, assignment: dict[str, Any], common: dict[str, Any] | None = None
+) -> tuple[Any, TrainSpec]:
     """The model spec and training spec of one variant.
 
     `model=X` replaces the whole model spec (a preset or a spec file), `train.FIELD=V` changes the training spec,
-    and every other path is a dotted model-spec path (`norm`, `activation.name`, `n_kv_heads`, ...)."""
+    and every other path is a dotted model-spec path (`norm`, `activation.name`, `n_kv_heads`, ...). `common`
+    model-spec updates apply to every variant (after a `model=` replacement, before the variant's own paths)."""
     from llamaforge.core.spec import load_spec
 
     spec = load_spec(assignment["model"]) if "model" in assignment else load_spec(base_model)
-    model_updates = {k: v for k, v in assignment.items() if k != "model" and not k.startswith("train.")}
+    model_updates = dict(common or {})
+    model_updates.update({k: v for k, v in assignment.items() if k != "model" and not k.startswith("train.")})
     train_updates = {k.removeprefix("train."): v for k, v in assignment.items() if k.startswith("train.")}
     if model_updates:
         spec = spec.with_updates(**model_updates)
@@ -577,6 +598,7 @@ def run_ablation(
     progress: bool = True,
     resume: bool = False,
     echo: Callable[[str], None] | None = None,
+    model_updates: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every variant on the same token streams with the same seed and budget; write the report.
 
@@ -592,7 +614,7 @@ def run_ablation(
     # validate every variant before spending time on the first
     resolved = []
     for assignment in variants:
-        spec, tspec = apply_variant(base_model, base_train, assignment)
+        spec, tspec = apply_variant(base_model, base_train, assignment, model_updates)
         spec, notes = fit_spec_to_tokenizer(spec, tokenizer, tspec.seq_len)
         resolved.append((assignment, spec, tspec, notes))
     for i, (assignment, spec, tspec, notes) in enumerate(resolved, 1):
