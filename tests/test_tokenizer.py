@@ -299,3 +299,21 @@ def test_cli_train_encode_decode(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "does not exist" in result.output
     result = runner.invoke(cli, ["tokenizer", "decode", str(out), "99999"])
     assert result.exit_code == 2 and "outside the vocabulary" in result.output
+
+
+def test_load_tokenizer_other_layouts(tmp_path: Path) -> None:
+    from llamaforge.core.llama2c import Llama2cTokenizer
+
+    # A tokenizer.json path loads its directory; a llama2.c tokenizer.bin (file or directory) loads through llama2c.
+    tok = _trained()
+    tok.save(tmp_path / "hf")
+    assert load_tokenizer(tmp_path / "hf" / "tokenizer.json").encode("the cat") == tok.encode("the cat")
+    pieces = [b"<unk>", b"\n<s>\n", b"\n</s>\n"] + [bytes([b]) for b in range(256)] + [b" c", b"at", b" cat"]
+    Llama2cTokenizer(pieces, [0.0] * 259 + [-1.0, -2.0, -0.5]).save_bin(tmp_path / "l2c" / "tokenizer.bin")
+    for path in (tmp_path / "l2c", tmp_path / "l2c" / "tokenizer.bin"):
+        assert is_tokenizer_dir(tmp_path / "l2c")
+        loaded = load_tokenizer(path)
+        assert isinstance(loaded, Llama2cTokenizer) and len(loaded) == 262
+    (tmp_path / "junk.bin").write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelFileError, match=r"not a llama2\.c"):
+        load_tokenizer(tmp_path / "junk.bin")

@@ -56,6 +56,9 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return len(self.hf)
 
+    def __len__(self) -> int:
+        return self.vocab_size
+
     @property
     def chat_template(self) -> str | None:
         return getattr(self.hf, "chat_template", None)
@@ -270,27 +273,47 @@ def load_sentencepiece(path: str | Path) -> Tokenizer:
 
 
 def is_tokenizer_dir(path: str | Path) -> bool:
+    """Whether `path` is a directory holding a tokenizer `load_tokenizer` can read (a model or run dir too)."""
     path = Path(path)
-    return path.is_dir() and any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model"))
+    return path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer.bin"))
+
+
+def _load_llama2c(path: Path) -> Tokenizer:
+    from llamaforge.core.llama2c import Llama2cTokenizer
+
+    if not Llama2cTokenizer.looks_like(path):
+        raise ModelFileError(f"{path} is not a llama2.c tokenizer.bin")
+    return Llama2cTokenizer.load(path)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Auto-detect: a directory with tokenizer files (HF or llamaforge run dir), a tiktoken or SentencePiece
-    `tokenizer.model`."""
+    """Auto-detect and load a tokenizer.
+
+    Accepts a directory with Hugging Face tokenizer files (tokenizer.json; also a llamaforge model or run
+    directory), a Llama 3 tiktoken `tokenizer.model` (base64 rank lines), a Llama 2 SentencePiece
+    `tokenizer.model`, a llama2.c `tokenizer.bin`, or a directory holding one of these files.
+    """
     path = Path(path)
     if not path.exists():
         raise ModelFileError(f"tokenizer path {path} does not exist")
     if path.is_dir():
-        if (path / "tokenizer.json").exists():
+        if (path / "tokenizer.json").is_file():
             from transformers import AutoTokenizer
 
             try:
                 return Tokenizer(AutoTokenizer.from_pretrained(str(path)))
             except Exception as exc:
                 raise ModelFileError(f"cannot load the tokenizer in {path}: {exc}") from None
-        if (path / "tokenizer.model").exists():
-            return load_tokenizer(path / "tokenizer.model")
-        raise ModelFileError(f"{path} has no tokenizer.json or tokenizer.model")
+        for name in ("tokenizer.model", "tokenizer.bin"):
+            if (path / name).is_file():
+                return load_tokenizer(path / name)
+        raise ModelFileError(
+            f"{path} has no tokenizer.json, tokenizer.model or tokenizer.bin; pass the tokenizer's path explicitly"
+        )
+    if path.name == "tokenizer.json":
+        return load_tokenizer(path.parent)
+    if path.suffix == ".bin":
+        return _load_llama2c(path)
     if _is_tiktoken_file(path):
         return load_llama3_tiktoken(path)
     return load_sentencepiece(path)
