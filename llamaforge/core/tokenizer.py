@@ -31,6 +31,7 @@ LLAMA3_SPECIALS = [
 ] + [f"<|reserved_special_token_{2 + i}|>" for i in range(256 - 11)]  # Meta's rule: 256 specials in all
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+_PLAIN_FAST_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 class Tokenizer:
@@ -84,7 +85,19 @@ class Tokenizer:
     ) -> list[list[int]]:
         if not texts:
             return []
-        out = self.hf(list(texts), add_special_tokens=False, split_special_tokens=not allow_special)["input_ids"]
+        hf = self.hf
+        if type(hf).__name__ in _PLAIN_FAST_CLASSES and hasattr(hf.backend_tokenizer, "encode_batch_fast"):
+            # The generic fast class adds no Python-side processing, so the Rust tokenizer can be called directly:
+            # about 1.7x faster than going through transformers' BatchEncoding.
+            raw = hf.backend_tokenizer
+            before = raw.encode_special_tokens
+            raw.encode_special_tokens = not allow_special
+            try:
+                out = [e.ids for e in raw.encode_batch_fast(list(texts), add_special_tokens=False)]
+            finally:
+                raw.encode_special_tokens = before
+        else:
+            out = hf(list(texts), add_special_tokens=False, split_special_tokens=not allow_special)["input_ids"]
         return [self._wrap(list(ids), bos, eos) for ids in out]
 
     def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
