@@ -183,13 +183,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     compile_s: dict[str, float] = {}
     first_loss: dict[str, float] = {}
-    for label, step in contenders.items():
+    failed: dict[str, str] = {}
+    for label, step in list(contenders.items()):
         t0 = time.perf_counter()
-        first_loss[label] = float(step(*batches[0]))
-        for i in range(max(0, warmup - 1)):
-            step(*batches[(i + 1) % len(batches)])
-        _sync(device)
+        try:
+            first_loss[label] = float(step(*batches[0]))
+            for i in range(max(0, warmup - 1)):
+                step(*batches[(i + 1) % len(batches)])
+            _sync(device)
+        except Exception as exc:  # report the failure and still measure the others
+            failed[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            print(f"  {label} failed during warm-up: {failed[label]}")
+            del contenders[label]
+            continue
         compile_s[label] = time.perf_counter() - t0
+    if "llamaforge" not in contenders or not any(k != "llamaforge" for k in contenders):
+        raise SystemExit(f"SUMMARY train_throughput: FAILED {failed}")
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(args.rounds):
         for label, step in contenders.items():
@@ -210,7 +219,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     if gpu:
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    ref = hf_label
+    ref = hf_label if hf_label in contenders else next(k for k in contenders if k != "llamaforge")
     ratio = results["llamaforge"]["tokens_per_s"] / results[ref]["tokens_per_s"]
     summary = {
         "device": torch.cuda.get_device_name(device)
@@ -228,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "flops_per_token": fpt,
         "peak_tflops": peak,
         "results": results,
+        "failed": failed,
         "ratio_vs_" + ref: ratio,
     }
     print(f"device {summary['device']}, torch {torch.__version__}, {summary['params']:,} parameters, batch {batch} x "
