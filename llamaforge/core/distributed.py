@@ -115,6 +115,7 @@ def shard_model(
     reduce_dtype: torch.dtype | None = torch.float32,
     reshard_after_forward: bool = True,
     mesh: Any = None,
+    shard_integer_buffers: bool = True,
 ) -> nn.Module:
     """FSDP2-shard `model` in place: each Block its own unit (all-gathered just before it runs, freed after),
     then the root (embedding, final norm, head). Returns the same object, now a DTensor-parameter FSDP module.
@@ -122,6 +123,10 @@ def shard_model(
     `param_dtype=torch.bfloat16` computes in bf16 while the sharded fp32 master weights and the optimizer stay
     fp32; gradients are reduced in `reduce_dtype`. Activation checkpointing stays the model's own switch
     (`model.gradient_checkpointing`), which re-runs each Block (and its all-gather) in backward.
+
+    FSDP shards parameters only. Quantized modules keep their packed weights in integer buffers (nf4: uint8 codes),
+    so with `shard_integer_buffers` those become frozen Parameters first (see `integer_buffers_to_parameters`):
+    a frozen 4-bit base is then sharded across ranks while LoRA parameters train (FSDP + QLoRA).
     """
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -136,6 +141,8 @@ def shard_model(
         device = next(iter(model.parameters())).device
         mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    if shard_integer_buffers:
+        integer_buffers_to_parameters(model)
     blocks = list(model.blocks()) if hasattr(model, "blocks") else []
     if not blocks:
         raise DistributedError(f"{type(model).__name__} has no blocks() to shard; FSDP needs the per-layer units")
@@ -143,6 +150,25 @@ def shard_model(
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def integer_buffers_to_parameters(model: nn.Module) -> list[str]:
+    """Turn persistent integer buffers of rank >= 1 into frozen Parameters (in place); returns their names.
+
+    The state-dict names and values do not change (a parameter and a buffer of one name save alike), so checkpoints
+    are the single-process files. Why integer only: FSDP2 all-gathers mixed dtypes as bytes and never casts a
+    non-floating parameter, whereas a floating one (an nf4 absmax, an int8 scale) would be cast to the mixed-precision
+    `param_dtype` and lose the precision dequantisation needs; those stay replicated buffers (for nf4 one fp32 per 64
+    weights, 1/8 of the packed codes)."""
+    names = []
+    for prefix, module in model.named_modules():
+        for name, buf in list(module._buffers.items()):
+            if buf is None or buf.is_floating_point() or buf.dim() == 0 or name in module._non_persistent_buffers_set:
+                continue
+            del module._buffers[name]
+            module.register_parameter(name, nn.Parameter(buf, requires_grad=False))
+            names.append(f"{prefix}.{name}" if prefix else name)
+    return names
 
 
 # ----- full state dicts in the single-process layout -----------------------------------------------------------------
