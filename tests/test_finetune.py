@@ -238,3 +238,57 @@ def test_train_lora_on_text_and_instructions_writes_loadable_adapters(stories_ba
         )
     assert result.val_loss < result.val_loss_before  # response-token loss on held-out instructions
     assert (tmp_path / "chat" / "metrics.jsonl").read_text().count("\n") == len(result.history)
+
+
+def test_lora_cli_train_merge_export_import(stories_base, tmp_path):
+    from click.testing import CliRunner
+
+    from llamaforge.cli import cli
+    from llamaforge.core.loading import load_model, save_model
+
+    base, tok, data = stories_base
+    save_model(base, tmp_path / "base")
+    tok.save(tmp_path / "base")
+    text = tmp_path / "plays.txt"
+    text.write_text("\n\n".join(data["plays_docs"][:400]), encoding="utf-8")
+    runner = CliRunner()
+
+    def run(*args):
+        result = runner.invoke(cli, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output) if "--json" in args else result.output
+
+    trained = run("lora", "train", tmp_path / "base", "--data", text, "--out", tmp_path / "ad", "--steps", 6,
+                  "--seq-len", SEQ, "--batch-size", 4, "--targets", "attention", "--rank", 2, "--device", "cpu",
+                  "--json")  # fmt: skip
+    assert trained["adapter_bytes"] < 100_000
+    info = run("lora", "info", tmp_path / "ad", "--json")
+    assert info["params"]["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+    run("lora", "merge", tmp_path / "base", tmp_path / "ad", "--out", tmp_path / "merged")
+    adapted = ft.load_adapter(load_model(tmp_path / "base"), tmp_path / "ad")
+    assert (
+        trained["trainable_params"] == sum(p.numel() for p in ft.adapter_parameters(adapted)) == 1344
+    )  # rank 2: q, o (48->48) 192 each, k, v (48->24) 144 each, two layers
+    ids = data["plays_val"][:SEQ].unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            load_model(tmp_path / "merged")(ids).logits, adapted(ids).logits, atol=1e-4, rtol=1e-4
+        )
+
+    run("lora", "export-peft", tmp_path / "base", tmp_path / "ad", "--out", tmp_path / "peft",
+        "--base-out", tmp_path / "hf")  # fmt: skip
+    assert (tmp_path / "peft" / "adapter_config.json").exists() and (tmp_path / "hf" / "config.json").exists()
+    run("lora", "import-peft", tmp_path / "base", tmp_path / "peft", "--out", tmp_path / "back")
+    back = ft.load_adapter(load_model(tmp_path / "base"), tmp_path / "back")
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, adapted(ids).logits, atol=0, rtol=0)
+
+    plain = run("eval", tmp_path / "base", "--data", text, "--seq-len", SEQ, "--max-batches", 2, "--json")
+    with_adapter = run("eval", tmp_path / "base", "--data", text, "--seq-len", SEQ, "--max-batches", 2,
+                       "--adapter", tmp_path / "ad", "--json")  # fmt: skip
+    assert with_adapter["loss"] != plain["loss"]
+
+    bad = runner.invoke(cli, ["lora", "train", str(tmp_path / "base"), "--data", str(text), "--out",
+                              str(tmp_path / "x"), "--targets", "qkv_proj", "--steps", "1"])  # fmt: skip
+    assert bad.exit_code == 2 and "matches no module" in bad.output

@@ -288,6 +288,11 @@ def save_adapter(
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in adapter_state_dict(model, name).items()}
     params = {k: v for k, v in record["params"].items() if k not in ("adapter_name", "seed")}
+    from llamaforge.registry.manager import lookup
+
+    component = lookup("adapter", record["name"]).factory(**record["params"])
+    if callable(getattr(component, "config", None)):  # the full parameters, defaults and shorthands resolved
+        params = component.config()
     config = {
         "format": ADAPTER_FORMAT,
         "version": 1,
