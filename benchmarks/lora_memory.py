@@ -204,10 +204,9 @@ def main() -> None:
                 rows[kind] = runner(spec, device, kind, args, seq=args.seq_len, batch=args.batch,
                                     checkpointing=args.checkpointing)  # fmt: skip
                 rows[kind]["tokens_per_s"] = tokens / rows[kind]["step_s"]
-                free()
             except Exception as exc:  # a missing library or an OOM ends one row, not the benchmark
                 rows[kind] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                free()
+            free()  # after the except block, when the traceback no longer holds the failed run's tensors
             print(f"  {kind:9s} {rows[kind]}", flush=True)
         ratios = {}
         for num, den in (("lora", "full"), ("qlora", "lora"), ("qlora", "full"), ("lora", "hf-lora"),
