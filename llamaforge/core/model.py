@@ -225,7 +225,8 @@ class LlamaForgeModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        embed = self.model.embed_tokens  # a quantized table stores integers and reports the dtype it computes in
+        return getattr(embed, "compute_dtype", None) or embed.weight.dtype
 
     def new_cache(self, batch_size: int, max_length: int, *, dtype: torch.dtype | None = None) -> KVCache:
         from llamaforge.core.cache import StaticKVCache
@@ -322,6 +323,11 @@ class LlamaForgeModel(nn.Module):
             raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
         bsz, seq = input_ids.shape
         device = input_ids.device
+        if seq > self.spec.max_positions:
+            raise ValueError(
+                f"input has {seq} tokens but the model's max_positions is {self.spec.max_positions}; "
+                f"truncate the input or raise max_positions in the spec"
+            )
         if cache is not None and cache_position is None:
             raise ValueError(
                 "cache_position (the absolute positions of input_ids in the cache) is required with a cache"
