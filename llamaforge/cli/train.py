@@ -345,18 +345,25 @@ def ablate_cmd(
 @click.option("--stories", default=6000, show_default=True, help="Stories generated for the built-in corpus.")
 @click.option("--vocab-size", default=2048, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--max-docs", default=20000, show_default=True, help="Documents read from --data (Hub streams).")
+@click.option("--batch-size", default=16, show_default=True, help="Sequences of 128 tokens per step.")
+@click.option("--sample-tokens", default=60, show_default=True, help="Tokens generated per sample prompt.")
 @json_option
-def quickstart_cmd(data, out, steps, stories, vocab_size, seed, as_json):
+def quickstart_cmd(data, out, steps, stories, vocab_size, seed, max_docs, batch_size, sample_tokens, as_json):
     """Train a tokenizer and the `tiny` model offline in a few minutes, evaluate, and generate samples."""
     from llamaforge.core.corpus import generate_corpus
     from llamaforge.core.generation import GenerationConfig, generate_text
 
     started = time.perf_counter()
     docs = None if data else list(generate_corpus(stories, seed=seed))
+    if docs is not None:  # kept in the run directory, so `train --resume` can continue on the same data
+        from llamaforge.core.io import atomic_write_text
+
+        atomic_write_text(Path(out) / "corpus.txt", "\n".join(docs) + "\n")
     overrides = {
         "steps": steps,
         "seq_len": 128,
-        "batch_size": 16,
+        "batch_size": batch_size,
         "lr": 3e-3,
         "min_lr": 3e-4,
         "warmup_steps": min(30, steps // 5),
@@ -376,12 +383,14 @@ def quickstart_cmd(data, out, steps, stories, vocab_size, seed, as_json):
         vocab_size=vocab_size,
         seed_docs=docs,
         progress=not as_json,
+        max_docs=max_docs if data else None,
+        echo=(lambda m: None) if as_json else _echo_err,
     )
     from llamaforge.core.train import evaluate
 
     metrics = evaluate(model, bundle.val, batch_size=16, seq_len=128)
     prompts = ["Once upon a time", "One day, Mia went to", "The little dog"]
-    config = GenerationConfig.from_options(temperature=0.8, top_k=40, max_new_tokens=60, seed=seed)
+    config = GenerationConfig.from_options(temperature=0.8, top_k=40, max_new_tokens=sample_tokens, seed=seed)
     samples = generate_text(model.eval(), tok, prompts, config)
     summary = {
         "run": str(out),
@@ -408,7 +417,11 @@ def quickstart_cmd(data, out, steps, stories, vocab_size, seed, as_json):
         f"validation loss {metrics['loss']:.3f} (perplexity {metrics['perplexity']:.2f}), "
         f"{result.tokens_per_s:,.0f} tokens/s, {summary['seconds']:.0f} s in all."
     )
-    click.echo(f"Run directory: {out} (try: llamaforge generate {out} --prompt 'Once upon a time')")
+    click.echo(f"Run directory: {out} (model, tokenizer, metrics, loss_curve.png, checkpoint). Next:")
+    click.echo(f"  llamaforge generate {out} --prompt 'Once upon a time' --temperature 0.8 --top-k 40")
+    data_arg = data or f"{out}/corpus.txt"
+    click.echo(f"  llamaforge eval {out} --data {data_arg}")
+    click.echo(f"  llamaforge train --spec tiny --data {data_arg} --out {out} --resume --set steps={2 * steps}")
 
 
 def register(cli: click.Group) -> None:
