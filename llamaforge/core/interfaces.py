@@ -183,12 +183,23 @@ class Sampler(abc.ABC):
 
 
 class Quantizer(abc.ABC):
-    """Replaces selected modules of a built model by quantized equivalents, in place."""
+    """Replaces selected modules of a built model by quantized equivalents, in place.
+
+    `include`/`exclude` are module-name patterns. Quantized modules keep a state dict of plain tensors, so a
+    quantized model saves as safetensors and `load_model` rebuilds it by re-applying the recorded quantizer.
+    """
+
+    include: list[str] | None = None
+    exclude: list[str] | None = None
 
     @abc.abstractmethod
     def quantize(
         self, model: nn.Module, include: list[str] | None = None, exclude: list[str] | None = None
     ) -> nn.Module: ...
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """What `apply_transform` calls: quantize with the patterns the factory was given."""
+        return self.quantize(model, self.include, self.exclude)
 
 
 class Adapter(abc.ABC):
