@@ -286,3 +286,57 @@ def test_cli_stream_prints_the_same_ids(model_dir):
 def test_cli_errors(model_dir, args, message):
     res = _cli("generate", model_dir, *args)
     assert res.exit_code == 2 and message in res.output, res.output
+
+
+# ----- CUDA: the compiled, graph-captured decode step must decode exactly what the eager loop decodes ---------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_graph_decoding_matches_eager(compile):
+    from llamaforge.core.generation import clear_sessions
+
+    model = _model(seed=10).cuda()
+    fast = {"compile": compile, "cuda_graph": True}
+    slow = {"compile": False, "cuda_graph": False}
+    prompts = [[1, 2, 3], [40, 41, 42, 43, 44, 45, 46, 47], [7]]
+    greedy = GenerationConfig(max_new_tokens=20)
+    sampled = GenerationConfig.from_options(
+        temperature=1.3, top_k=30, top_p=0.95, repetition_penalty=1.2, seed=3, max_new_tokens=20
+    )
+    for config in (greedy, sampled):
+        one = generate(model, prompts[1:2], GenerationConfig(**{**config.__dict__, **slow}))
+        assert generate(model, prompts[1:2], GenerationConfig(**{**config.__dict__, **fast})) == one  # batch 1
+        ref = generate(model, prompts, GenerationConfig(**{**config.__dict__, **slow}))
+        assert generate(model, prompts, GenerationConfig(**{**config.__dict__, **fast})) == ref
+        # the cached session (and graph) is reused for prompts of other lengths
+        shorter = [p[:2] for p in prompts]
+        ref2 = generate(model, shorter, GenerationConfig(**{**config.__dict__, **slow}))
+        assert generate(model, shorter, GenerationConfig(**{**config.__dict__, **fast})) == ref2
+        streamed = list(generate_stream(model, shorter, GenerationConfig(**{**config.__dict__, **fast})))
+        assert [[s[r] for s in streamed if s[r] is not None] for r in range(3)] == ref2
+    clear_sessions(model)
+
+
+@pytest.mark.gpu
+@cuda
+def test_cuda_graph_stops_at_eos_and_matches_cpu():
+    model = _model(seed=11)
+    prompts = [[5, 6], [9, 9, 9, 1]]
+    cpu = generate(model, prompts, GenerationConfig(max_new_tokens=12, eos_token_ids=[]))
+    eos = cpu[0][4]
+    on_gpu = generate(model.cuda(), prompts, GenerationConfig(max_new_tokens=12, eos_token_ids=[eos]))
+    assert on_gpu[0] == cpu[0][: cpu[0].index(eos) + 1]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 64, 130])
+def test_fused_linear_matches_separate_layers_for_any_row_count(rows):
+    from llamaforge.core.ops import fused_linear
+
+    torch.manual_seed(0)
+    layers = (torch.nn.Linear(16, 8), torch.nn.Linear(16, 4), torch.nn.Linear(16, 4))
+    x = torch.randn(rows, 16)
+    for got, layer in zip(fused_linear(x, layers), layers):
+        torch.testing.assert_close(got, layer(x))

@@ -33,8 +33,10 @@ class StaticKVCache(KVCache):
         self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, cache_position: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         kc, vc = self.keys[layer_idx], self.values[layer_idx]
-        kc.index_copy_(2, cache_position, k.to(kc.dtype))
-        vc.index_copy_(2, cache_position, v.to(vc.dtype))
+        # Indexed assignment (index_put_) rather than index_copy_: torch.compile keeps it in place on the cache
+        # buffers, where index_copy_ on a graph input may be lowered to a copy of the whole buffer per step.
+        kc[:, :, cache_position] = k.to(kc.dtype)
+        vc[:, :, cache_position] = v.to(vc.dtype)
         return kc, vc
 
     def reset(self) -> None:

@@ -6,8 +6,11 @@ row produces exactly what it would alone. Sampling is an ordered pipeline of reg
 
 from __future__ import annotations
 
+import logging
+import weakref
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,8 @@ class GenerationConfig:
     stop_strings: list[str] = field(default_factory=list)
     eos_token_ids: list[int] | None = None
     seed: int | None = None
+    compile: bool | None = None  # torch.compile the one-token decode step (None: on CUDA)
+    cuda_graph: bool | None = None  # replay the decode step as a CUDA graph (None: on CUDA)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -90,7 +95,7 @@ class GenerationConfig:
             raise GenerationError(f"cannot read generation spec {path}: {exc}") from None
         if not isinstance(data, dict):
             raise GenerationError(f"{path}: a generation spec is a mapping")
-        unknown = set(data) - {"max_new_tokens", "samplers", "stop_strings", "eos_token_ids", "seed"}
+        unknown = set(data) - {f.name for f in fields(cls)}
         if unknown:
             raise GenerationError(f"{path}: unknown keys {sorted(unknown)}")
         return cls(**data)
@@ -116,16 +121,29 @@ def build_pipeline(samplers: Sequence[Any]) -> list[Sampler]:
 def choose_tokens(
     stages: Sequence[Sampler], logits: torch.Tensor, context: torch.Tensor, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """Run the pipeline on (B, V) logits and pick one token per row."""
+    """Run the pipeline on (B, V) logits and pick one token per row (argmax, or a draw from the softmax)."""
+    noise = None
+    if not _chooses(stages):
+        noise = torch.empty(logits.shape, device=logits.device, dtype=torch.float32)
+        noise.exponential_(generator=generator)
+    return _pick(stages, logits, context, noise)
+
+
+def _chooses(stages: Sequence[Sampler]) -> bool:
+    return any(getattr(stage, "chooses", False) for stage in stages)
+
+
+def _pick(stages: Sequence[Sampler], logits: torch.Tensor, context: torch.Tensor, noise: torch.Tensor | None):
+    """Apply the stages, then argmax, or sample by the exponential race: argmax(p / E) with E ~ Exp(1) picks token
+    i with probability p_i, and needs no host round trip (torch.multinomial may synchronise), so the whole choice can
+    live inside a CUDA graph with the noise drawn just before it from the seeded generator."""
     logits = logits.float()
-    chooses = False
     for stage in stages:
         logits = stage(logits, context)
-        chooses = chooses or getattr(stage, "chooses", False)
-    if chooses:
+    if noise is None:
         return logits.argmax(dim=-1)
     probs = torch.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return (probs / noise.clamp(min=1e-30)).argmax(dim=-1)
 
 
 def _eos_ids(model: Any, config: GenerationConfig, tokenizer: Any) -> set[int]:
@@ -145,6 +163,9 @@ def _check_prompts(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens:
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise GenerationError(f"prompt {i} is empty; give at least one token (e.g. BOS)")
+        bad = [t for t in p if not hasattr(t, "__index__")]  # ints, numpy ints, 0-d integer tensors
+        if bad:
+            raise GenerationError(f"prompt {i} has non-integer token ids: {bad[:5]}")
         bad = [t for t in p if not 0 <= int(t) < vocab]
         if bad:
             raise GenerationError(f"prompt {i} has token ids outside [0, {vocab}): {bad[:5]}")
@@ -156,86 +177,361 @@ def _check_prompts(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens:
         )
 
 
+# ----- the decoding session ---------------------------------------------------------------------------------------
+_LENGTH_BUCKET = 128  # graph sessions round the cache length up to this, so prompts of other lengths reuse a graph
+_SESSIONS_PER_MODEL = 3
+_sessions: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, _Session]] = weakref.WeakKeyDictionary()
+_compiled: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+log = logging.getLogger(__name__)
+
+
+def _decode_forward(model: Any, tokens, attention_mask, position_ids, cache, cache_position) -> torch.Tensor:
+    return model(
+        tokens,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        cache_position=cache_position,
+    ).logits[:, -1]
+
+
+def _compiled_forward(model: Any) -> Any:
+    """torch.compile of the one-token forward, once per model (dynamo keeps one graph per batch/cache shape)."""
+    fn = _compiled.get(model)
+    if fn is None:
+        fn = torch.compile(_decode_forward, options=_compile_options())
+        _compiled[model] = fn
+    return fn
+
+
+_gemv_rewrites = [0]  # how many products the pass below rewrote (tests read it)
+_GEMV_MAX_ROWS = 1  # matrix products with at most this many rows become weight-streaming reductions
+
+
+def _compile_options() -> dict[str, Any]:
+    return {"post_grad_custom_pre_pass": _gemv_pass()} if _GEMV_MAX_ROWS else {}
+
+
+def _gemv_pass() -> Any:
+    """An inductor graph pass for decoding: `mm(x, W.T)` where x has a single row becomes `sum(x * W, -1)` in fp32.
+
+    A one-token step is bound by reading the weights. A GEMM tiled for many rows spreads a narrow weight matrix
+    over few thread blocks; as a reduction, inductor emits one kernel per matrix that streams every weight row
+    once with the whole GPU, which is what a memory-bound matrix-vector product wants."""
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    class RowTimesWeight(CustomGraphPass):
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            aten, prims = torch.ops.aten, torch.ops.prims
+            for node in list(graph.nodes):
+                if node.op != "call_function" or node.target is not aten.mm.default:
+                    continue
+                x, wt = node.args
+                if not (isinstance(wt, torch.fx.Node) and wt.target is aten.permute.default):
+                    continue
+                if list(wt.args[1]) != [1, 0]:
+                    continue
+                xv, outv = x.meta.get("val"), node.meta.get("val")
+                if xv is None or outv is None or xv.dim() != 2 or xv.shape[0] > _GEMV_MAX_ROWS:
+                    continue
+                w = wt.args[0]
+
+                def add(target, args, kwargs=None, _fake=xv.fake_mode):
+                    new = graph.call_function(target, args, kwargs or {})
+                    fake = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
+                    with _fake:
+                        new.meta["val"] = target(*fake, **(kwargs or {}))
+                    return new
+
+                with graph.inserting_before(node):
+                    x32 = add(prims.convert_element_type.default, (x, torch.float32))
+                    w32 = add(prims.convert_element_type.default, (w, torch.float32))
+                    rows = [add(aten.unsqueeze.default, (x32, 1))]  # (M, 1, K) * (N, K) -> (M, N, K)
+                    prod = add(aten.mul.Tensor, (rows[0], w32))
+                    red = add(aten.sum.dim_IntList, (prod, [2]))
+                    out = add(prims.convert_element_type.default, (red, outv.dtype))
+                node.replace_all_uses_with(out)
+                _gemv_rewrites[0] += 1
+                graph.erase_node(node)
+                if not wt.users:
+                    graph.erase_node(wt)
+
+        def uuid(self) -> str:
+            return f"llamaforge-row-times-weight-1-{_GEMV_MAX_ROWS}"
+
+    return RowTimesWeight()
+
+
+class _Session:
+    """Static buffers for one (batch, cache length, pipeline) and, on CUDA, the decode step captured as a graph.
+
+    All per-step state lives on the device: the token being fed (`cur`), its absolute position (`pos`), the
+    context (`ids`, -1 where nothing is yet), the padding mask and per-row left-pad offsets. One step reads them,
+    runs the model on one token per row, runs the sampler pipeline, and advances them in place, so replaying it
+    needs no host work beyond drawing the sampling noise, and nothing waits for the GPU but the token read-back.
+    """
+
+    def __init__(self, model: Any, bsz: int, total: int, stages: list[Sampler], *, compile: bool, graph: bool):
+        device = model.device
+        self._model = weakref.ref(model)  # the session is cached per model: a strong reference would pin it
+        self.bsz, self.total, self.stages = bsz, total, stages
+        self.device = device
+        self.in_use = False
+        self.cache = model.new_cache(bsz, total)
+        self.ids = torch.full((bsz, total), -1, dtype=torch.long, device=device)
+        self.mask = torch.zeros(bsz, total, dtype=torch.long, device=device)
+        self.pad = torch.zeros(bsz, dtype=torch.long, device=device)
+        self.cur = torch.zeros(bsz, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.sampling = not _chooses(stages)
+        vocab = model.spec.vocab_size
+        self.noise = torch.ones(bsz, vocab, dtype=torch.float32, device=device) if self.sampling else None
+        self.forward = _compiled_forward(model) if compile else _decode_forward
+        self.want_graph = graph
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.out: torch.Tensor | None = None
+        self.host = torch.empty(total + 1, bsz, dtype=torch.long, pin_memory=device.type == "cuda")
+        self.events: list[Any] = []
+
+    @property
+    def model(self) -> Any:
+        return self._model()
+
+    # -- per call
+    def reset(self, prompts: Sequence[Sequence[int]]) -> int:
+        plen = max(len(p) for p in prompts)
+        ids = torch.full((self.bsz, self.total), -1, dtype=torch.long)
+        mask = torch.zeros(self.bsz, self.total, dtype=torch.long)
+        for row, p in enumerate(prompts):
+            ids[row, plen - len(p) : plen] = torch.tensor([int(t) for t in p], dtype=torch.long)
+            mask[row, plen - len(p) :] = 1  # generated positions count as real tokens
+        self.ids.copy_(ids)
+        self.mask.copy_(mask)
+        self.pad.copy_(torch.tensor([plen - len(p) for p in prompts], dtype=torch.long))
+        self.plen = plen
+        return plen
+
+    def _draw(self, generator: torch.Generator | None) -> None:
+        if self.noise is not None:
+            self.noise.exponential_(generator=generator)
+
+    def _advance(self, tokens: torch.Tensor) -> None:
+        """Record the chosen tokens after position `pos` and feed them next."""
+        self.ids.index_copy_(1, self.pos + 1, tokens[:, None])
+        self.cur.copy_(tokens[:, None])
+        self.pos.add_(1)
+
+    def prefill(self, generator: torch.Generator | None) -> torch.Tensor:
+        plen = self.plen
+        out = self.model(
+            self.ids[:, :plen].clamp(min=0),
+            attention_mask=self.mask,
+            cache=self.cache,
+            cache_position=torch.arange(plen, device=self.device),
+            logits_to_keep=1,
+        )
+        self._draw(generator)
+        tokens = _pick(self.stages, out.logits[:, -1], self.ids, self.noise)
+        self.pos.fill_(plen - 1)
+        self._advance(tokens)
+        return tokens
+
+    def _body(self) -> torch.Tensor:
+        position_ids = self.pos[None, :] - self.pad[:, None]
+        logits = self.forward(self.model, self.cur, self.mask, position_ids, self.cache, self.pos)
+        tokens = _pick(self.stages, logits, self.ids, self.noise)
+        self._advance(tokens)
+        return tokens
+
+    def step(self, generator: torch.Generator | None) -> torch.Tensor:
+        self._draw(generator)
+        if self.want_graph and self.graph is None:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        return self._body()
+
+    def _capture(self) -> None:
+        """Warm up (compiling if asked) on a side stream, then capture one decode step as a CUDA graph. Warm-up
+        steps advance the state, so it is saved and restored; the cache rows they write lie beyond the current
+        position and are rewritten before anything attends to them."""
+        saved = (self.ids.clone(), self.cur.clone(), self.pos.clone())
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._body()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            self._restore(saved)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = self._body()
+            self.graph, self.out = graph, out
+        except Exception as exc:  # a sampler or kernel that cannot be captured: decode eagerly instead
+            log.warning("decoding without a CUDA graph: capture failed (%s: %s)", type(exc).__name__, exc)
+            self.want_graph = False
+            self.graph = None
+            torch.cuda.synchronize(self.device)
+        self._restore(saved)
+
+    def _restore(self, saved: tuple[torch.Tensor, ...]) -> None:
+        for dst, src in zip((self.ids, self.cur, self.pos), saved):
+            dst.copy_(src)
+
+    # -- reading tokens back without stalling the queue
+    def send_home(self, index: int, tokens: torch.Tensor) -> Any:
+        if self.device.type != "cuda":
+            return tokens.tolist()
+        buf = self.host[index]
+        buf.copy_(tokens, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return (buf, event)
+
+    @staticmethod
+    def arrive(ticket: Any) -> list[int]:
+        if isinstance(ticket, list):
+            return ticket
+        buf, event = ticket
+        event.synchronize()
+        return buf.tolist()
+
+
+def _auto(flag: bool | None, device: torch.device) -> bool:
+    return device.type == "cuda" if flag is None else bool(flag)
+
+
+def _session(model: Any, bsz: int, need: int, config: GenerationConfig, stages: list[Sampler]) -> _Session:
+    device = model.device
+    graph = _auto(config.cuda_graph, device) and device.type == "cuda"
+    compile = _auto(config.compile, device)
+    if not (graph or compile):  # eager: an exact-size cache, nothing worth keeping between calls
+        return _Session(model, bsz, need, stages, compile=False, graph=False)
+    total = min(model.spec.max_positions, -(-need // _LENGTH_BUCKET) * _LENGTH_BUCKET)
+    key = (bsz, total, compile, graph, _pipeline_key(config.samplers), _fingerprint(model))
+    pool = _sessions.setdefault(model, OrderedDict())
+    session = pool.get(key)
+    if session is not None and session.in_use:  # another stream of this model is mid-way: do not share buffers
+        return _Session(model, bsz, total, stages, compile=compile, graph=graph)
+    if session is None:
+        session = _Session(model, bsz, total, stages, compile=compile, graph=graph)
+        pool[key] = session
+        while len(pool) > _SESSIONS_PER_MODEL:
+            pool.popitem(last=False)
+    pool.move_to_end(key)
+    return session
+
+
+def _fingerprint(model: Any) -> tuple:
+    """What a captured graph depends on: the module objects (an adapter or quantizer swaps some) and where every
+    parameter lives (moving the model or changing its dtype reallocates them)."""
+    modules = tuple(id(m) for m in model.modules())
+    params = tuple((p.data_ptr(), p.dtype) for p in model.parameters())
+    return hash((modules, params))
+
+
+def _pipeline_key(samplers: Sequence[Any]) -> str:
+    import json
+
+    return json.dumps([_as_component(s).model_dump(mode="json") for s in samplers], sort_keys=True, default=str)
+
+
+def clear_sessions(model: Any | None = None) -> None:
+    """Free the cached decoding buffers and CUDA graphs (of one model, or all); call after changing weights'
+    storage (e.g. moving the model), since captured graphs point at the old tensors."""
+    if model is None:
+        _sessions.clear()
+    else:
+        _sessions.pop(model, None)
+
+
+class _StopWatch:
+    """Per-row stop-string detection on a window of recent tokens (decoding the whole row each step is O(n^2))."""
+
+    def __init__(self, tokenizer: Any, stops: Sequence[str]) -> None:
+        self.tokenizer, self.stops = tokenizer, [s for s in stops if s]
+        self.window = 2 * max((len(s) for s in self.stops), default=0) + 8
+
+    def hit(self, generated: list[int]) -> bool:
+        text = self.tokenizer.decode(generated[-self.window :])
+        return any(s in text for s in self.stops)
+
+
 @torch.inference_mode()
 def generate_stream(
     model: Any, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, tokenizer: Any = None
 ) -> Iterator[list[int | None]]:
-    """Yield, per decoding step, the new token of each row (None for rows that have finished)."""
+    """Yield, per decoding step, the new token of each row (None for rows that have finished).
+
+    A row finishes at EOS (which is yielded), when its text contains a stop string (the token completing it is
+    yielded; `generate` trims), or after max_new_tokens. On CUDA the next step is already queued on the GPU while
+    this one's tokens are handed out."""
     _check_prompts(model, prompts, config.max_new_tokens)
     if config.stop_strings and tokenizer is None:
-        raise GenerationError("stop strings need a tokenizer")
+        raise GenerationError("stop strings need a tokenizer; pass tokenizer= or drop stop_strings")
+    if config.max_new_tokens == 0:
+        return
     stages = build_pipeline(config.samplers)
     device = model.device
     bsz = len(prompts)
-    plen = max(len(p) for p in prompts)
-    total = plen + config.max_new_tokens
+    need = max(len(p) for p in prompts) + config.max_new_tokens
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
     eos = _eos_ids(model, config, tokenizer)
-
-    ids = torch.zeros(bsz, total, dtype=torch.long, device=device)
-    mask = torch.zeros(bsz, total, dtype=torch.long, device=device)
-    for row, p in enumerate(prompts):
-        ids[row, plen - len(p) : plen] = torch.tensor(list(p), dtype=torch.long)
-        mask[row, plen - len(p) :] = 1  # generated positions count as real tokens
-    context = torch.where(mask[:, :plen].bool(), ids[:, :plen], torch.full_like(ids[:, :plen], -1))
+    watch = _StopWatch(tokenizer, config.stop_strings) if config.stop_strings else None
 
     was_training = model.training
     model.eval()
+    session = None
     try:
-        cache = model.new_cache(bsz, total)
-        out = model(
-            ids[:, :plen],
-            attention_mask=mask,
-            cache=cache,
-            cache_position=torch.arange(plen, device=device),
-            logits_to_keep=1,
-        )
+        session = _session(model, bsz, need, config, stages)
+        session.in_use = True
+        session.reset(prompts)
+        ticket = session.send_home(0, session.prefill(generator))
         finished = [False] * bsz
-        texts = [""] * bsz
         generated: list[list[int]] = [[] for _ in range(bsz)]
         for step in range(config.max_new_tokens):
-            pos = plen + step
-            tokens = choose_tokens(stages, out.logits[:, -1], context, generator)
-            ids[:, pos] = tokens
-            context = torch.cat([context, tokens[:, None]], dim=1)
-            host = tokens.tolist()
+            following = None
+            if step + 1 < config.max_new_tokens:  # queue the next step before waiting for this one's tokens
+                following = session.send_home(step + 1, session.step(generator))
             emitted: list[int | None] = []
-            for row, tok in enumerate(host):
+            for row, tok in enumerate(session.arrive(ticket)):
                 if finished[row]:
                     emitted.append(None)
                     continue
                 emitted.append(tok)
                 generated[row].append(tok)
-                if tok in eos:
+                if tok in eos or (watch is not None and watch.hit(generated[row])):
                     finished[row] = True
-                elif config.stop_strings:
-                    texts[row] = tokenizer.decode(generated[row])
-                    if any(s in texts[row] for s in config.stop_strings):
-                        finished[row] = True
             yield emitted
-            if all(finished) or step == config.max_new_tokens - 1:
+            if all(finished) or following is None:
                 break
-            out = model(
-                tokens[:, None],
-                attention_mask=mask,
-                cache=cache,
-                cache_position=torch.tensor([pos], device=device),
-            )
+            ticket = following
     finally:
+        if session is not None:
+            session.in_use = False
         model.train(was_training)
+
+
+def _generate_raw(
+    model: Any, prompts: Sequence[Sequence[int]], config: GenerationConfig, tokenizer: Any
+) -> list[list[int]]:
+    out: list[list[int]] = [[] for _ in prompts]
+    for step in generate_stream(model, prompts, config, tokenizer=tokenizer):
+        for row, tok in enumerate(step):
+            if tok is not None:
+                out[row].append(tok)
+    return out
 
 
 def generate(
     model: Any, prompts: Sequence[Sequence[int]], config: GenerationConfig, *, tokenizer: Any = None
 ) -> list[list[int]]:
     """Generated ids per prompt (prompt excluded; EOS kept when it ended the row; stop strings trimmed)."""
-    out: list[list[int]] = [[] for _ in prompts]
-    for step in generate_stream(model, prompts, config, tokenizer=tokenizer):
-        for row, tok in enumerate(step):
-            if tok is not None:
-                out[row].append(tok)
+    out = _generate_raw(model, prompts, config, tokenizer)
     if config.stop_strings and tokenizer is not None:
         out = [_trim_stop(ids, tokenizer, config.stop_strings) for ids in out]
     return out
@@ -263,6 +559,7 @@ def generate_text(model: Any, tokenizer: Any, prompt: str | list[str], config: G
     single = isinstance(prompt, str)
     prompts = [prompt] if single else list(prompt)
     encoded = [tokenizer.encode(p, bos=tokenizer.bos_id is not None) for p in prompts]
-    outs = generate(model, encoded, config, tokenizer=tokenizer)
-    texts = [tokenizer.decode(o) for o in outs]
+    texts = [tokenizer.decode(o) for o in _generate_raw(model, encoded, config, tokenizer)]
+    if config.stop_strings:
+        texts = [t[: _stop_at(t, config.stop_strings)] for t in texts]  # cut exactly where the stop text begins
     return texts[0] if single else texts
