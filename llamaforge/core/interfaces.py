@@ -173,7 +173,9 @@ class Sampler(abc.ABC):
 
     Stages transform logits (B, V) in order; a stage with `chooses=True` (greedy) picks tokens itself, otherwise
     the pipeline samples from the softmax of the final logits. `input_ids` is the (B, L) context so far, for
-    stages such as repetition penalties.
+    stages such as repetition penalties; negative ids are padding (left padding, and positions not generated yet:
+    the context keeps one shape for the whole decode) and must be ignored. Stages run inside a captured CUDA graph
+    on GPU, so they must not synchronise with the host (no `.item()`, `.tolist()` or data-dependent Python).
     """
 
     chooses: bool = False
