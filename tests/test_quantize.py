@@ -161,7 +161,8 @@ def test_bf16_models_quantize_and_keep_their_dtype(tmp_path):
             logits = q(ids()).logits
         assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
         save_model(q, tmp_path / method)
-        loaded = load_model(tmp_path / method, device="cpu").to(torch.bfloat16)
+        loaded = load_model(tmp_path / method, dtype="bfloat16")
+        assert loaded.dtype == torch.bfloat16
         with torch.no_grad():
             assert torch.equal(loaded(ids()).logits, logits)
 
@@ -222,7 +223,7 @@ def test_bad_options_are_user_errors(tmp_path):
 def test_nf4_unavailable_without_bitsandbytes_or_on_an_unsupported_device(monkeypatch):
     # a device bitsandbytes cannot run NF4 on (none exists on a CPU-only test machine: make the probe say so)
     monkeypatch.setattr(qz, "_nf4_probe", lambda device_type: "NotImplementedError: no kernel for xpu")
-    with pytest.raises(qz.QuantizerUnavailableError, match="nf4 is not available on xpu.*int8_weight_only"):
+    with pytest.raises(qz.QuantizerUnavailableError, match=r"nf4 is not available on xpu.*int8_weight_only"):
         qz._require_nf4(torch.device("xpu"))
     monkeypatch.undo()
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what an environment without it looks like

@@ -129,7 +129,7 @@ def load_model(
         state = load_safetensors(path / WEIGHTS_FILE)
         source = str(path / WEIGHTS_FILE)
         if (path / TRANSFORMS_FILE).exists():
-            return _load_transformed(path, spec, state, source=source, device=device)
+            return _load_transformed(path, spec, state, source=source, device=device, dtype=dtype)
     else:
         name, importer = find_importer(path)
         if importer is None:
@@ -174,14 +174,20 @@ def _materialise(
 
 
 def _load_transformed(
-    path: Path, spec: ModelSpec, state: dict[str, torch.Tensor], *, source: str, device: str | torch.device | None
+    path: Path,
+    spec: ModelSpec,
+    state: dict[str, torch.Tensor],
+    *,
+    source: str,
+    device: str | torch.device | None,
+    dtype: str | torch.dtype | None = None,
 ) -> LlamaForgeModel:
     """Rebuild the transformed structure (quantized / adapted modules), then load the saved tensors into it."""
     try:
         records = json.loads((path / TRANSFORMS_FILE).read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise ModelFileError(f"{path / TRANSFORMS_FILE} is not valid JSON: {exc}") from None
-    model = build_model(spec, init=False)
+    model = build_model(spec, init=False, dtype=dtype)  # quantized modules take their compute dtype from it
     for record in records:
         try:
             model = apply_transform(model, record["kind"], record["name"], **record.get("params", {}))

@@ -1,0 +1,248 @@
+"""Speed of quantized models against the unquantized model, measured side by side in one run.
+
+    python benchmarks/quant_speed.py                  # CPU: fp32 vs int8_dynamic / int8_weight_only,
+                                                      #      prefill and decode tokens/s
+    python benchmarks/quant_speed.py --gpu            # CUDA: llama3.2-1b shape, bf16 vs int8_weight_only decode
+                                                      #       tokens/s under torch.compile (target >= 1.3x)
+
+The GPU mode also runs torchao's `quantize_(model, Int8WeightOnlyConfig())` on the same bf16 model as a
+reference column when torchao is installed (it says so clearly when it is not; the llamaforge columns need only
+torch). Weights are random (speed does not depend on their values); every variant decodes the same prompt greedily
+with a static KV cache, and the best of `--repeats` timed runs after a warm-up (which includes compilation) counts.
+Decode tokens/s = new tokens / wall time of the decode loop (prefill excluded); prefill tokens/s = prompt tokens /
+wall time of one forward over the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+from typing import Any
+
+import torch
+
+import llamaforge
+from llamaforge.core.loading import apply_transform
+
+CPU_SPEC: dict[str, Any] = {  # ~30M parameters: big enough for matmuls to dominate, small enough for 2 cores
+    "vocab_size": 8192,
+    "dim": 512,
+    "n_layers": 8,
+    "n_heads": 8,
+    "n_kv_heads": 4,
+    "ffn_hidden": 1536,
+    "max_positions": 1024,
+    "rope_theta": 500000.0,
+    "tie_embeddings": True,
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _best(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up (and compilation)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+class Decoder:
+    """Prefill + greedy decode with a static cache; the one-token step can be torch.compile'd (CUDA graphs need
+    the cache tensors at fixed addresses, hence mark_static_address)."""
+
+    def __init__(self, model: Any, batch: int, prompt_len: int, new_tokens: int, compile_mode: str | None) -> None:
+        self.model, self.prompt_len, self.new_tokens = model, prompt_len, new_tokens
+        self.device = model.device
+        self.cache = model.new_cache(batch, prompt_len + new_tokens)
+        gen = torch.Generator().manual_seed(0)
+        self.prompt = torch.randint(0, model.spec.vocab_size, (batch, prompt_len), generator=gen).to(self.device)
+        self.positions = [torch.tensor([prompt_len + i], device=self.device) for i in range(new_tokens)]
+        step = self._step
+        if compile_mode is not None:
+            for t in (*self.cache.keys, *self.cache.values):
+                torch._dynamo.mark_static_address(t)
+            step = torch.compile(self._step, mode=compile_mode, fullgraph=True)
+        self.step = step
+        self.cudagraphs = compile_mode is not None and "overhead" in compile_mode
+
+    def _step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        logits = self.model(tok, cache=self.cache, cache_position=pos).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.no_grad()
+    def prefill(self) -> torch.Tensor:
+        pos = torch.arange(self.prompt_len, device=self.device)
+        logits = self.model(self.prompt, cache=self.cache, cache_position=pos, logits_to_keep=1).logits
+        return logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.no_grad()
+    def decode(self, first: torch.Tensor) -> list[int]:
+        tok, out = first, []
+        for pos in self.positions[:-1]:
+            if self.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            tok = self.step(tok, pos).clone()
+            out.append(tok)
+        return torch.cat(out, dim=1)[0].tolist() if out else []
+
+
+def measure(model: Any, args: argparse.Namespace, compile_mode: str | None) -> dict[str, Any]:
+    dec = Decoder(model, args.batch, args.prompt_len, args.new_tokens, compile_mode)
+    prefill_s = _best(dec.prefill, dec.device, args.repeats)
+    first = dec.prefill()
+    tokens: list[int] = []
+
+    def run() -> None:
+        tokens[:] = dec.decode(first)
+
+    decode_s = _best(run, dec.device, args.repeats)
+    steps = max(1, args.new_tokens - 1)
+    return {
+        "prefill_tokens_per_s": args.batch * args.prompt_len / prefill_s,
+        "decode_tokens_per_s": args.batch * steps / decode_s,
+        "decode_ms_per_token": 1000 * decode_s / steps,
+        "tokens": tokens[:8],
+    }
+
+
+def _weight_bytes(model: Any) -> int:
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(args.threads)
+    spec = llamaforge.load_spec(args.spec) if args.spec else llamaforge.load_spec(CPU_SPEC)
+    base = llamaforge.build_model(spec, seed=0, dtype="float32").eval()
+    rows = {"fp32": measure(base, args, None)}
+    for method in args.methods:
+        q = apply_transform(copy.deepcopy(base), "quantizer", method)
+        rows[method] = measure(q, args, None)
+    for r in rows.values():
+        r["prefill_vs_fp32"] = r["prefill_tokens_per_s"] / rows["fp32"]["prefill_tokens_per_s"]
+        r["decode_vs_fp32"] = r["decode_tokens_per_s"] / rows["fp32"]["decode_tokens_per_s"]
+    return {"mode": "cpu", "params": base.num_parameters(), "threads": args.threads, "results": rows}
+
+
+def _torchao_int8_weight_only(model: Any) -> Any:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model, Int8WeightOnlyConfig())
+    return model
+
+
+def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs a CUDA device; torch.cuda.is_available() is False on this machine")
+    device = torch.device("cuda")
+    spec = llamaforge.load_spec(args.spec or "llama3.2-1b")
+    base = llamaforge.build_model(spec, device=device, seed=0, dtype="bfloat16").eval()
+    mode = None if args.compile_mode == "none" else args.compile_mode
+    rows: dict[str, Any] = {}
+
+    def attempt(name: str, build) -> None:
+        try:
+            model = build()
+            rows[name] = {"weight_bytes": _weight_bytes(model), **measure(model, args, mode)}
+        except Exception as exc:  # report and keep going: one failing variant must not hide the others
+            rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            print(f"[{name}] failed: {rows[name]['error']}", flush=True)
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+
+    attempt("bf16", lambda: base)
+    attempt("int8_weight_only", lambda: apply_transform(copy.deepcopy(base), "quantizer", "int8_weight_only"))
+    attempt(
+        "int8_weight_only (linears only, bf16 table)",
+        lambda: apply_transform(copy.deepcopy(base), "quantizer", "int8_weight_only", embeddings=False),
+    )
+    if args.torchao:
+        try:
+            import torchao
+
+            rows["torchao_version"] = torchao.__version__
+            attempt("torchao Int8WeightOnlyConfig", lambda: _torchao_int8_weight_only(copy.deepcopy(base)))
+        except ImportError:
+            print(
+                "torchao is not installed, so the torchao reference column is skipped (the llamaforge columns do not "
+                "need it). To include it, install a torchao wheel matching this torch, e.g. pip install torchao",
+                flush=True,
+            )
+            rows["torchao"] = "not installed"
+    ref = rows.get("bf16", {}).get("decode_tokens_per_s")
+    for r in rows.values():
+        if isinstance(r, dict) and ref and "decode_tokens_per_s" in r:
+            r["decode_vs_bf16"] = r["decode_tokens_per_s"] / ref
+    return {
+        "mode": "gpu",
+        "device": torch.cuda.get_device_name(device),
+        "spec": args.spec or "llama3.2-1b",
+        "params": base.num_parameters(),
+        "compile_mode": args.compile_mode,
+        "results": rows,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", action="store_true", help="CUDA mode: bf16 vs int8 weight-only decode (llama3.2-1b).")
+    p.add_argument("--spec", default=None, help="Spec (preset or file); default: a ~30M spec on CPU, llama3.2-1b GPU.")
+    p.add_argument("--methods", nargs="+", default=["int8_dynamic", "int8_weight_only"], help="CPU mode quantizers.")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=None, help="Prompt tokens (default 128 CPU, 16 GPU).")
+    p.add_argument("--new-tokens", type=int, default=None, help="Decoded tokens (default 32 CPU, 256 GPU).")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (CPU mode).")
+    p.add_argument(
+        "--compile-mode",
+        default="reduce-overhead",
+        help="GPU mode: torch.compile mode for the decode step (reduce-overhead = CUDA graphs), or none.",
+    )
+    p.add_argument("--no-torchao", dest="torchao", action="store_false", help="GPU mode: skip the torchao column.")
+    p.add_argument("--json", default=None, help="Also write the results to this file.")
+    args = p.parse_args()
+    args.prompt_len = args.prompt_len or (16 if args.gpu else 128)
+    args.new_tokens = args.new_tokens or (256 if args.gpu else 32)
+
+    result = run_gpu(args) if args.gpu else run_cpu(args)
+    result.update({"torch": torch.__version__, "python": platform.python_version(), "batch": args.batch})
+    result.update({"prompt_len": args.prompt_len, "new_tokens": args.new_tokens})
+    ref_name = "bf16" if args.gpu else "fp32"
+    print(f"\n{result['mode']} | {result['params']:,} parameters | torch {torch.__version__}")
+    print(f"{'variant':<45} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs ' + ref_name:>15}")
+    for name, r in result["results"].items():
+        if not isinstance(r, dict):
+            continue
+        if "error" in r:
+            print(f"{name:<45} failed: {r['error'][:80]}")
+            continue
+        vs = r.get("decode_vs_fp32", r.get("decode_vs_bf16"))
+        print(f"{name:<45} {r['prefill_tokens_per_s']:>14,.0f} {r['decode_tokens_per_s']:>13,.1f} {vs:>14.2f}x")
+    if args.gpu:
+        r = result["results"].get("int8_weight_only", {})
+        if "decode_vs_bf16" in r:
+            verdict = "meets" if r["decode_vs_bf16"] >= 1.3 else "MISSES"
+            print(f"\nint8_weight_only decode is {r['decode_vs_bf16']:.2f}x bf16: {verdict} the >= 1.3x target")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
