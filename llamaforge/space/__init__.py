@@ -87,7 +87,7 @@ def space_readme(*, title: str, license: str, model_repo: str | None, descriptio
         "pinned": False,
         "license": license,
         "suggested_hardware": "cpu-basic",
-        "short_description": description[:60],
+        "short_description": description[:60].rstrip(),
         "tags": ["llamaforge", "llama", "text-generation"],
     }
     if model_repo:
