@@ -341,7 +341,7 @@ def ablate_cmd(
 @click.command("quickstart")
 @click.option("--data", default=None, help="Real data instead of the built-in corpus (file, dir or Hub id).")
 @click.option("--out", default="runs/quickstart", show_default=True, type=click.Path(file_okay=False))
-@click.option("--steps", default=500, show_default=True, help="Training steps (16 x 128 tokens each).")
+@click.option("--steps", default=400, show_default=True, help="Training steps (16 x 128 tokens each).")
 @click.option("--stories", default=6000, show_default=True, help="Stories generated for the built-in corpus.")
 @click.option("--vocab-size", default=2048, show_default=True)
 @click.option("--seed", default=0, show_default=True)
