@@ -344,8 +344,9 @@ class NF4Linear(_NF4Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        if self.in_features % 2:
-            # bitsandbytes decodes odd-width matrices through a torch.compile'd fallback (a compile per shape)
+        if (self.in_features % self.blocksize and x.device.type == "cpu") or self.in_features % 2:
+            # bitsandbytes 0.50's CPU decoder gets rows that do not hold whole blocks wrong (found by the tests),
+            # and decodes odd widths through a torch.compile'd fallback (a compile per shape): decode here instead
             return F.linear(x, self.dequantize(x.dtype), bias)
         return _bnb().matmul_4bit(x, self.weight.t(), quant_state=self._state(x.dtype), bias=bias)
 
