@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -305,3 +306,38 @@ def test_serve_command_binds_loopback_by_default(model_dir, tmp_path):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+# ----- quantized models and LoRA adapters -------------------------------------------------------------------------
+def test_serves_quantized_models_and_lora_adapters(model_dir, tmp_path):
+    """What `llamaforge serve` loads (a quantized directory; a base plus --adapter) answers exactly like `generate`
+    on the same model, and the adapter really changes the answers."""
+    finetune = pytest.importorskip("llamaforge.core.finetune")
+    from llamaforge.core.loading import apply_transform, save_model
+    from llamaforge.serve.app import load_for_serving
+
+    base, tok = load_model_and_tokenizer(model_dir, require_tokenizer=True)
+    quantized_dir = tmp_path / "int8"
+    save_model(apply_transform(base, "quantizer", "int8_weight_only"), quantized_dir)
+    tok.save(quantized_dir)
+
+    trained, _ = load_model_and_tokenizer(model_dir)
+    finetune.add_adapter(trained, "lora", rank=4)
+    with torch.no_grad():  # a fresh LoRA is a no-op (B = 0); give it weights as if it had been trained
+        for p in finetune.adapter_parameters(trained):
+            p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    adapter_dir = finetune.save_adapter(trained, tmp_path / "adapter")
+
+    prompt = tok.encode("Once upon a time", bos=True)
+    plain = _reference(load_model_and_tokenizer(model_dir)[0], prompt, 12)
+    answers = {}
+    for label, path, adapter in (("int8", quantized_dir, None), ("lora", model_dir, adapter_dir)):
+        model, mtok = load_for_serving(str(path), adapter=adapter and str(adapter))
+        app = create_app(model, mtok, model_name=MODEL, max_batch=2, ui=False)
+        with ServerThread(app) as s, httpx.Client(base_url=s.url, timeout=60) as c:
+            body = _completion(prompt=prompt, max_tokens=12, temperature=0, ignore_eos=True)
+            r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        answers[label] = r.json()["choices"][0]["text"]
+        assert answers[label] == tok.decode(_reference(model, prompt, 12)), label
+    assert answers["lora"] != tok.decode(plain)

@@ -462,6 +462,28 @@ def _raise_failed(results: list[Delta]) -> None:
             raise APIError(500, r.error, type_="server_error", code="generation_failed")
 
 
+def load_for_serving(
+    model_path: str,
+    *,
+    adapter: str | None = None,
+    tokenizer: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> tuple[Any, Any]:
+    """(model, tokenizer) as `llamaforge serve` loads them: anything `load_model` reads (quantized directories
+    included, their transforms rebuilt), plus an optional LoRA adapter directory applied on top."""
+    from llamaforge.core.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(
+        model_path, tokenizer=tokenizer, device=device, dtype=dtype, require_tokenizer=True
+    )
+    if adapter:
+        from llamaforge.cli._util import apply_adapter
+
+        model = apply_adapter(model, adapter) or model
+    return model.eval(), tok
+
+
 def serve(
     model_path: str,
     *,
@@ -478,22 +500,12 @@ def serve(
     ui: bool = True,
     log_level: str = "info",
 ) -> None:
-    """Load a model (anything `load_model` reads, quantized or not, plus an optional LoRA adapter) and serve it."""
+    """Load a model (see `load_for_serving`) and serve it under uvicorn until interrupted."""
     from pathlib import Path
 
     import uvicorn
 
-    from llamaforge.core.loading import load_model_and_tokenizer
-
-    model, tok = load_model_and_tokenizer(
-        model_path, tokenizer=tokenizer, device=device, dtype=dtype, require_tokenizer=True
-    )
-    if adapter:
-        from llamaforge.cli._util import apply_adapter
-
-        model = apply_adapter(model, adapter) or model
+    model, tok = load_for_serving(model_path, adapter=adapter, tokenizer=tokenizer, device=device, dtype=dtype)
     name = model_name or Path(model_path).resolve().name
-    app = create_app(
-        model.eval(), tok, model_name=name, api_key=api_key, max_batch=max_batch, max_context=max_context, ui=ui
-    )
+    app = create_app(model, tok, model_name=name, api_key=api_key, max_batch=max_batch, max_context=max_context, ui=ui)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
