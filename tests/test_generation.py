@@ -340,3 +340,45 @@ def test_fused_linear_matches_separate_layers_for_any_row_count(rows):
     x = torch.randn(rows, 16)
     for got, layer in zip(fused_linear(x, layers), layers):
         torch.testing.assert_close(got, layer(x))
+
+
+@pytest.mark.slow  # an inductor compilation: ~10 s on an idle CPU
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_gemv_pass_rewrites_one_row_products_and_keeps_their_values():
+    """The decode-step graph pass (used on CUDA) checked through inductor on CPU with a single linear layer."""
+    from llamaforge.core import generation
+
+    torch._dynamo.reset()
+    before = generation._gemv_rewrites[0]
+    fn = torch.compile(
+        lambda x, w: torch.nn.functional.linear(x, w).relu(),
+        options={"post_grad_custom_pre_pass": generation._gemv_pass()},
+    )
+    w = torch.randn(24, 40)
+    x = torch.randn(1, 40)
+    with torch._inductor.config.patch(force_disable_caches=True):  # a cached graph would skip the pass
+        got = fn(x, w)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, w).relu(), atol=1e-5, rtol=1e-5)
+    assert generation._gemv_rewrites[0] == before + 1
+
+
+def test_cli_text_prompt_with_a_tokenizer_and_stop_string(tmp_path):
+    from llamaforge.core.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(["the cat sat on the mat", "a dog ran to the park"] * 20, vocab_size=300)
+    spec = llamaforge.load_spec("tiny").with_updates(
+        vocab_size=tok.vocab_size, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden=48, max_positions=64
+    )
+    llamaforge.save_model(llamaforge.build_model(spec, seed=0), tmp_path)
+    tok.save(tmp_path)
+    base = ("generate", tmp_path, "--prompt", "the cat", "--max-new-tokens", "12", "--json")
+    res = _cli(*base, "--temperature", "1.0", "--seed", "1")
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert data["text"] == tok.decode(data["token_ids"]) and data["prompt_ids"][0] == tok.bos_id
+    full = json.loads(_cli(*base, "--temperature", "1.0", "--seed", "1", "--stop", "zzz").output)
+    assert full["token_ids"] == data["token_ids"]  # a stop string that never appears changes nothing
+    if len(data["text"]) > 3:
+        stop = data["text"][2:4]
+        cut = json.loads(_cli(*base, "--temperature", "1.0", "--seed", "1", "--stop", stop).output)
+        assert stop not in cut["text"] and data["text"].startswith(cut["text"])

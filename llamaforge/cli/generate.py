@@ -40,6 +40,12 @@ def _parse_ids(text: str) -> list[int]:
 @click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")
 @click.option("--device", default=None, help="cpu, cuda, ... [default: cuda when available]")
 @click.option("--dtype", default=None, help="float32, bfloat16 or float16 [default: the model's].")
+@click.option(
+    "--compile/--no-compile",
+    "compile_step",
+    default=None,
+    help="torch.compile the decode step [default: on CUDA only; on CPU it pays off for long generations].",
+)
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @json_option
 def generate_cmd(
@@ -58,6 +64,7 @@ def generate_cmd(
     seed: int | None,
     device: str | None,
     dtype: str | None,
+    compile_step: bool | None,
     stream: bool,
     as_json: bool,
 ) -> None:
@@ -97,6 +104,8 @@ def generate_cmd(
         config.seed = seed
     if stop_strings:
         config.stop_strings = [*config.stop_strings, *stop_strings]
+    if compile_step is not None:
+        config.compile = compile_step
 
     tokenizer = _maybe_tokenizer(model_path, required=prompt is not None or bool(config.stop_strings))
     if device is None:
