@@ -29,8 +29,10 @@ def tiny_model_dir(
     dim: int = 64,
     n_layers: int = 2,
     seed: int = 0,
+    **spec_updates: Any,
 ) -> Path:
-    """A random llamaforge model plus tokenizer in `directory`; returns the directory."""
+    """A random llamaforge model plus tokenizer in `directory`; returns the directory. `spec_updates` override
+    the small shape (e.g. n_heads, n_kv_heads)."""
     import llamaforge as lf
     from llamaforge.core.tokenizer import train_tokenizer
 
@@ -47,6 +49,8 @@ def tiny_model_dir(
         eos_token_id=tok.eos_id,
         pad_token_id=tok.pad_id,
     )
+    if spec_updates:
+        spec = spec.with_updates(**spec_updates)
     model = lf.build_model(spec, seed=seed, dtype="float32")
     lf.save_model(model, directory)
     tok.save(directory)
