@@ -382,3 +382,21 @@ def test_cli_text_prompt_with_a_tokenizer_and_stop_string(tmp_path):
         stop = data["text"][2:4]
         cut = json.loads(_cli(*base, "--temperature", "1.0", "--seed", "1", "--stop", stop).output)
         assert stop not in cut["text"] and data["text"].startswith(cut["text"])
+
+
+def test_a_failing_compile_falls_back_to_eager_decoding(monkeypatch, caplog):
+    from llamaforge.core import generation
+
+    def broken(model):
+        def fn(*args):
+            raise RuntimeError("no compiler here")
+
+        return fn
+
+    monkeypatch.setattr(generation, "_compiled_forward", broken)
+    model = _model(seed=12)
+    ref = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=6))
+    with caplog.at_level("WARNING"):
+        assert generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=6, compile=True)) == ref
+    assert "without torch.compile" in caplog.text
+    generation.clear_sessions(model)

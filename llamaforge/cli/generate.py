@@ -44,7 +44,8 @@ def _parse_ids(text: str) -> list[int]:
     "--compile/--no-compile",
     "compile_step",
     default=None,
-    help="torch.compile the decode step [default: on CUDA only; on CPU it pays off for long generations].",
+    help="torch.compile the decode step: a one-time compilation (~20-60 s) for ~1.3-2x faster decoding; pays off "
+    "for long generations [default: off; CUDA still replays the step as a CUDA graph].",
 )
 @click.option("--stream", is_flag=True, help="Print tokens as they are generated.")
 @json_option
@@ -104,8 +105,8 @@ def generate_cmd(
         config.seed = seed
     if stop_strings:
         config.stop_strings = [*config.stop_strings, *stop_strings]
-    if compile_step is not None:
-        config.compile = compile_step
+    if compile_step is not None or config_path is None:  # one-shot command: no compilation unless asked
+        config.compile = bool(compile_step)
 
     tokenizer = _maybe_tokenizer(model_path, required=prompt is not None or bool(config.stop_strings))
     if device is None:

@@ -356,7 +356,14 @@ class _Session:
         if self.graph is not None:
             self.graph.replay()
             return self.out
-        return self._body()
+        try:
+            return self._body()
+        except Exception as exc:  # torch.compile unavailable or failing here: decode eagerly (state is untouched)
+            if self.forward is _decode_forward:
+                raise
+            log.warning("decoding without torch.compile: %s: %s", type(exc).__name__, exc)
+            self.forward = _decode_forward
+            return self._body()
 
     def _capture(self) -> None:
         """Warm up (compiling if asked) on a side stream, then capture one decode step as a CUDA graph. Warm-up
@@ -379,6 +386,7 @@ class _Session:
             log.warning("decoding without a CUDA graph: capture failed (%s: %s)", type(exc).__name__, exc)
             self.want_graph = False
             self.graph = None
+            self.forward = _decode_forward  # the failure may have been compilation's
             torch.cuda.synchronize(self.device)
         self._restore(saved)
 
