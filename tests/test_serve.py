@@ -341,3 +341,26 @@ def test_serves_quantized_models_and_lora_adapters(model_dir, tmp_path):
         answers[label] = r.json()["choices"][0]["text"]
         assert answers[label] == tok.decode(_reference(model, prompt, 12)), label
     assert answers["lora"] != tok.decode(plain)
+
+
+def test_chat_prompt_uses_the_tokenizer_template_else_llama3_layout(loaded, model_dir):
+    from llamaforge.core.tokenizer import load_tokenizer
+    from llamaforge.serve.app import Service
+
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=1)  # never started: only prompt building is under test
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    plain = Service(engine, tok, MODEL)
+    assert tok.decode(plain.chat_ids(messages), skip_special=False) == (
+        f"{tok.hf.bos_token}<|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
+    assert plain.chat_stops == ["<|eot_id|>"]  # not a special token of this tokenizer: stop on the text
+    templated = load_tokenizer(model_dir)
+    templated.hf.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
+    own = Service(engine, templated, MODEL)
+    assert templated.decode(own.chat_ids(messages)) == "[system] Be brief.\n[user] hi\n[assistant] "
+    assert own.chat_stops == []
