@@ -155,3 +155,17 @@ def test_runtime_registered_sampler_composes_in_the_pipeline(only_even):
     for samplers in ([only_even, "greedy"], [{"name": "temperature", "params": {"temperature": 1.5}}, only_even]):
         out = generate(model, [[1, 2, 3], [9]], GenerationConfig(max_new_tokens=12, samplers=samplers, seed=0))
         assert all(t % 2 == 0 for row in out for t in row), out
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"samplers": "greedy"}, "ordered list"),
+        ({"samplers": [{"nam": "greedy"}]}, "name"),
+        ({"max_new_tokens": "5"}, "integer"),
+    ],
+)
+def test_bad_generation_configs_are_one_line_errors(kwargs, message):
+    with pytest.raises(GenerationError, match=message) as info:
+        GenerationConfig(**kwargs)
+    assert "\n" not in str(info.value)

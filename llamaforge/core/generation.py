@@ -1,7 +1,10 @@
 """Generation: prefill, then incremental decoding over a preallocated static KV cache.
 
-Prompts of different lengths are left-padded into one batch; positions come from the attention mask, so a padded
-row produces exactly what it would alone. Sampling is an ordered pipeline of registered sampler plugins.
+Prompts of different lengths are left-padded into one batch; each row's positions start at its first real token,
+so a padded row produces exactly what it would alone. Sampling is an ordered pipeline of registered sampler
+plugins. Every per-step quantity (token, position, context, sampling noise) lives on the device, so on CUDA the
+one-token step is torch.compiled and replayed as a CUDA graph, and the host only reads tokens back, one step
+behind the GPU.
 """
 
 from __future__ import annotations
@@ -42,9 +45,22 @@ class GenerationConfig:
     cuda_graph: bool | None = None  # replay the decode step as a CUDA graph (None: on CUDA)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 0:
-            raise GenerationError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        self.samplers = [_as_component(s) for s in self.samplers] or [ComponentSpec(name="greedy")]
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise GenerationError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        if isinstance(self.samplers, str | dict | ComponentSpec) or not isinstance(self.samplers, list | tuple):
+            raise GenerationError(
+                f"samplers is an ordered list of samplers, e.g. [temperature, top_k]; got {self.samplers!r}"
+            )
+        if isinstance(self.stop_strings, str):
+            self.stop_strings = [self.stop_strings]
+        try:
+            self.samplers = [_as_component(s) for s in self.samplers] or [ComponentSpec(name="greedy")]
+        except ValueError as exc:
+            first = exc.errors()[0] if hasattr(exc, "errors") else {"msg": str(exc), "loc": ()}
+            where = ".".join(str(p) for p in first["loc"])
+            raise GenerationError(
+                f"bad sampler entry in {self.samplers!r}: {where} {first['msg']}; write {{name: ..., params: {{...}}}}"
+            ) from None
 
     @classmethod
     def from_options(
