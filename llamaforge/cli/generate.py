@@ -23,7 +23,9 @@ def _parse_ids(text: str) -> list[int]:
 
 
 @click.command("generate")
-@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True, file_okay=False))
+@click.argument("model_path", metavar="MODEL", type=click.Path(exists=True))
+@click.option("--tokenizer", "tokenizer_path", default=None, help="Tokenizer (default: the one in or beside MODEL).")
+@click.option("--adapter", default=None, help="A LoRA adapter directory (llamaforge or PEFT) to apply.")
 @click.option("--prompt", default=None, help="Prompt text (needs tokenizer files in MODEL).")
 @click.option("--prompt-ids", default=None, help="Prompt as comma-separated token ids, e.g. 1,2,3.")
 @click.option("--max-new-tokens", type=click.IntRange(min=0), default=None, help="Tokens to generate [default 128].")
@@ -51,6 +53,8 @@ def _parse_ids(text: str) -> list[int]:
 @json_option
 def generate_cmd(
     model_path: str,
+    tokenizer_path: str | None,
+    adapter: str | None,
     prompt: str | None,
     prompt_ids: str | None,
     max_new_tokens: int | None,
@@ -108,10 +112,14 @@ def generate_cmd(
     if compile_step is not None or config_path is None:  # one-shot command: no compilation unless asked
         config.compile = bool(compile_step)
 
-    tokenizer = _maybe_tokenizer(model_path, required=prompt is not None or bool(config.stop_strings))
+    tokenizer = _maybe_tokenizer(model_path, tokenizer_path, required=prompt is not None or bool(config.stop_strings))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     model = llamaforge.load_model(model_path, device=device, dtype=dtype).eval()
+    if adapter:
+        from llamaforge.cli._util import apply_adapter
+
+        model = apply_adapter(model, adapter).eval()
     if prompt is not None:
         ids = tokenizer.encode(prompt, bos=tokenizer.bos_id is not None)
     else:
@@ -158,24 +166,18 @@ def generate_cmd(
         click.echo(",".join(str(t) for t in out))
 
 
-def _maybe_tokenizer(path: str, *, required: bool):
-    """The tokenizer in the model directory, or None when there is none and none is needed."""
+def _maybe_tokenizer(path: str, tokenizer_path: str | None, *, required: bool):
+    """The tokenizer given, or the one in / beside MODEL; None when there is none and none is needed."""
+    from llamaforge.core.llama2c import find_tokenizer
     from llamaforge.errors import LlamaforgeError
 
-    try:
-        from llamaforge.core.tokenizer import is_tokenizer_dir, load_tokenizer
-    except ImportError:
-        if required:
-            raise LlamaforgeError("text prompts and stop strings need llamaforge.core.tokenizer") from None
-        return None
-    if not is_tokenizer_dir(path):
-        if required:
-            raise LlamaforgeError(
-                f"{path} has no tokenizer files (tokenizer.json or tokenizer.model); use --prompt-ids 1,2,3 instead "
-                f"of --prompt, and no stop strings"
-            )
-        return None
-    return load_tokenizer(path)
+    tokenizer = find_tokenizer(path, tokenizer_path)
+    if tokenizer is None and required:
+        raise LlamaforgeError(
+            f"{path} has no tokenizer files (tokenizer.json or tokenizer.model); pass --tokenizer PATH, or use "
+            f"--prompt-ids 1,2,3 instead of --prompt, and no stop strings"
+        )
+    return tokenizer
 
 
 def register(cli: click.Group) -> None:
