@@ -92,20 +92,32 @@ def spec_from_hf_config(cfg: dict[str, Any]) -> ModelSpec:
     return ModelSpec.parse(data, origin="spec derived from config.json")
 
 
+PLAIN_LLAMA_SLOTS: tuple[tuple[str, str], ...] = (
+    ("norm", "rmsnorm"),
+    ("final_norm", "rmsnorm"),
+    ("attention", "rope_attention"),
+    ("position_embedding", "rope"),
+    ("head", "linear"),
+)
+
+
+def slot_problems(
+    spec: ModelSpec, slots: tuple[tuple[str, str], ...], *, needs: str = "needs", check_params: bool = False
+) -> list[str]:
+    """Slots whose component differs from what a fixed-architecture format can express (one line each)."""
+    problems = []
+    for slot, expected in slots:
+        comp = getattr(spec, slot)
+        if comp.name != expected or (check_params and comp.params):
+            problems.append(f"{slot}={comp if check_params else comp.name} ({needs} {expected})")
+    return problems
+
+
 def hf_config_from_spec(spec: ModelSpec) -> dict[str, Any]:
     """A config.json that transformers 4.x and 5.x both read as LlamaForCausalLM."""
     from llamaforge.errors import SpecError
 
-    problems = []
-    for slot, expected in (
-        ("norm", "rmsnorm"),
-        ("final_norm", "rmsnorm"),
-        ("attention", "rope_attention"),
-        ("position_embedding", "rope"),
-        ("head", "linear"),
-    ):
-        if getattr(spec, slot).name != expected:
-            problems.append(f"{slot}={getattr(spec, slot).name} (HF Llama needs {expected})")
+    problems = slot_problems(spec, PLAIN_LLAMA_SLOTS, needs="HF Llama needs")
     if spec.activation.name not in _SLOT_TO_ACT:
         problems.append(f"activation={spec.activation.name} (HF Llama needs swiglu or geglu)")
     if spec.layer_overrides:

@@ -135,18 +135,9 @@ def hf_to_meta_state(state: dict[str, torch.Tensor], spec: ModelSpec) -> dict[st
 
 def check_meta_expressible(spec: ModelSpec) -> None:
     """Meta's reference model is a plain Llama; anything else must fail before a file is written."""
-    problems = []
-    for slot, expected in (
-        ("norm", "rmsnorm"),
-        ("final_norm", "rmsnorm"),
-        ("attention", "rope_attention"),
-        ("position_embedding", "rope"),
-        ("head", "linear"),
-        ("activation", "swiglu"),
-    ):
-        comp = getattr(spec, slot)
-        if comp.name != expected or comp.params:
-            problems.append(f"{slot}={comp} (needs {expected})")
+    from llamaforge.core.hf_config import PLAIN_LLAMA_SLOTS, slot_problems
+
+    problems = slot_problems(spec, (*PLAIN_LLAMA_SLOTS, ("activation", "swiglu")), check_params=True)
     if spec.layer_overrides:
         problems.append("layer_overrides")
     if spec.attention_bias or spec.mlp_bias:
