@@ -260,6 +260,15 @@ def test_cli_train_eval_resume_json(story_file, tmp_path):
     human = runner.invoke(cli, [*eval_args, "2"])
     assert "perplexity" in human.output
 
+    # MODEL may be anything load_model reads: the same weights as a Hugging Face directory score the same
+    hf_dir = tmp_path / "hf"
+    exported = runner.invoke(cli, ["export", str(run_dir), "--format", "hf", "--out", str(hf_dir)])
+    assert exported.exit_code == 0, exported.output
+    ev_hf = runner.invoke(cli, ["eval", str(hf_dir), "--data", str(story_file), "--seq-len", "32", "--max-batches",
+                                "4", "--json"])  # fmt: skip
+    assert ev_hf.exit_code == 0, ev_hf.output
+    assert json.loads(ev_hf.stdout)["loss"] == pytest.approx(metrics["loss"], rel=1e-5)
+
 
 def test_cli_train_errors_are_one_line(story_file, tmp_path):
     runner = CliRunner()
