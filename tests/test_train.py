@@ -81,6 +81,13 @@ def test_train_spec_from_yaml_with_overrides(tmp_path):
         TrainSpec.load(tmp_path / "missing.yaml")
 
 
+def test_default_warmup_shrinks_for_short_runs_but_an_explicit_one_is_checked():
+    assert TrainSpec(steps=20).warmup_steps == 2
+    assert TrainSpec(steps=1000).warmup_steps == 50
+    with pytest.raises(SpecError, match="warmup_steps"):
+        TrainSpec.parse({"steps": 20, "warmup_steps": 30})
+
+
 def test_token_budget_sets_steps():
     spec = TrainSpec(tokens=10_000, batch_size=4, seq_len=16, grad_accum=2, warmup_steps=5)
     assert spec.tokens_per_step == 128

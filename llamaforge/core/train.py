@@ -69,7 +69,12 @@ class TrainSpec(BaseModel):
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.warmup_steps >= self.total_steps and self.total_steps > 1:
-            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below the step count ({self.total_steps})")
+            if "warmup_steps" not in self.model_fields_set:  # the default is for long runs: scale it to short ones
+                self.warmup_steps = self.total_steps // 10
+            else:
+                raise ValueError(
+                    f"warmup_steps ({self.warmup_steps}) must be below the step count ({self.total_steps})"
+                )
         return self
 
     @property
