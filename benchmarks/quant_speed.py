@@ -3,14 +3,16 @@
     python benchmarks/quant_speed.py                  # CPU: fp32 vs int8_dynamic / int8_weight_only,
                                                       #      prefill and decode tokens/s
     python benchmarks/quant_speed.py --gpu            # CUDA: llama3.2-1b shape, bf16 vs int8_weight_only decode
-                                                      #       tokens/s under torch.compile (target >= 1.3x)
+                                                      #       tokens/s through llamaforge.generate (target >= 1.3x)
 
-The GPU mode also runs torchao's `quantize_(model, Int8WeightOnlyConfig())` on the same bf16 model as a
-reference column when torchao is installed (it says so clearly when it is not; the llamaforge columns need only
-torch). Weights are random (speed does not depend on their values); every variant decodes the same prompt greedily
-with a static KV cache, and the best of `--repeats` timed runs after a warm-up (which includes compilation) counts.
-Decode tokens/s = new tokens / wall time of the decode loop (prefill excluded); prefill tokens/s = prompt tokens /
-wall time of one forward over the prompt.
+CPU mode: every variant decodes the same prompt greedily with a static KV cache, eagerly; decode tokens/s = new
+tokens / wall time of the decode loop (prefill excluded); prefill tokens/s = prompt tokens / wall time of one
+forward over the prompt. GPU mode decodes through `llamaforge.generate`, the path the CLI and the server use
+(compiled one-token step, CUDA graph): decode tokens/s comes from timing the captured step alone, generate tokens/s
+is end to end with prefill. The GPU mode also runs torchao's `quantize_(model, Int8WeightOnlyConfig())` on the
+same bf16 model through the same path as a reference column when torchao is installed (it says so when it is not).
+Weights are random (speed does not depend on their values); the best of `--repeats` timed runs after a warm-up
+(which includes compilation) counts.
 """
 
 from __future__ import annotations
@@ -147,31 +149,65 @@ def _torchao_int8_weight_only(model: Any) -> Any:
     return model
 
 
+def measure_generate(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Decode through `llamaforge.generate`, the path every command uses (compiled one-token step with the
+    row-times-weight GEMV pass, replayed as a CUDA graph). End-to-end tokens/s includes prefill; the graph step
+    alone (timed with CUDA events) is the decode speed."""
+    from generate_throughput import _step_profile  # benchmarks/ is on sys.path when run as a script
+
+    from llamaforge.core.generation import GenerationConfig, generate
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.spec.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
+    config = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=[])
+    out: list[list[int]] = []
+
+    def run() -> None:
+        out[:] = generate(model, prompts, config)
+
+    t0 = time.perf_counter()
+    run()  # compilation and graph capture
+    first_s = time.perf_counter() - t0
+    total_s = _best(run, model.device, args.repeats)
+    with torch.inference_mode():
+        prof = _step_profile(model, model.device, args.new_tokens)
+    row = {
+        "first_call_s": round(first_s, 1),
+        "generate_tokens_per_s": args.batch * args.new_tokens / total_s,
+        "tokens": out[0][:8],
+    }
+    if prof.get("graph"):
+        row["decode_ms_per_token"] = prof["graph_step_ms"]
+        row["decode_tokens_per_s"] = args.batch * 1000.0 / prof["graph_step_ms"]
+    return row
+
+
 def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     if not torch.cuda.is_available():
         raise SystemExit("--gpu needs a CUDA device; torch.cuda.is_available() is False on this machine")
     device = torch.device("cuda")
-    spec = llamaforge.load_spec(args.spec or "llama3.2-1b")
+    spec = llamaforge.load_spec(args.spec or "llama3.2-1b").with_updates(eos_token_id=None)
     base = llamaforge.build_model(spec, device=device, seed=0, dtype="bfloat16").eval()
-    mode = None if args.compile_mode == "none" else args.compile_mode
     rows: dict[str, Any] = {}
 
     def attempt(name: str, build) -> None:
         try:
             model = build()
-            rows[name] = {"weight_bytes": _weight_bytes(model), **measure(model, args, mode)}
+            rows[name] = {"weight_bytes": _weight_bytes(model), **measure_generate(model, args)}
         except Exception as exc:  # report and keep going: one failing variant must not hide the others
             rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             print(f"[{name}] failed: {rows[name]['error']}", flush=True)
+        print(name, json.dumps(rows[name]), flush=True)
         torch._dynamo.reset()
         torch.cuda.empty_cache()
 
     attempt("bf16", lambda: base)
     attempt("int8_weight_only", lambda: apply_transform(copy.deepcopy(base), "quantizer", "int8_weight_only"))
-    attempt(
-        "int8_weight_only (linears only, bf16 table)",
-        lambda: apply_transform(copy.deepcopy(base), "quantizer", "int8_weight_only", embeddings=False),
-    )
+    if args.linears_only:
+        attempt(
+            "int8_weight_only (linears only, bf16 table)",
+            lambda: apply_transform(copy.deepcopy(base), "quantizer", "int8_weight_only", embeddings=False),
+        )
     if args.torchao:
         try:
             import torchao
@@ -189,12 +225,13 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     for r in rows.values():
         if isinstance(r, dict) and ref and "decode_tokens_per_s" in r:
             r["decode_vs_bf16"] = r["decode_tokens_per_s"] / ref
+            r["generate_vs_bf16"] = r["generate_tokens_per_s"] / rows["bf16"]["generate_tokens_per_s"]
     return {
         "mode": "gpu",
         "device": torch.cuda.get_device_name(device),
         "spec": args.spec or "llama3.2-1b",
         "params": base.num_parameters(),
-        "compile_mode": args.compile_mode,
+        "decoding": "llamaforge.generate (compiled step, CUDA graph)",
         "results": rows,
     }
 
@@ -209,11 +246,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=None, help="Decoded tokens (default 32 CPU, 256 GPU).")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (CPU mode).")
-    p.add_argument(
-        "--compile-mode",
-        default="reduce-overhead",
-        help="GPU mode: torch.compile mode for the decode step (reduce-overhead = CUDA graphs), or none.",
-    )
+    p.add_argument("--linears-only", action="store_true", help="GPU mode: also int8 linears with a bf16 table.")
     p.add_argument("--no-torchao", dest="torchao", action="store_false", help="GPU mode: skip the torchao column.")
     p.add_argument("--json", default=None, help="Also write the results to this file.")
     args = p.parse_args()
@@ -225,7 +258,8 @@ def main() -> None:
     result.update({"prompt_len": args.prompt_len, "new_tokens": args.new_tokens})
     ref_name = "bf16" if args.gpu else "fp32"
     print(f"\n{result['mode']} | {result['params']:,} parameters | torch {torch.__version__}")
-    print(f"{'variant':<45} {'prefill tok/s':>14} {'decode tok/s':>13} {'decode vs ' + ref_name:>15}")
+    first_col = "generate tok/s" if args.gpu else "prefill tok/s"
+    print(f"{'variant':<45} {first_col:>14} {'decode tok/s':>13} {'decode vs ' + ref_name:>15}")
     for name, r in result["results"].items():
         if not isinstance(r, dict):
             continue
@@ -233,7 +267,8 @@ def main() -> None:
             print(f"{name:<45} failed: {r['error'][:80]}")
             continue
         vs = r.get("decode_vs_fp32", r.get("decode_vs_bf16"))
-        print(f"{name:<45} {r['prefill_tokens_per_s']:>14,.0f} {r['decode_tokens_per_s']:>13,.1f} {vs:>14.2f}x")
+        first = r.get("prefill_tokens_per_s", r.get("generate_tokens_per_s", float("nan")))
+        print(f"{name:<45} {first:>14,.0f} {r.get('decode_tokens_per_s', float('nan')):>13,.1f} {vs or 0:>14.2f}x")
     if args.gpu:
         r = result["results"].get("int8_weight_only", {})
         if "decode_vs_bf16" in r:

@@ -173,8 +173,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
     contenders: dict[str, Any] = {}
-    contenders["llamaforge"] = make_step(ours, torch.compile(ours) if compile_ else ours, "llamaforge", device, amp,
-                                         3e-4)  # fmt: skip
+    from llamaforge.core.train import compile_for_training  # the trainer's own torch.compile settings
+
+    contenders["llamaforge"] = make_step(ours, compile_for_training(ours) if compile_ else ours, "llamaforge",
+                                         device, amp, 3e-4)  # fmt: skip
     hf_label = "transformers" + ("+compile" if compile_ else "")
     contenders[hf_label] = make_step(hf, torch.compile(hf) if compile_ else hf, "hf", device, amp, 3e-4)
     if gpu and compile_ and not args.no_hf_eager:

@@ -331,17 +331,6 @@ def test_cuda_graph_stops_at_eos_and_matches_cpu():
     assert on_gpu[0] == cpu[0][: cpu[0].index(eos) + 1]
 
 
-@pytest.mark.parametrize("rows", [1, 3, 64, 130])
-def test_fused_linear_matches_separate_layers_for_any_row_count(rows):
-    from llamaforge.core.ops import fused_linear
-
-    torch.manual_seed(0)
-    layers = (torch.nn.Linear(16, 8), torch.nn.Linear(16, 4), torch.nn.Linear(16, 4))
-    x = torch.randn(rows, 16)
-    for got, layer in zip(fused_linear(x, layers), layers):
-        torch.testing.assert_close(got, layer(x))
-
-
 @pytest.mark.slow  # an inductor compilation: ~10 s on an idle CPU
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_gemv_pass_rewrites_one_row_products_and_keeps_their_values():

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaforge.core.interfaces import Activation, AttentionMask, KVCache, PositionEmbedding
-from llamaforge.core.ops import fused_linear
 from llamaforge.core.spec import IMPORT_PREFIX, ComponentSpec, ModelSpec, load_spec
 from llamaforge.errors import SpecError
 
@@ -83,11 +82,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            if type(self.gate_proj) is nn.Linear and type(self.up_proj) is nn.Linear:
-                gate, up = fused_linear(x, (self.gate_proj, self.up_proj))
-            else:  # adapters or quantized projections run their own forward
-                gate, up = self.gate_proj(x), self.up_proj(x)
-            return self.down_proj(self.act_fn(gate) * up)
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act_fn(self.up_proj(x)))
 
 

@@ -155,6 +155,15 @@ class TrainResult:
     data_digest: str = ""  # chained hash of every training batch: equal digests mean the same data order
 
 
+def compile_for_training(model: torch.nn.Module) -> Callable[..., Any]:
+    """torch.compile as the trainer uses it. On CUDA, inductor tunes each generated kernel's launch configuration
+    by coordinate descent: on an H200 (125M Llama-3 shape, batch 16 x 1024, bf16) that made a step 4% faster for
+    about a minute more compilation, once; pointwise and reduction kernels are a third of a step there."""
+    device = next(model.parameters()).device
+    options = {"coordinate_descent_tuning": True} if device.type == "cuda" else None
+    return torch.compile(model, options=options)
+
+
 class Trainer:
     """Runs a TrainSpec on a model and a token stream, writing a resumable run directory."""
 
@@ -214,7 +223,7 @@ class Trainer:
         self.extra_metadata = extra_metadata or {}
         self._forward: Callable[..., Any] = self.model
         if spec.compile:
-            self._forward = torch.compile(self.model)
+            self._forward = compile_for_training(self.model)
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
     def save(self) -> None:

@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamaforge.core.interfaces import Attention, AttentionKernel, AttentionMask, KVCache, PositionEmbedding
-from llamaforge.core.ops import fused_linear
 from llamaforge.registry import hookimpl
 
 
@@ -56,11 +55,9 @@ class RopeAttention(Attention):
         cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        if _plain_linears(self.q_proj, self.k_proj, self.v_proj):
-            # one matmul for q, k and v (parameters stay separate, so state-dict keys are Hugging Face's)
-            q, k, v = fused_linear(x, (self.q_proj, self.k_proj, self.v_proj))
-        else:  # wrapped projections (adapters, quantized weights) must run their own forward
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # Three matmuls, not one over concatenated weights: on an H200 (125M model, torch.compile) the
+        # concatenation per step cost 2.5% of training throughput, more than the wider matmul saved.
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(bsz, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(bsz, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -74,10 +71,6 @@ class RopeAttention(Attention):
         return (
             f"heads={self.n_heads}, kv_heads={self.n_kv_heads}, head_dim={self.head_dim}, kernel={_kname(self.kernel)}"
         )
-
-
-def _plain_linears(*modules: nn.Module) -> bool:
-    return all(type(m) is nn.Linear for m in modules)
 
 
 def _kname(kernel: Any) -> str:
