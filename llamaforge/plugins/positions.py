@@ -13,9 +13,18 @@ from llamaforge.core.interfaces import PositionEmbedding
 from llamaforge.registry import hookimpl
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with the sign of rotate_half folded into the sin table (bitwise the same).
+
+    Eagerly, swapping the halves with one `roll` instead of slice/negate/concatenate saves three dispatches per
+    tensor, which is visible when decoding small models on a CPU; compiled graphs keep the concatenation, which
+    inductor fuses into one kernel either way."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    if torch.compiler.is_compiling():
+        swapped = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    else:
+        swapped = x.roll(half, dims=-1)
+    return x * cos + swapped * signed_sin
 
 
 class RotaryEmbedding(PositionEmbedding):
@@ -37,9 +46,9 @@ class RotaryEmbedding(PositionEmbedding):
         self.head_dim, self.max_positions, self.theta, self.scaling = head_dim, max_positions, theta, scaling
         inv_freq = self._inv_freq()
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        cos, sin = self._tables(inv_freq)
+        cos, signed_sin = self._tables(inv_freq)
         self.register_buffer("cos_table", cos, persistent=False)
-        self.register_buffer("sin_table", sin, persistent=False)
+        self.register_buffer("signed_sin_table", signed_sin, persistent=False)
 
     def _inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
         idx = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
@@ -50,12 +59,14 @@ class RotaryEmbedding(PositionEmbedding):
         positions = torch.arange(self.max_positions, device=inv_freq.device).float()
         freqs = positions[:, None] * inv_freq.float()
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        sin = emb.sin()
+        sin[:, : freqs.shape[-1]].neg_()  # rotate_half negates the first half of the rotated vector
+        return emb.cos(), sin
 
     def reset_buffers(self) -> None:
         """Recompute the fp32 buffers (after `to_empty`, or a dtype cast, left them unusable)."""
         self.inv_freq = self._inv_freq(device=self.inv_freq.device)
-        self.cos_table, self.sin_table = self._tables(self.inv_freq)
+        self.cos_table, self.signed_sin_table = self._tables(self.inv_freq)
 
     def _apply(self, fn, recurse=True):  # keep the tables in fp32 whatever dtype the model is cast to
         super()._apply(fn, recurse)
@@ -64,14 +75,14 @@ class RotaryEmbedding(PositionEmbedding):
         return self
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cos_table[position_ids].to(dtype), self.sin_table[position_ids].to(dtype)
+        return self.cos_table[position_ids].to(dtype), self.signed_sin_table[position_ids].to(dtype)
 
     def apply(
         self, q: torch.Tensor, k: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos, sin = state
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+        cos, signed_sin = state
+        cos, signed_sin = cos.unsqueeze(1), signed_sin.unsqueeze(1)
+        return _rotate(q, cos, signed_sin), _rotate(k, cos, signed_sin)
 
 
 class NoPositions(PositionEmbedding):
