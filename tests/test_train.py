@@ -138,6 +138,20 @@ def test_grad_accumulation_matches_a_bigger_batch(streams, tmp_path):
             torch.testing.assert_close(step_a[n], step_b[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.slow  # inductor compiles the model on CPU: ~30 s
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_compiled_training_follows_the_eager_losses(streams, tmp_path):
+    """`compile: true` goes through the trainer's own torch.compile settings and trains the same model."""
+    train, _ = streams
+    losses = {}
+    for compiled in (False, True):
+        spec = spec_(steps=4, warmup_steps=1, compile=compiled)
+        result = Trainer(tiny(), spec, train, None, tmp_path / str(compiled), progress=False).fit()
+        losses[compiled] = [r["loss"] for r in result.history if "loss" in r]
+    assert len(losses[True]) == 4
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 def test_training_lowers_the_loss_and_writes_a_loadable_run(streams, tmp_path):
     train, val = streams
     spec = spec_(steps=30, warmup_steps=3, lr=1e-2, eval_every=10, log_every=5)
