@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
+from _timing import best_time, sync  # benchmarks/ is on sys.path when run as a script
 
 import llamaforge
 from llamaforge.core.generation import GenerationConfig, generate
@@ -38,24 +39,11 @@ SPECS: dict[str, dict[str, Any]] = {
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 CLOCK = time.perf_counter  # --clock process: CPU time of this process (fairer on a shared, loaded machine)
 
 
 def _timed(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (and compilation)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = CLOCK()
-        fn()
-        _sync(device)
-        best = min(best, CLOCK() - t0)
-    return best
+    return best_time(fn, device, repeats, clock=CLOCK)
 
 
 def _hf_model(model: Any) -> Any:
@@ -110,7 +98,7 @@ def bench(
     }
     t0 = time.perf_counter()
     ours()  # first call: compilation and graph capture
-    _sync(dev)
+    sync(dev)
     row["first_call_s"] = round(time.perf_counter() - t0, 2)
     t = _timed(ours, dev, repeats)
     row["llamaforge_tok_s"] = batch * new_tokens / t

@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import torch
+from _timing import best_time  # benchmarks/ is on sys.path when run as a script
 
 import llamaforge
 from llamaforge.core.loading import apply_transform
@@ -42,43 +43,19 @@ CPU_SPEC: dict[str, Any] = {  # ~30M parameters: big enough for matmuls to domin
 }
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _best(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up (and compilation)
-    best = float("inf")
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 class Decoder:
-    """Prefill + greedy decode with a static cache; the one-token step can be torch.compile'd (CUDA graphs need
-    the cache tensors at fixed addresses, hence mark_static_address)."""
+    """CPU mode: eager prefill, then greedy one-token steps over a static cache, so prefill and decode are timed
+    apart (the GPU mode times `llamaforge.generate` instead)."""
 
-    def __init__(self, model: Any, batch: int, prompt_len: int, new_tokens: int, compile_mode: str | None) -> None:
+    def __init__(self, model: Any, batch: int, prompt_len: int, new_tokens: int) -> None:
         self.model, self.prompt_len, self.new_tokens = model, prompt_len, new_tokens
         self.device = model.device
         self.cache = model.new_cache(batch, prompt_len + new_tokens)
         gen = torch.Generator().manual_seed(0)
         self.prompt = torch.randint(0, model.spec.vocab_size, (batch, prompt_len), generator=gen).to(self.device)
         self.positions = [torch.tensor([prompt_len + i], device=self.device) for i in range(new_tokens)]
-        step = self._step
-        if compile_mode is not None:
-            for t in (*self.cache.keys, *self.cache.values):
-                torch._dynamo.mark_static_address(t)
-            step = torch.compile(self._step, mode=compile_mode, fullgraph=True)
-        self.step = step
-        self.cudagraphs = compile_mode is not None and "overhead" in compile_mode
 
-    def _step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         logits = self.model(tok, cache=self.cache, cache_position=pos).logits
         return logits[:, -1].argmax(-1, keepdim=True)
 
@@ -92,23 +69,21 @@ class Decoder:
     def decode(self, first: torch.Tensor) -> list[int]:
         tok, out = first, []
         for pos in self.positions[:-1]:
-            if self.cudagraphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            tok = self.step(tok, pos).clone()
+            tok = self.step(tok, pos)
             out.append(tok)
         return torch.cat(out, dim=1)[0].tolist() if out else []
 
 
-def measure(model: Any, args: argparse.Namespace, compile_mode: str | None) -> dict[str, Any]:
-    dec = Decoder(model, args.batch, args.prompt_len, args.new_tokens, compile_mode)
-    prefill_s = _best(dec.prefill, dec.device, args.repeats)
+def measure(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    dec = Decoder(model, args.batch, args.prompt_len, args.new_tokens)
+    prefill_s = best_time(dec.prefill, dec.device, args.repeats)
     first = dec.prefill()
     tokens: list[int] = []
 
     def run() -> None:
         tokens[:] = dec.decode(first)
 
-    decode_s = _best(run, dec.device, args.repeats)
+    decode_s = best_time(run, dec.device, args.repeats)
     steps = max(1, args.new_tokens - 1)
     return {
         "prefill_tokens_per_s": args.batch * args.prompt_len / prefill_s,
@@ -132,10 +107,10 @@ def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     spec = llamaforge.load_spec(args.spec) if args.spec else llamaforge.load_spec(CPU_SPEC)
     base = llamaforge.build_model(spec, seed=0, dtype="float32").eval()
-    rows = {"fp32": measure(base, args, None)}
+    rows = {"fp32": measure(base, args)}
     for method in args.methods:
         q = apply_transform(copy.deepcopy(base), "quantizer", method)
-        rows[method] = measure(q, args, None)
+        rows[method] = measure(q, args)
     for r in rows.values():
         r["prefill_vs_fp32"] = r["prefill_tokens_per_s"] / rows["fp32"]["prefill_tokens_per_s"]
         r["decode_vs_fp32"] = r["decode_tokens_per_s"] / rows["fp32"]["decode_tokens_per_s"]
@@ -168,7 +143,7 @@ def measure_generate(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     run()  # compilation and graph capture
     first_s = time.perf_counter() - t0
-    total_s = _best(run, model.device, args.repeats)
+    total_s = best_time(run, model.device, args.repeats)
     with torch.inference_mode():
         prof = _step_profile(model, model.device, args.new_tokens)
     row = {

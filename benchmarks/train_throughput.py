@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 import torch
+from _timing import sync  # benchmarks/ is on sys.path when run as a script
 
 import llamaforge
 
@@ -41,11 +42,6 @@ GPU_SPEC: dict[str, Any] = {
     "tie_embeddings": False,
 }
 PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def hf_twin(model: Any, attn: str) -> Any:
@@ -107,7 +103,7 @@ def make_step(model: Any, forward: Any, kind: str, device: torch.device, amp: to
 
 
 def window(step: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], n: int, device: torch.device) -> float:
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -192,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             first_loss[label] = float(step(*batches[0]))
             for i in range(max(0, warmup - 1)):
                 step(*batches[(i + 1) % len(batches)])
-            _sync(device)
+            sync(device)
         except Exception as exc:  # report the failure and still measure the others
             failed[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             print(f"  {label} failed during warm-up: {failed[label]}")
