@@ -351,6 +351,74 @@ def test_gemv_pass_rewrites_one_row_products_and_keeps_their_values():
     assert generation._gemv_rewrites[0] == before + 1
 
 
+@pytest.mark.slow  # an inductor compilation: ~15 s on an idle CPU
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_gemv_pass_stacks_products_of_one_row_including_computed_weights():
+    """q/k/v-like products of one input become one reduction over stacked weights; weights computed in the graph
+    (an int8 matrix's cast, defined after the first product) are moved ahead so the stacked product can use them."""
+    from torch.nn import functional as F
+
+    from llamaforge.core import generation
+
+    g = torch.Generator().manual_seed(0)
+    wq, wk = torch.randn(32, 40, generator=g), torch.randn(8, 40, generator=g)
+    qi = torch.randint(-127, 128, (16, 40), dtype=torch.int8, generator=g)
+    scale = torch.rand(16, generator=g)
+
+    def layer(x):
+        q = F.linear(x, wq).relu()  # used before the next products are reached in graph order
+        k = F.linear(x, wk)
+        v = F.linear(x, qi.to(x.dtype)) * scale
+        return q.sum(-1, keepdim=True) + k[..., :1] + v[..., :1], q, k, v
+
+    stacked = []
+
+    class Spy(type(generation._gemv_pass())):
+        def __call__(self, graph):
+            super().__call__(graph)
+            stacked.append(sum(node.target is torch.ops.aten.cat.default for node in graph.nodes))
+
+    torch._dynamo.reset()
+    before = generation._gemv_rewrites[0]
+    fn = torch.compile(layer, options={"post_grad_custom_pre_pass": Spy()})
+    x = torch.randn(1, 1, 40, generator=g)
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got = fn(x)
+    for a, b in zip(got, layer(x), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-4)
+    assert generation._gemv_rewrites[0] == before + 3 and stacked == [1]
+
+
+@pytest.mark.slow  # compiles the whole decode step of a small model on CPU (~30 s)
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_compiled_greedy_step_gives_the_eager_tokens():
+    from llamaforge.core import generation
+
+    model = _model(seed=13)
+    prompts = [[3, 4, 5], [7, 8, 9, 10, 11]]
+    eager = generate(model, prompts, GenerationConfig(max_new_tokens=10, compile=False))
+    compiled = generate(model, prompts, GenerationConfig(max_new_tokens=10, compile=True))
+    assert compiled == eager
+    session = next(reversed(generation._sessions[model].values()))
+    assert session.fused is not None  # the greedy pipeline took the one-graph step
+    generation.clear_sessions(model)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    vocab=st.sampled_from([7, 128, 1000, 1536, 4096, 32000, 50257, 128256]),
+    levels=st.integers(1, 6),
+    seed=st.integers(0, 2**16),
+)
+def test_two_stage_argmax_equals_argmax_ties_included(rows, vocab, levels, seed):
+    from llamaforge.core.generation import argmax_rows
+
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(0, levels, (rows, vocab), generator=g).float()  # few levels: many tied maxima
+    assert torch.equal(argmax_rows(logits), logits.argmax(dim=-1))
+
+
 def test_cli_text_prompt_with_a_tokenizer_and_stop_string(tmp_path):
     from llamaforge.core.tokenizer import train_tokenizer
 
@@ -376,16 +444,19 @@ def test_cli_text_prompt_with_a_tokenizer_and_stop_string(tmp_path):
 def test_a_failing_compile_falls_back_to_eager_decoding(monkeypatch, caplog):
     from llamaforge.core import generation
 
-    def broken(model):
-        def fn(*args):
+    def broken(fn, **options):
+        def run(*args):
             raise RuntimeError("no compiler here")
 
-        return fn
+        return run
 
-    monkeypatch.setattr(generation, "_compiled_forward", broken)
+    monkeypatch.setattr(torch, "compile", broken)
     model = _model(seed=12)
     ref = generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=6))
-    with caplog.at_level("WARNING"):
-        assert generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=6, compile=True)) == ref
-    assert "without torch.compile" in caplog.text
+    for samplers in ([{"name": "greedy"}], [{"name": "top_k", "params": {"top_k": 1}}]):  # fused step / forward
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            cfg = GenerationConfig(max_new_tokens=6, compile=True, samplers=samplers, seed=0)
+            assert generate(model, [[1, 2, 3]], cfg) == ref
+        assert "without torch.compile" in caplog.text
     generation.clear_sessions(model)

@@ -198,6 +198,7 @@ _LENGTH_BUCKET = 128  # graph sessions round the cache length up to this, so pro
 _SESSIONS_PER_MODEL = 3
 _sessions: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, _Session]] = weakref.WeakKeyDictionary()
 _compiled: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_compiled_greedy_steps: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 log = logging.getLogger(__name__)
 
 
@@ -211,6 +212,37 @@ def _decode_forward(model: Any, tokens, attention_mask, position_ids, cache, cac
     ).logits[:, -1]
 
 
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the last dim of (B, V) in two stages (per block of the vocabulary, then over the blocks), with
+    the same ties (lowest id). One row of 128k logits is otherwise a reduction that a single thread block walks."""
+    b, v = logits.shape
+    block = next((c for c in (512, 384, 256, 128) if v % c == 0 and v // c >= 8), None)
+    if block is None or not _ARGMAX_BLOCKS:
+        return logits.argmax(dim=-1)
+    values, within = logits.view(b, v // block, block).max(dim=-1)
+    best = values.argmax(dim=-1, keepdim=True)
+    return (best * block + within.gather(1, best)).squeeze(1)
+
+
+def _greedy_step(model: Any, cur, mask, pad, pos, cache, ids) -> torch.Tensor:
+    """One whole greedy decoding step (forward, argmax, state advance) for torch.compile to fuse: the argmax over a
+    128k vocabulary and the bookkeeping become a few generated kernels instead of separate ATen launches."""
+    position_ids = pos[None, :] - pad[:, None]
+    tokens = argmax_rows(_decode_forward(model, cur, mask, position_ids, cache, pos).float())
+    ids[:, pos + 1] = tokens[:, None]
+    cur.copy_(tokens[:, None])
+    pos.add_(1)
+    return tokens
+
+
+def _compiled_greedy(model: Any) -> Any:
+    fn = _compiled_greedy_steps.get(model)
+    if fn is None:
+        fn = torch.compile(_greedy_step, options=_compile_options(model.device))
+        _compiled_greedy_steps[model] = fn
+    return fn
+
+
 def _compiled_forward(model: Any) -> Any:
     """torch.compile of the one-token forward, once per model (dynamo keeps one graph per batch/cache shape)."""
     fn = _compiled.get(model)
@@ -222,6 +254,10 @@ def _compiled_forward(model: Any) -> Any:
 
 _gemv_rewrites = [0]  # how many products the pass below rewrote (tests read it)
 _GEMV_MAX_ROWS = 1  # matrix products with at most this many rows become weight-streaming reductions
+_FUSE_SIBLINGS = True  # products sharing their input row become one reduction (see _gemv_pass)
+_POINTWISE_CAT = True  # stacked weights are read in place by the reduction instead of copied first
+_FUSE_GREEDY_STEP = True  # greedy decoding compiles forward + argmax + state advance as one step
+_ARGMAX_BLOCKS = True  # the greedy step's argmax in two stages (see argmax_rows)
 
 
 def _compile_options(device: torch.device) -> dict[str, Any]:
@@ -231,6 +267,7 @@ def _compile_options(device: torch.device) -> dict[str, Any]:
     options: dict[str, Any] = {"coordinate_descent_tuning": True}
     if _GEMV_MAX_ROWS and device.type == "cuda":  # on CPU, oneDNN's matrix-vector products are the better ones
         options["post_grad_custom_pre_pass"] = _gemv_pass()
+        options["force_pointwise_cat"] = _POINTWISE_CAT
     return options
 
 
@@ -239,47 +276,97 @@ def _gemv_pass() -> Any:
 
     A one-token step is bound by reading the weights. A GEMM tiled for many rows spreads a narrow weight matrix
     over few thread blocks; as a reduction, inductor emits one kernel per matrix that streams every weight row
-    once with the whole GPU, which is what a memory-bound matrix-vector product wants."""
+    once with the whole GPU, which is what a memory-bound matrix-vector product wants. Products that share their
+    row (q/k/v, gate/up) become one reduction over the weights stacked along the output dimension: the stacking
+    is lowered as masked loads from each weight (nothing is copied), so a layer launches fewer, larger kernels."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    aten, prims = torch.ops.aten, torch.ops.prims
+
+    def one_row_product(node: torch.fx.Node) -> tuple[Any, torch.fx.Node] | None:
+        if node.op != "call_function" or node.target is not aten.mm.default:
+            return None
+        x, wt = node.args
+        if not (isinstance(wt, torch.fx.Node) and wt.target is aten.permute.default) or list(wt.args[1]) != [1, 0]:
+            return None
+        xv, outv = x.meta.get("val"), node.meta.get("val")
+        if xv is None or outv is None or xv.dim() != 2 or xv.shape[0] > _GEMV_MAX_ROWS:
+            return None
+        # F.linear on (B, T, K) reshapes its input per call: products of one tensor differ only by that view
+        key = (x.args[0], tuple(xv.shape), xv.dtype) if x.target in (aten.view.default, aten.reshape.default) else x
+        return key, wt
+
+    def _hoist(node: Any, before: torch.fx.Node) -> bool:
+        """Move the side-effect-free computation of a weight (an int8 matrix's cast, say), defined after `before`,
+        to just before it, so the stacked product can be placed there. False if that is not possible."""
+        if not isinstance(node, torch.fx.Node):
+            return True
+        order = {n: i for i, n in enumerate(before.graph.nodes)}
+        if order[node] < order[before]:
+            return True
+        if node.op != "call_function" or node.is_impure():
+            return False
+        if not all(_hoist(arg, before) for arg in node.all_input_nodes):
+            return False
+        before.prepend(node)
+        return True
 
     class RowTimesWeight(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
-            aten, prims = torch.ops.aten, torch.ops.prims
+            groups: dict[Any, list[tuple[torch.fx.Node, torch.fx.Node]]] = {}
             for node in list(graph.nodes):
-                if node.op != "call_function" or node.target is not aten.mm.default:
-                    continue
-                x, wt = node.args
-                if not (isinstance(wt, torch.fx.Node) and wt.target is aten.permute.default):
-                    continue
-                if list(wt.args[1]) != [1, 0]:
-                    continue
-                xv, outv = x.meta.get("val"), node.meta.get("val")
-                if xv is None or outv is None or xv.dim() != 2 or xv.shape[0] > _GEMV_MAX_ROWS:
-                    continue
-                w = wt.args[0]
+                found = one_row_product(node)
+                if found is not None:
+                    groups.setdefault(found[0], []).append((node, found[1]))
+            for members in groups.values():
+                if not _FUSE_SIBLINGS or len({n.meta["val"].dtype for n, _ in members}) > 1:
+                    for member in members:
+                        self.rewrite(graph, [member])
+                else:
+                    self.rewrite(graph, members)
 
-                def add(target, args, kwargs=None, _fake=xv.fake_mode):
-                    new = graph.call_function(target, args, kwargs or {})
-                    fake = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in args]
-                    with _fake:
-                        new.meta["val"] = target(*fake, **(kwargs or {}))
-                    return new
+        @staticmethod
+        def rewrite(graph: torch.fx.Graph, members: list[tuple[torch.fx.Node, torch.fx.Node]]) -> None:
+            first = members[0][0]
+            x = first.args[0]
+            xv = x.meta["val"]
 
-                with graph.inserting_before(node):
-                    x32 = add(prims.convert_element_type.default, (x, torch.float32))
-                    w32 = add(prims.convert_element_type.default, (w, torch.float32))
-                    rows = [add(aten.unsqueeze.default, (x32, 1))]  # (M, 1, K) * (N, K) -> (M, N, K)
-                    prod = add(aten.mul.Tensor, (rows[0], w32))
-                    red = add(aten.sum.dim_IntList, (prod, [2]))
-                    out = add(prims.convert_element_type.default, (red, outv.dtype))
-                node.replace_all_uses_with(out)
+            def add(target, args, _fake=xv.fake_mode):
+                new = graph.call_function(target, args, {})
+                fake = [
+                    [i.meta["val"] for i in a] if isinstance(a, list | tuple) and a and isinstance(a[0], torch.fx.Node)
+                    else a.meta["val"] if isinstance(a, torch.fx.Node) else a
+                    for a in args
+                ]  # fmt: skip
+                with _fake:
+                    new.meta["val"] = target(*fake)
+                return new
+
+            weights = [wt.args[0] for _, wt in members]
+            if len(members) > 1 and not all(_hoist(w, first) for w in weights):
+                for member in members:
+                    RowTimesWeight.rewrite(graph, [member])
+                return
+            with graph.inserting_before(first):
+                w = weights[0] if len(weights) == 1 else add(aten.cat.default, (weights, 0))
+                x32 = add(prims.convert_element_type.default, (x, torch.float32))
+                w32 = add(prims.convert_element_type.default, (w, torch.float32))
+                prod = add(aten.mul.Tensor, (add(aten.unsqueeze.default, (x32, 1)), w32))  # (M,1,K)*(N,K)
+                red = add(aten.sum.dim_IntList, (prod, [2]))
+                start = 0
+                for node, _ in members:
+                    width = node.meta["val"].shape[1]
+                    part = red if len(members) == 1 else add(aten.slice.Tensor, (red, 1, start, start + width))
+                    start += width
+                    node.replace_all_uses_with(add(prims.convert_element_type.default, (part, node.meta["val"].dtype)))
+            for node, wt in members:
                 _gemv_rewrites[0] += 1
                 graph.erase_node(node)
                 if not wt.users:
                     graph.erase_node(wt)
 
         def uuid(self) -> str:
-            return f"llamaforge-row-times-weight-1-{_GEMV_MAX_ROWS}"
+            return f"llamaforge-row-times-weight-3-{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}"
 
     return RowTimesWeight()
 
@@ -309,6 +396,8 @@ class _Session:
         vocab = model.spec.vocab_size
         self.noise = torch.ones(bsz, vocab, dtype=torch.float32, device=device) if self.sampling else None
         self.forward = _compiled_forward(model) if compile else _decode_forward
+        greedy = len(stages) == 1 and getattr(stages[0], "chooses", False) and getattr(stages[0], "plain_argmax", False)
+        self.fused = _compiled_greedy(model) if compile and greedy and _FUSE_GREEDY_STEP else None
         self.want_graph = graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
@@ -359,6 +448,8 @@ class _Session:
         return tokens
 
     def _body(self) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused(self.model, self.cur, self.mask, self.pad, self.pos, self.cache, self.ids)
         position_ids = self.pos[None, :] - self.pad[:, None]
         logits = self.forward(self.model, self.cur, self.mask, position_ids, self.cache, self.pos)
         tokens = _pick(self.stages, logits, self.ids, self.noise)
@@ -375,10 +466,10 @@ class _Session:
         try:
             return self._body()
         except Exception as exc:  # torch.compile unavailable or failing here: decode eagerly (state is untouched)
-            if self.forward is _decode_forward:
+            if self.forward is _decode_forward and self.fused is None:
                 raise
             log.warning("decoding without torch.compile: %s: %s", type(exc).__name__, exc)
-            self.forward = _decode_forward
+            self.forward, self.fused = _decode_forward, None
             return self._body()
 
     def _capture(self) -> None:
@@ -402,7 +493,7 @@ class _Session:
             log.warning("decoding without a CUDA graph: capture failed (%s: %s)", type(exc).__name__, exc)
             self.want_graph = False
             self.graph = None
-            self.forward = _decode_forward  # the failure may have been compilation's
+            self.forward, self.fused = _decode_forward, None  # the failure may have been compilation's
             torch.cuda.synchronize(self.device)
         self._restore(saved)
 

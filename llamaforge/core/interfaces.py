@@ -176,9 +176,12 @@ class Sampler(abc.ABC):
     stages such as repetition penalties; negative ids are padding (left padding, and positions not generated yet:
     the context keeps one shape for the whole decode) and must be ignored. Stages run inside a captured CUDA graph
     on GPU, so they must not synchronise with the host (no `.item()`, `.tolist()` or data-dependent Python).
+    `plain_argmax=True` declares that a choosing stage leaves the logits untouched, so a pipeline of only that
+    stage is the argmax, which the decode step then computes inside its compiled graph.
     """
 
     chooses: bool = False
+    plain_argmax: bool = False
 
     @abc.abstractmethod
     def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor: ...

@@ -19,6 +19,7 @@ class Greedy(Sampler):
     """Always the most likely token (ties go to the lowest id)."""
 
     chooses = True
+    plain_argmax = True
 
     def __call__(self, logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         return logits
