@@ -36,6 +36,18 @@ def test_contract_catches_a_broken_sampler():
         check_component("sampler", InPlace)
 
 
+def test_contract_catches_a_plain_argmax_claim_that_changes_the_logits():
+    class Claims(Sampler):
+        chooses = True
+        plain_argmax = True  # would let the compiled greedy step skip it, losing the penalty below
+
+        def __call__(self, logits, input_ids):
+            return logits - 1.0
+
+    with pytest.raises(AssertionError, match="unchanged"):
+        check_component("sampler", Claims)
+
+
 def _logits(seed: int, rows: int = 3, vocab: int = 50) -> torch.Tensor:
     return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 2
 
