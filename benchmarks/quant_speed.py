@@ -2,12 +2,14 @@
 
     python benchmarks/quant_speed.py                  # CPU: fp32 vs int8_dynamic / int8_weight_only,
                                                       #      prefill and decode tokens/s
+    python benchmarks/quant_speed.py --compile --spec 100m  # CPU through generate(compile=True)
     python benchmarks/quant_speed.py --gpu            # CUDA: llama3.2-1b shape, bf16 vs int8_weight_only decode
                                                       #       tokens/s through llamaforge.generate (target >= 1.3x)
 
 CPU mode: every variant decodes the same prompt greedily with a static KV cache, eagerly; decode tokens/s = new
 tokens / wall time of the decode loop (prefill excluded); prefill tokens/s = prompt tokens / wall time of one
-forward over the prompt. GPU mode decodes through `llamaforge.generate`, the path the CLI and the server use
+forward over the prompt. With --compile the CPU mode goes through `llamaforge.generate(compile=True)` instead:
+prefill = a one-token generate, decode = the extra time of new tokens beyond that one. GPU mode decodes through `llamaforge.generate`, the path the CLI and the server use
 (compiled one-token step, CUDA graph): decode tokens/s comes from timing the captured step alone, generate tokens/s
 is end to end with prefill. The GPU mode also runs torchao's `quantize_(model, Int8WeightOnlyConfig())` on the
 same bf16 model through the same path as a reference column when torchao is installed (it says so when it is not).
@@ -93,6 +95,40 @@ def measure(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def measure_compiled(model: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """CPU mode with --compile: through `llamaforge.generate(compile=True)`, the path the CLI and server take.
+    Prefill is timed as a one-token generate; decode as the extra time of `new_tokens` over that one token."""
+    from llamaforge.core.generation import GenerationConfig, generate
+
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, model.spec.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
+    full = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=[], compile=True)
+    one = GenerationConfig(max_new_tokens=1, eos_token_ids=[], compile=True)
+    out: list[list[int]] = []
+
+    def run_full() -> None:
+        out[:] = generate(model, prompts, full)
+
+    def run_one() -> None:
+        generate(model, prompts, one)
+
+    t0 = time.perf_counter()
+    run_full()  # compilation
+    first_s = time.perf_counter() - t0
+    full_s = best_time(run_full, model.device, args.repeats)
+    one_s = best_time(run_one, model.device, args.repeats)
+    steps = max(1, args.new_tokens - 1)
+    decode_s = max(full_s - one_s, 1e-9)
+    return {
+        "first_call_s": round(first_s, 1),
+        "prefill_tokens_per_s": args.batch * args.prompt_len / one_s,
+        "decode_tokens_per_s": args.batch * steps / decode_s,
+        "decode_ms_per_token": 1000 * decode_s / steps,
+        "generate_tokens_per_s": args.batch * args.new_tokens / full_s,
+        "tokens": out[0][:8],
+    }
+
+
 def _weight_bytes(model: Any) -> int:
     seen, total = set(), 0
     for t in (*model.parameters(), *model.buffers()):
@@ -105,16 +141,22 @@ def _weight_bytes(model: Any) -> int:
 
 def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
-    spec = llamaforge.load_spec(args.spec) if args.spec else llamaforge.load_spec(CPU_SPEC)
+    from generate_throughput import SPECS  # benchmarks/ is on sys.path when run as a script
+
+    spec = llamaforge.load_spec(SPECS.get(args.spec, args.spec) if args.spec else CPU_SPEC)
     base = llamaforge.build_model(spec, seed=0, dtype="float32").eval()
-    rows = {"fp32": measure(base, args)}
+    timed = measure_compiled if args.compile else measure
+    rows = {"fp32": timed(base, args)}
     for method in args.methods:
         q = apply_transform(copy.deepcopy(base), "quantizer", method)
-        rows[method] = measure(q, args)
+        rows[method] = timed(q, args)
+        torch._dynamo.reset()
     for r in rows.values():
         r["prefill_vs_fp32"] = r["prefill_tokens_per_s"] / rows["fp32"]["prefill_tokens_per_s"]
         r["decode_vs_fp32"] = r["decode_tokens_per_s"] / rows["fp32"]["decode_tokens_per_s"]
-    return {"mode": "cpu", "params": base.num_parameters(), "threads": args.threads, "results": rows}
+    decoding = "llamaforge.generate(compile=True)" if args.compile else "eager prefill + eager one-token steps"
+    return {"mode": "cpu", "params": base.num_parameters(), "threads": args.threads, "decoding": decoding,
+            "results": rows}  # fmt: skip
 
 
 def _torchao_int8_weight_only(model: Any) -> Any:
@@ -214,7 +256,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpu", action="store_true", help="CUDA mode: bf16 vs int8 weight-only decode (llama3.2-1b).")
-    p.add_argument("--spec", default=None, help="Spec (preset or file); default: a ~30M spec on CPU, llama3.2-1b GPU.")
+    p.add_argument("--spec", default=None, help="Spec (preset, file or 100m); default: ~30M on CPU, llama3.2-1b GPU.")
     p.add_argument("--methods", nargs="+", default=["int8_dynamic", "int8_weight_only"], help="CPU mode quantizers.")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=None, help="Prompt tokens (default 128 CPU, 16 GPU).")
@@ -223,6 +265,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (CPU mode).")
     p.add_argument("--linears-only", action="store_true", help="GPU mode: also int8 linears with a bf16 table.")
     p.add_argument("--no-torchao", dest="torchao", action="store_false", help="GPU mode: skip the torchao column.")
+    p.add_argument("--compile", action="store_true", help="CPU mode: time llamaforge.generate(compile=True).")
     p.add_argument("--json", default=None, help="Also write the results to this file.")
     args = p.parse_args()
     args.prompt_len = args.prompt_len or (16 if args.gpu else 128)
