@@ -1,0 +1,56 @@
+"""The benchmark scripts run end to end on tiny settings (their figures are not checked here: speed targets live in
+the benchmarks, not in timed tests), so a refactor cannot silently break the commands the README quotes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, tmp_path: Path) -> dict:
+    out = tmp_path / "out.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return json.loads(out.read_text())
+
+
+def test_quant_speed_cpu(tmp_path):
+    res = _run("quant_speed.py", "--spec", "tiny", "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1",
+               tmp_path=tmp_path)  # fmt: skip
+    assert res["mode"] == "cpu" and set(res["results"]) == {"fp32", "int8_dynamic", "int8_weight_only"}
+    for row in res["results"].values():
+        assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0 and len(row["tokens"]) == 3
+
+
+@pytest.mark.slow  # three CPU compilations
+def test_quant_speed_cpu_compiled(tmp_path):
+    res = _run("quant_speed.py", "--compile", "--spec", "tiny", "--prompt-len", "8", "--new-tokens", "4",
+               "--repeats", "1", "--methods", "int8_dynamic", tmp_path=tmp_path)  # fmt: skip
+    assert res["decoding"].startswith("llamaforge.generate")
+    assert res["results"]["int8_dynamic"]["decode_tokens_per_s"] > 0
+
+
+def test_generate_throughput_cpu(tmp_path):
+    res = _run("generate_throughput.py", "--spec", "tiny", "--new-tokens", "4", "--repeats", "1",
+               "--compile", "off", tmp_path=tmp_path)  # fmt: skip
+    (row,) = res["rows"]
+    assert row["same_tokens"] is True and row["llamaforge_tok_s"] > 0 and row["hf_tok_s"] > 0
+
+
+def test_train_throughput_cpu(tmp_path):
+    res = _run("train_throughput.py", "--steps", "2", "--warmup", "1", "--rounds", "1", "--no-compile",
+               tmp_path=tmp_path)  # fmt: skip
+    assert set(res["results"]) == {"llamaforge", "transformers"} and not res["failed"]
+    assert res["ratio_vs_transformers"] > 0
