@@ -228,10 +228,16 @@ def _greedy_step(model: Any, cur, mask, pad, pos, cache, ids) -> torch.Tensor:
     128k vocabulary and the bookkeeping become a few generated kernels instead of separate ATen launches."""
     position_ids = pos[None, :] - pad[:, None]
     tokens = argmax_rows(_decode_forward(model, cur, mask, position_ids, cache, pos).float())
+    _advance(ids, cur, pos, tokens)
+    return tokens
+
+
+def _advance(ids: torch.Tensor, cur: torch.Tensor, pos: torch.Tensor, tokens: torch.Tensor) -> None:
+    """Record the chosen tokens after position `pos` in the context and feed them next. Indexed assignment, not
+    index_copy_: under torch.compile it stays in place on the context buffer."""
     ids[:, pos + 1] = tokens[:, None]
     cur.copy_(tokens[:, None])
     pos.add_(1)
-    return tokens
 
 
 def _compiled(fn: Any, model: Any) -> Any:
@@ -241,14 +247,6 @@ def _compiled(fn: Any, model: Any) -> Any:
     if fn not in per_model:
         per_model[fn] = torch.compile(fn, options=_compile_options(model.device))
     return per_model[fn]
-
-
-def _compiled_greedy(model: Any) -> Any:
-    return _compiled(_greedy_step, model)
-
-
-def _compiled_forward(model: Any) -> Any:
-    return _compiled(_decode_forward, model)
 
 
 _gemv_rewrites = [0]  # how many products the pass below rewrote (tests read it)
@@ -298,19 +296,18 @@ def _gemv_pass() -> Any:
         key = (x.args[0], tuple(xv.shape), xv.dtype) if x.target in (aten.view.default, aten.reshape.default) else x
         return key, wt
 
-    def _hoist(node: Any, before: torch.fx.Node) -> bool:
+    def _hoist(node: Any, before: torch.fx.Node, order: dict[torch.fx.Node, float]) -> bool:
         """Move the side-effect-free computation of a weight (an int8 matrix's cast, say), defined after `before`,
-        to just before it, so the stacked product can be placed there. False if that is not possible."""
-        if not isinstance(node, torch.fx.Node):
-            return True
-        order = {n: i for i, n in enumerate(before.graph.nodes)}
-        if order[node] < order[before]:
+        to just before it, so the stacked product can be placed there. False if that is not possible. `order` is
+        the graph's node order; a moved node is re-ranked just ahead of `before`."""
+        if not isinstance(node, torch.fx.Node) or order[node] < order[before]:
             return True
         if node.op != "call_function" or node.is_impure():
             return False
-        if not all(_hoist(arg, before) for arg in node.all_input_nodes):
+        if not all(_hoist(arg, before, order) for arg in node.all_input_nodes):
             return False
         before.prepend(node)
+        order[node] = order[before] - 0.5
         return True
 
     class RowTimesWeight(CustomGraphPass):
@@ -345,7 +342,8 @@ def _gemv_pass() -> Any:
                 return new
 
             weights = [wt.args[0] for _, wt in members]
-            if len(members) > 1 and not all(_hoist(w, first) for w in weights):
+            order = {n: i for i, n in enumerate(graph.nodes)} if len(members) > 1 else {}
+            if len(members) > 1 and not all(_hoist(w, first, order) for w in weights):
                 for member in members:
                     RowTimesWeight.rewrite(graph, [member])
                 return
@@ -397,9 +395,9 @@ class _Session:
         self.sampling = not _chooses(stages)
         vocab = model.spec.vocab_size
         self.noise = torch.ones(bsz, vocab, dtype=torch.float32, device=device) if self.sampling else None
-        self.forward = _compiled_forward(model) if compile else _decode_forward
+        self.forward = _compiled(_decode_forward, model) if compile else _decode_forward
         greedy = len(stages) == 1 and getattr(stages[0], "chooses", False) and getattr(stages[0], "plain_argmax", False)
-        self.fused = _compiled_greedy(model) if compile and greedy and _FUSE_GREEDY_STEP else None
+        self.fused = _compiled(_greedy_step, model) if compile and greedy and _FUSE_GREEDY_STEP else None
         self.want_graph = graph
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: torch.Tensor | None = None
@@ -428,12 +426,6 @@ class _Session:
         if self.noise is not None:
             self.noise.exponential_(generator=generator)
 
-    def _advance(self, tokens: torch.Tensor) -> None:
-        """Record the chosen tokens after position `pos` and feed them next."""
-        self.ids.index_copy_(1, self.pos + 1, tokens[:, None])
-        self.cur.copy_(tokens[:, None])
-        self.pos.add_(1)
-
     def prefill(self, generator: torch.Generator | None) -> torch.Tensor:
         plen = self.plen
         out = self.model(
@@ -446,7 +438,7 @@ class _Session:
         self._draw(generator)
         tokens = _pick(self.stages, out.logits[:, -1], self.ids, self.noise)
         self.pos.fill_(plen - 1)
-        self._advance(tokens)
+        _advance(self.ids, self.cur, self.pos, tokens)
         return tokens
 
     def _body(self) -> torch.Tensor:
@@ -455,7 +447,7 @@ class _Session:
         position_ids = self.pos[None, :] - self.pad[:, None]
         logits = self.forward(self.model, self.cur, self.mask, position_ids, self.cache, self.pos)
         tokens = _pick(self.stages, logits, self.ids, self.noise)
-        self._advance(tokens)
+        _advance(self.ids, self.cur, self.pos, tokens)
         return tokens
 
     def step(self, generator: torch.Generator | None) -> torch.Tensor:
