@@ -9,10 +9,11 @@
 CPU mode: every variant decodes the same prompt greedily with a static KV cache, eagerly; decode tokens/s = new
 tokens / wall time of the decode loop (prefill excluded); prefill tokens/s = prompt tokens / wall time of one
 forward over the prompt. With --compile the CPU mode goes through `llamaforge.generate(compile=True)` instead:
-prefill = a one-token generate, decode = the extra time of new tokens beyond that one. GPU mode decodes through `llamaforge.generate`, the path the CLI and the server use
-(compiled one-token step, CUDA graph): decode tokens/s comes from timing the captured step alone, generate tokens/s
-is end to end with prefill. The GPU mode also runs torchao's `quantize_(model, Int8WeightOnlyConfig())` on the
-same bf16 model through the same path as a reference column when torchao is installed (it says so when it is not).
+prefill = a one-token generate, decode = the extra time of new tokens beyond that one. GPU mode decodes through
+`llamaforge.generate`, the path the CLI and the server use (compiled one-token step, CUDA graph): decode tokens/s
+comes from timing the captured step alone, generate tokens/s is end to end with prefill. The GPU mode also runs
+torchao's `quantize_(model, Int8WeightOnlyConfig())` on the same bf16 model through the same path as a reference
+column when torchao is installed (it says so when it is not).
 Weights are random (speed does not depend on their values); the best of `--repeats` timed runs after a warm-up
 (which includes compilation) counts.
 """
@@ -45,6 +46,12 @@ CPU_SPEC: dict[str, Any] = {  # ~30M parameters: big enough for matmuls to domin
 }
 
 
+def _prompts(model: Any, args: argparse.Namespace) -> torch.Tensor:
+    """The same random prompt ids for every variant and mode (seeded)."""
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(0, model.spec.vocab_size, (args.batch, args.prompt_len), generator=g)
+
+
 class Decoder:
     """CPU mode: eager prefill, then greedy one-token steps over a static cache, so prefill and decode are timed
     apart (the GPU mode times `llamaforge.generate` instead)."""
@@ -53,8 +60,7 @@ class Decoder:
         self.model, self.prompt_len, self.new_tokens = model, prompt_len, new_tokens
         self.device = model.device
         self.cache = model.new_cache(batch, prompt_len + new_tokens)
-        gen = torch.Generator().manual_seed(0)
-        self.prompt = torch.randint(0, model.spec.vocab_size, (batch, prompt_len), generator=gen).to(self.device)
+        self.prompt = _prompts(model, argparse.Namespace(batch=batch, prompt_len=prompt_len)).to(self.device)
         self.positions = [torch.tensor([prompt_len + i], device=self.device) for i in range(new_tokens)]
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -100,8 +106,7 @@ def measure_compiled(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     Prefill is timed as a one-token generate; decode as the extra time of `new_tokens` over that one token."""
     from llamaforge.core.generation import GenerationConfig, generate
 
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, model.spec.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
+    prompts = _prompts(model, args).tolist()
     full = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=[], compile=True)
     one = GenerationConfig(max_new_tokens=1, eos_token_ids=[], compile=True)
     out: list[list[int]] = []
@@ -174,8 +179,7 @@ def measure_generate(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     from llamaforge.core.generation import GenerationConfig, generate
 
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, model.spec.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
+    prompts = _prompts(model, args).tolist()
     config = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=[])
     out: list[list[int]] = []
 
