@@ -337,18 +337,21 @@ def test_gemv_pass_rewrites_one_row_products_and_keeps_their_values():
     """The decode-step graph pass (used on CUDA) checked through inductor on CPU with a single linear layer."""
     from llamaforge.core import generation
 
+    from torch.nn import functional as F
+
+    def two(x, w, w2):  # a row read at a storage offset, and a row computed in the graph (buffered by the pass)
+        return F.linear(x[:, 3:], w).relu(), F.linear(F.silu(x[:, :40]) * x[:, 1:41], w2)
+
     torch._dynamo.reset()
     before = generation._gemv_rewrites[0]
-    fn = torch.compile(
-        lambda x, w: torch.nn.functional.linear(x, w).relu(),
-        options={"post_grad_custom_pre_pass": generation._gemv_pass()},
-    )
-    w = torch.randn(24, 40)
-    x = torch.randn(1, 40)
+    fn = torch.compile(two, options={"post_grad_custom_pre_pass": generation._gemv_pass()})
+    w, w2 = torch.randn(24, 40), torch.randn(16, 40)
+    x = torch.randn(1, 43)
     with torch._inductor.config.patch(force_disable_caches=True):  # a cached graph would skip the pass
-        got = fn(x, w)
-    torch.testing.assert_close(got, torch.nn.functional.linear(x, w).relu(), atol=1e-5, rtol=1e-5)
-    assert generation._gemv_rewrites[0] == before + 1
+        got = fn(x, w, w2)
+    for a, b in zip(got, two(x, w, w2), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert generation._gemv_rewrites[0] == before + 2
 
 
 @pytest.mark.slow  # an inductor compilation: ~15 s on an idle CPU
