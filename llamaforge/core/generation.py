@@ -255,7 +255,6 @@ _FUSE_SIBLINGS = True  # products sharing their input row become one reduction (
 _POINTWISE_CAT = True  # stacked weights are read in place by the reduction instead of copied first
 _FUSE_GREEDY_STEP = True  # greedy decoding compiles forward + argmax + state advance as one step
 _ARGMAX_BLOCKS = True  # the greedy step's argmax in two stages (see argmax_rows)
-_REALIZE_ROW = True  # the product's row is a buffer, not recomputed per thread block (see _gemv_pass)
 
 
 def _compile_options(device: torch.device) -> dict[str, Any]:
@@ -279,12 +278,7 @@ def _gemv_pass() -> Any:
     over few thread blocks; as a reduction, inductor emits one kernel per matrix that streams every weight row
     once with the whole GPU, which is what a memory-bound matrix-vector product wants. Products that share their
     row (q/k/v, gate/up) become one reduction over the weights stacked along the output dimension: the stacking
-    is lowered as masked loads from each weight (nothing is copied), so a layer launches fewer, larger kernels.
-
-    The row itself is read through an identity `as_strided`, which inductor can only lower from a buffer: left
-    alone, it inlines the row's producer (the RMSNorm scaling, SiLU(gate)*up) into the reduction's loads, and every
-    thread block recomputes the whole row from L2 (2,048 blocks x 64 KB per down_proj call). On an H200 (1B, batch
-    1) the step's kernels took 944 instead of 1,024 us per token with the row buffered."""
+    is lowered as masked loads from each weight (nothing is copied), so a layer launches fewer, larger kernels."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     aten, prims = torch.ops.aten, torch.ops.prims
@@ -355,8 +349,6 @@ def _gemv_pass() -> Any:
                 return
             with graph.inserting_before(first):
                 w = weights[0] if len(weights) == 1 else add(aten.cat.default, (weights, 0))
-                if _REALIZE_ROW:  # see the docstring: the row is computed once, not inside every thread block
-                    x = add(aten.as_strided.default, (x, list(xv.shape), list(xv.stride()), xv.storage_offset()))
                 x32 = add(prims.convert_element_type.default, (x, torch.float32))
                 w32 = add(prims.convert_element_type.default, (w, torch.float32))
                 prod = add(aten.mul.Tensor, (add(aten.unsqueeze.default, (x32, 1)), w32))  # (M,1,K)*(N,K)
@@ -374,7 +366,7 @@ def _gemv_pass() -> Any:
                     graph.erase_node(wt)
 
         def uuid(self) -> str:
-            return f"llamaforge-row-times-weight-4-{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_REALIZE_ROW}"
+            return f"llamaforge-row-times-weight-3-{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}"
 
     return RowTimesWeight()
 
