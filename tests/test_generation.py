@@ -335,11 +335,11 @@ def test_cuda_graph_stops_at_eos_and_matches_cpu():
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_gemv_pass_rewrites_one_row_products_and_keeps_their_values():
     """The decode-step graph pass (used on CUDA) checked through inductor on CPU with a single linear layer."""
-    from llamaforge.core import generation
-
     from torch.nn import functional as F
 
-    def two(x, w, w2):  # a row read at a storage offset, and a row computed in the graph (buffered by the pass)
+    from llamaforge.core import generation
+
+    def two(x, w, w2):  # a row read at a storage offset, and a row computed in the graph
         return F.linear(x[:, 3:], w).relu(), F.linear(F.silu(x[:, :40]) * x[:, 1:41], w2)
 
     torch._dynamo.reset()

@@ -161,3 +161,51 @@ def test_mlp_head_loss_path_matches():
     torch.testing.assert_close(full, fast)
     h = model.hidden_states(ids)
     torch.testing.assert_close(model.loss_from_hidden(h, ids, chunk_tokens=5), full)
+
+
+def _flags(model):
+    return [m.training for m in model.modules()]
+
+
+def test_eval_mode_restores_each_module_flag_even_after_an_error():
+    from llamaforge.core.model import eval_mode
+
+    model = build_model(load_spec("tiny"), seed=0)
+    model.train()
+    model.model.layers[0].eval()  # a frozen block kept in eval mode inside a training model
+    before = _flags(model)
+    assert any(before) and not all(before)
+    with pytest.raises(RuntimeError):
+        with eval_mode(model):
+            assert not any(_flags(model))
+            raise RuntimeError("boom")
+    assert _flags(model) == before
+    model.train()
+    with eval_mode(model):
+        assert not any(_flags(model))
+    assert all(_flags(model))
+
+
+def test_eval_mode_leaves_an_eval_model_untouched(monkeypatch):
+    from llamaforge.core.model import eval_mode
+
+    model = build_model(load_spec("tiny"), seed=0).eval()
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "train", lambda self, mode=True: calls.append(mode) or self)
+    with eval_mode(model) as inside:
+        assert inside is model and not any(_flags(model))
+    assert calls == [] and not any(_flags(model))
+
+
+def test_generation_and_evaluation_give_a_training_model_its_flags_back():
+    from llamaforge.core.evaluate import evaluate
+    from llamaforge.core.generation import GenerationConfig, generate
+
+    model = build_model(load_spec("tiny"), seed=0)
+    model.train()
+    model.model.layers[-1].eval()
+    before = _flags(model)
+    generate(model, [[1, 2, 3]], GenerationConfig(max_new_tokens=2, compile=False, cuda_graph=False))
+    assert _flags(model) == before
+    evaluate(model, torch.randint(0, model.spec.vocab_size, (200,)), seq_len=16, batch_size=2)
+    assert _flags(model) == before

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from llamaforge.core.data import eval_batches
+from llamaforge.core.model import eval_mode
 
 MAX_LOG_PERPLEXITY = 50.0  # exp(50) is already meaningless; keep JSON finite
 
@@ -46,11 +47,9 @@ def evaluate(
     """
     seq_len = seq_len or min(model.spec.max_positions, 256)
     device = model.device
-    was_training = model.training
-    model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
     n_tokens = 0
-    try:
+    with eval_mode(model):
         for inputs, targets in eval_batches(tokens, batch_size=batch_size, seq_len=seq_len, max_batches=max_batches):
             inputs, targets = inputs.to(device), targets.to(device)
             with autocast(device, autocast_dtype):
@@ -58,8 +57,6 @@ def evaluate(
             n = int((targets != -100).sum())
             total += loss.double() * n
             n_tokens += n
-    finally:
-        model.train(was_training)
     mean = float(total) / max(1, n_tokens)
     return {"loss": mean, "perplexity": perplexity(mean), "tokens": n_tokens}
 

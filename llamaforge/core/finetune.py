@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from llamaforge.core.interfaces import AdapterLayer
+from llamaforge.core.model import eval_mode
 from llamaforge.errors import LlamaforgeError
 
 ADAPTER_CONFIG = "adapter.json"
@@ -477,11 +478,9 @@ def example_batches(
 @torch.no_grad()
 def evaluate_examples(model: nn.Module, examples: list[Example], *, batch_size: int = 8, pad_id: int = 0) -> float:
     """Mean loss per response token over `examples`."""
-    was_training = model.training
-    model.eval()
     device = _first_device(model)
     total, count = 0.0, 0
-    try:
+    with eval_mode(model):
         for start in range(0, len(examples), batch_size):
             inputs, targets = collate(examples[start : start + batch_size], pad_id)
             n = int((targets != IGNORE_INDEX).sum())
@@ -490,8 +489,6 @@ def evaluate_examples(model: nn.Module, examples: list[Example], *, batch_size: 
             loss = model(inputs.to(device), targets.to(device), return_logits=False).loss
             total += float(loss) * n
             count += n
-    finally:
-        model.train(was_training)
     return total / max(1, count)
 
 

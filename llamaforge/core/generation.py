@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from llamaforge.core.interfaces import Sampler
+from llamaforge.core.model import eval_mode
 from llamaforge.core.spec import ComponentSpec
 from llamaforge.errors import LlamaforgeError
 
@@ -598,37 +599,35 @@ def generate_stream(
     eos = _eos_ids(model, config, tokenizer)
     watch = _StopWatch(tokenizer, config.stop_strings) if config.stop_strings else None
 
-    was_training = model.training
-    model.eval()
-    session = None
-    try:
-        session = _session(model, bsz, need, config, stages)
-        session.in_use = True
-        session.reset(prompts)
-        ticket = session.send_home(0, session.prefill(generator))
-        finished = [False] * bsz
-        generated: list[list[int]] = [[] for _ in range(bsz)]
-        for step in range(config.max_new_tokens):
-            following = None
-            if step + 1 < config.max_new_tokens:  # queue the next step before waiting for this one's tokens
-                following = session.send_home(step + 1, session.step(generator))
-            emitted: list[int | None] = []
-            for row, tok in enumerate(session.arrive(ticket)):
-                if finished[row]:
-                    emitted.append(None)
-                    continue
-                emitted.append(tok)
-                generated[row].append(tok)
-                if tok in eos or (watch is not None and watch.hit(generated[row])):
-                    finished[row] = True
-            yield emitted
-            if all(finished) or following is None:
-                break
-            ticket = following
-    finally:
-        if session is not None:
-            session.in_use = False
-        model.train(was_training)
+    with eval_mode(model):
+        session = None
+        try:
+            session = _session(model, bsz, need, config, stages)
+            session.in_use = True
+            session.reset(prompts)
+            ticket = session.send_home(0, session.prefill(generator))
+            finished = [False] * bsz
+            generated: list[list[int]] = [[] for _ in range(bsz)]
+            for step in range(config.max_new_tokens):
+                following = None
+                if step + 1 < config.max_new_tokens:  # queue the next step before waiting for this one's tokens
+                    following = session.send_home(step + 1, session.step(generator))
+                emitted: list[int | None] = []
+                for row, tok in enumerate(session.arrive(ticket)):
+                    if finished[row]:
+                        emitted.append(None)
+                        continue
+                    emitted.append(tok)
+                    generated[row].append(tok)
+                    if tok in eos or (watch is not None and watch.hit(generated[row])):
+                        finished[row] = True
+                yield emitted
+                if all(finished) or following is None:
+                    break
+                ticket = following
+        finally:
+            if session is not None:
+                session.in_use = False
 
 
 def _generate_raw(

