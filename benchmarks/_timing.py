@@ -29,3 +29,25 @@ def best_time(
         sync(device)
         best = min(best, clock() - t0)
     return best
+
+
+def stored_weight_bytes(model: Any) -> int:
+    """Bytes of parameters and buffers (a quantized linear keeps its int8 weight and scales as buffers), each
+    storage once (tied embeddings)."""
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def streamed_weight_bytes(model: Any) -> int:
+    """Bytes one decoding step reads: the stored weights minus an untied embedding table, of which a step only
+    gathers one row per token."""
+    total = stored_weight_bytes(model)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if embed is not None and not model.spec.tie_embeddings and hasattr(embed, "weight"):
+        total -= embed.weight.numel() * embed.weight.element_size()
+    return total

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from _timing import best_time, sync  # benchmarks/ is on sys.path when run as a script
+from _timing import best_time, streamed_weight_bytes, sync  # benchmarks/ is on sys.path when run as a script
 
 import llamaforge
 from llamaforge.core.generation import GenerationConfig, generate
@@ -162,9 +162,7 @@ def _step_profile(model: Any, dev: torch.device, steps: int) -> dict[str, Any]:
     end.record()
     end.synchronize()
     step_ms = start.elapsed_time(end) / n
-    weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
-    if not model.spec.tie_embeddings:  # an untied embedding table is only gathered from
-        weights -= model.model.embed_tokens.weight.numel() * model.model.embed_tokens.weight.element_size()
+    weights = streamed_weight_bytes(model)
     return {
         "graph": True,
         "graph_step_ms": round(step_ms, 4),

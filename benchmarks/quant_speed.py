@@ -28,7 +28,7 @@ import time
 from typing import Any
 
 import torch
-from _timing import best_time  # benchmarks/ is on sys.path when run as a script
+from _timing import best_time, stored_weight_bytes  # benchmarks/ is on sys.path when run as a script
 
 import llamaforge
 from llamaforge.core.loading import apply_transform
@@ -134,16 +134,6 @@ def measure_compiled(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _weight_bytes(model: Any) -> int:
-    seen, total = set(), 0
-    for t in (*model.parameters(), *model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total
-
-
 def run_cpu(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     from generate_throughput import SPECS  # benchmarks/ is on sys.path when run as a script
@@ -214,7 +204,7 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     def attempt(name: str, build) -> None:
         try:
             model = build()
-            rows[name] = {"weight_bytes": _weight_bytes(model), **measure_generate(model, args)}
+            rows[name] = {"weight_bytes": stored_weight_bytes(model), **measure_generate(model, args)}
         except Exception as exc:  # report and keep going: one failing variant must not hide the others
             rows[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
             print(f"[{name}] failed: {rows[name]['error']}", flush=True)

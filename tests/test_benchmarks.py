@@ -54,3 +54,25 @@ def test_train_throughput_cpu(tmp_path):
                tmp_path=tmp_path)  # fmt: skip
     assert set(res["results"]) == {"llamaforge", "transformers"} and not res["failed"]
     assert res["ratio_vs_transformers"] > 0
+
+
+def test_weight_byte_counts_cover_quantized_buffers_and_skip_an_untied_table(monkeypatch):
+    import copy
+
+    import llamaforge
+    from llamaforge.core.loading import apply_transform
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from _timing import stored_weight_bytes, streamed_weight_bytes
+
+    spec = llamaforge.load_spec("tiny").with_updates(tie_embeddings=False)
+    model = llamaforge.build_model(spec, seed=0, dtype="float32")
+    params = sum(p.numel() * 4 for p in model.parameters())
+    table = model.model.embed_tokens.weight.numel() * 4
+    assert stored_weight_bytes(model) >= params
+    assert streamed_weight_bytes(model) == stored_weight_bytes(model) - table
+    quantized = apply_transform(copy.deepcopy(model), "quantizer", "int8_weight_only")
+    # int8_weight_only stores every 2-D weight (embedding and lm_head too) at a byte per value instead of four,
+    # plus per-row scales: about a quarter, which counting parameters alone would miss entirely
+    ratio = stored_weight_bytes(quantized) / stored_weight_bytes(model)
+    assert 0.25 < ratio < 0.3
