@@ -107,6 +107,8 @@ def bench(
             row.update(_step_profile(model, dev, new_tokens))
     except Exception as exc:  # a diagnostic must never cost the measurement
         row["step_profile_error"] = f"{type(exc).__name__}: {exc}"
+    if "graph_step_ms" in row:  # what a call costs beyond its decode steps: prefill, first token, host work
+        row["fixed_ms_per_call"] = round(1000 * t - (new_tokens - 1) * row["graph_step_ms"], 2)
     print(json.dumps(row), flush=True)
     if skip_hf:
         return row
@@ -223,7 +225,8 @@ def main() -> None:
             rows.append(row)
             line = f"{spec:>12} b={batch:<3} llamaforge {row['llamaforge_tok_s']:9.1f} tok/s"
             if row.get("graph"):
-                line += f" (graph step {row['graph_step_ms']:.3f} ms, {row['weight_read_tb_s']:.2f} TB/s of weights)"
+                line += f" (graph step {row['graph_step_ms']:.3f} ms, {row['weight_read_tb_s']:.2f} TB/s of weights,"
+                line += f" {row['fixed_ms_per_call']:.1f} ms fixed per call)"
             if "hf_tok_s" in row:
                 line += f" | transformers {row['hf_tok_s']:9.1f} tok/s | ratio {row['ratio']:.2f}x"
                 line += f" | same tokens: {row['same_tokens']} (prefix {row['matching_prefix']})"
