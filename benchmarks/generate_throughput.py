@@ -74,6 +74,7 @@ def bench(
     hf_static: bool,
     skip_hf: bool,
     compile: bool | None,
+    prefill_graph: bool = False,
 ) -> dict[str, Any]:
     spec = llamaforge.load_spec(SPECS.get(spec_name, spec_name))
     spec = spec.with_updates(eos_token_id=None, max_positions=max(spec.max_positions, prompt_len + new_tokens))
@@ -81,7 +82,7 @@ def bench(
     model = llamaforge.build_model(spec, device=dev, dtype=dtype, seed=0).eval()
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(0, spec.vocab_size, (batch, prompt_len), generator=g).tolist()
-    config = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=[], compile=compile)
+    config = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=[], compile=compile, prefill_graph=prefill_graph)
     ours_out: list[list[int]] = []
 
     def ours() -> None:
@@ -95,6 +96,7 @@ def bench(
         "batch": batch,
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
+        "prefill_graph": prefill_graph,
     }
     t0 = time.perf_counter()
     ours()  # first call: compilation and graph capture
@@ -187,6 +189,7 @@ def main() -> None:
     ap.add_argument("--hf-static", action="store_true", help="also time transformers with static cache + compile")
     ap.add_argument("--skip-hf", action="store_true", help="only llamaforge (e.g. large batches)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="llamaforge's decode step")
+    ap.add_argument("--prefill-graph", action="store_true", help="GenerationConfig(prefill_graph=True)")
     ap.add_argument("--clock", choices=["wall", "process"], default="wall", help="process: CPU time, 1 thread")
     ap.add_argument("--json", default=None, help="write the rows here too")
     args = ap.parse_args()
@@ -221,6 +224,7 @@ def main() -> None:
                 hf_static=args.hf_static,
                 skip_hf=args.skip_hf,
                 compile={"auto": None, "on": True, "off": False}[args.compile],
+                prefill_graph=args.prefill_graph,
             )
             rows.append(row)
             line = f"{spec:>12} b={batch:<3} llamaforge {row['llamaforge_tok_s']:9.1f} tok/s"

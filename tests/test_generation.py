@@ -463,3 +463,48 @@ def test_a_failing_compile_falls_back_to_eager_decoding(monkeypatch, caplog):
             assert generate(model, [[1, 2, 3]], cfg) == ref
         assert "without torch.compile" in caplog.text
     generation.clear_sessions(model)
+
+
+@pytest.mark.parametrize(
+    ("prompts", "new", "layout", "sampled"),
+    [
+        ([[3, 4, 5]], 10, 16, False),
+        ([[3, 4, 5], list(range(7, 24))], 8, 32, False),  # rows of different lengths share the 32-token layout
+        ([[1] * 16], 5, 16, False),
+        ([list(range(1, 40))], 6, 64, True),
+        ([list(range(1, 80))], 10, 79, False),  # 128 + 10 would pass max_positions (96): the exact length
+    ],
+)
+def test_prefill_buckets_change_no_tokens(monkeypatch, prompts, new, layout, sampled):
+    """prefill_graph pads prompts on the left to a bucket length; the padding is masked, so nothing changes."""
+    from llamaforge.core import generation
+
+    model = _model(seed=5)
+    knobs = {"temperature": 0.8, "top_k": 20, "seed": 3} if sampled else {}
+    ref = generate(model, prompts, GenerationConfig.from_options(max_new_tokens=new, compile=False, **knobs))
+    layouts = []
+    reset = generation._Session.reset
+    monkeypatch.setattr(generation._Session, "reset", lambda self, *a: layouts.append(reset(self, *a)) or layouts[-1])
+    config = GenerationConfig.from_options(max_new_tokens=new, compile=False, prefill_graph=True, **knobs)
+    assert generate(model, prompts, config) == ref
+    assert layouts == [layout]
+
+
+def test_prefill_graph_must_be_a_bool():
+    with pytest.raises(GenerationError, match="prefill_graph"):
+        GenerationConfig(prefill_graph="yes")
+
+
+@pytest.mark.gpu
+@cuda
+def test_prefill_graph_on_cuda_gives_the_eager_prefill_tokens():
+    from llamaforge.core import generation
+
+    model = _model(seed=11).cuda()
+    for prompts in ([[5, 6], [9, 9, 9, 1]], [[7, 7, 7], [1, 2]]):  # the second call replays the captured graph
+        ref = generate(model, prompts, GenerationConfig(max_new_tokens=12, eos_token_ids=[]))
+        got = generate(model, prompts, GenerationConfig(max_new_tokens=12, eos_token_ids=[], prefill_graph=True))
+        assert got == ref
+    session = next(reversed(generation._sessions[model].values()))
+    assert session.prefill_graphs is not None and 16 in session.prefill_graphs
+    generation.clear_sessions(model)

@@ -44,6 +44,9 @@ class GenerationConfig:
     seed: int | None = None
     compile: bool | None = None  # torch.compile the one-token decode step (None: on CUDA)
     cuda_graph: bool | None = None  # replay the decode step as a CUDA graph (None: on CUDA)
+    # pad short prompts on the left to 16/32/.../256 tokens and, in a CUDA-graph session, replay each length's
+    # prefill as a CUDA graph: the eager prefill's Python costs milliseconds per call (see _PREFILL_BUCKETS)
+    prefill_graph: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -52,6 +55,8 @@ class GenerationConfig:
             raise GenerationError(
                 f"samplers is an ordered list of samplers, e.g. [temperature, top_k]; got {self.samplers!r}"
             )
+        if not isinstance(self.prefill_graph, bool):
+            raise GenerationError(f"prefill_graph must be true or false, got {self.prefill_graph!r}")
         if isinstance(self.stop_strings, str):
             self.stop_strings = [self.stop_strings]
         try:
@@ -196,6 +201,18 @@ def _check_prompts(model: Any, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 # ----- the decoding session ---------------------------------------------------------------------------------------
 _LENGTH_BUCKET = 128  # graph sessions round the cache length up to this, so prompts of other lengths reuse a graph
+# Prompt lengths a captured prefill is padded to. Longer prompts prefill eagerly at their own length: there the GPU
+# work outweighs the ~3-5 ms of Python an eager 16-layer forward costs, and padding would waste compute.
+_PREFILL_BUCKETS = (16, 32, 64, 128, 256)
+
+
+def _prefill_length(longest: int, config: GenerationConfig) -> int:
+    """The prompt length the context is laid out for: the longest prompt, or its bucket with prefill graphs."""
+    if config.prefill_graph:
+        return next((b for b in _PREFILL_BUCKETS if b >= longest), longest)
+    return longest
+
+
 _SESSIONS_PER_MODEL = 3
 _sessions: weakref.WeakKeyDictionary[Any, OrderedDict[tuple, _Session]] = weakref.WeakKeyDictionary()
 _compiled_steps: weakref.WeakKeyDictionary[Any, dict[Any, Any]] = weakref.WeakKeyDictionary()
@@ -401,6 +418,9 @@ class _Session:
         self.fused = _compiled(_greedy_step, model) if compile and greedy and _FUSE_GREEDY_STEP else None
         self.want_graph = graph
         self.graph: torch.cuda.CUDAGraph | None = None
+        # prefill graphs per layout length (GenerationConfig.prefill_graph); None once a capture has failed
+        self.prefill_graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] | None = {}
+        self.prefill_pool: Any = None
         self.out: torch.Tensor | None = None
         self.host = torch.empty(total + 1, bsz, dtype=torch.long, pin_memory=device.type == "cuda")
         self.events: list[Any] = []
@@ -410,8 +430,9 @@ class _Session:
         return self._model()
 
     # -- per call
-    def reset(self, prompts: Sequence[Sequence[int]]) -> int:
-        plen = max(len(p) for p in prompts)
+    def reset(self, prompts: Sequence[Sequence[int]], plen: int | None = None) -> int:
+        """Lay the prompts out right-aligned at `plen` (default: the longest prompt's length)."""
+        plen = max(len(p) for p in prompts) if plen is None else plen
         ids = torch.full((self.bsz, self.total), -1, dtype=torch.long)
         mask = torch.zeros(self.bsz, self.total, dtype=torch.long)
         for row, p in enumerate(prompts):
@@ -427,20 +448,54 @@ class _Session:
         if self.noise is not None:
             self.noise.exponential_(generator=generator)
 
-    def prefill(self, generator: torch.Generator | None) -> torch.Tensor:
+    def prefill(self, generator: torch.Generator | None, *, graph: bool = False) -> torch.Tensor:
         plen = self.plen
-        out = self.model(
-            self.ids[:, :plen].clamp(min=0),
-            attention_mask=self.mask,
-            cache=self.cache,
-            cache_position=torch.arange(plen, device=self.device),
-            logits_to_keep=1,
-        )
+        if graph and self.want_graph and self.prefill_graphs is not None and plen in _PREFILL_BUCKETS:
+            logits = self._prefill_graphed(plen)
+        else:
+            logits = self._prefill_logits(plen, torch.arange(plen, device=self.device))
         self._draw(generator)
-        tokens = _pick(self.stages, out.logits[:, -1], self.ids, self.noise)
+        tokens = _pick(self.stages, logits, self.ids, self.noise)
         self.pos.fill_(plen - 1)
         _advance(self.ids, self.cur, self.pos, tokens)
         return tokens
+
+    def _prefill_logits(self, plen: int, positions: torch.Tensor) -> torch.Tensor:
+        return self.model(
+            self.ids[:, :plen].clamp(min=0),
+            attention_mask=self.mask,
+            cache=self.cache,
+            cache_position=positions,
+            logits_to_keep=1,
+        ).logits[:, -1]
+
+    def _prefill_graphed(self, plen: int) -> torch.Tensor:
+        """The prefill of a `plen`-token layout replayed as a CUDA graph (captured on first use). Its inputs are the
+        session's static context, mask and cache; its output buffer is read before any other prefill graph runs,
+        so all of them share one memory pool."""
+        assert self.prefill_graphs is not None
+        entry = self.prefill_graphs.get(plen)
+        if entry is None:
+            positions = torch.arange(plen, device=self.device)
+            try:
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):  # warm-up: lazy initialisation must not happen during capture
+                    self._prefill_logits(plen, positions)
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                if self.prefill_pool is None:
+                    self.prefill_pool = torch.cuda.graph_pool_handle()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.prefill_pool):
+                    out = self._prefill_logits(plen, positions)
+            except Exception as exc:  # anything uncapturable in a plugin: prefill eagerly from now on
+                log.warning("prefilling without a CUDA graph: capture failed (%s: %s)", type(exc).__name__, exc)
+                torch.cuda.synchronize(self.device)
+                self.prefill_graphs = None
+                return self._prefill_logits(plen, positions)
+            entry = self.prefill_graphs[plen] = (graph, out, positions)
+        entry[0].replay()
+        return entry[1]
 
     def _body(self) -> torch.Tensor:
         if self.fused is not None:
@@ -592,7 +647,11 @@ def generate_stream(
     stages = build_pipeline(config.samplers)
     device = model.device
     bsz = len(prompts)
-    need = max(len(p) for p in prompts) + config.max_new_tokens
+    longest = max(len(p) for p in prompts)
+    layout = _prefill_length(longest, config)
+    if layout + config.max_new_tokens > model.spec.max_positions:  # no room to pad: lay out at the exact length
+        layout = longest
+    need = layout + config.max_new_tokens
     generator = None
     if config.seed is not None:
         generator = torch.Generator(device=device).manual_seed(config.seed)
@@ -604,8 +663,8 @@ def generate_stream(
         try:
             session = _session(model, bsz, need, config, stages)
             session.in_use = True
-            session.reset(prompts)
-            ticket = session.send_home(0, session.prefill(generator))
+            session.reset(prompts, layout)
+            ticket = session.send_home(0, session.prefill(generator, graph=config.prefill_graph))
             finished = [False] * bsz
             generated: list[list[int]] = [[] for _ in range(bsz)]
             for step in range(config.max_new_tokens):
