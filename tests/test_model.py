@@ -116,6 +116,7 @@ def test_bf16_keeps_rope_frequencies_fp32():
         ("attention", "rope_attention"),
         ("attention_kernel", "sdpa"),
         ("attention_kernel", "eager"),
+        ("attention_kernel", "flash_decode"),
         ("position_embedding", "rope"),
         ("position_embedding", "none"),
         ("head", "linear"),

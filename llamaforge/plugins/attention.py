@@ -128,8 +128,31 @@ def eager(
     return torch.matmul(probs, v)
 
 
+def flash_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: AttentionMask,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """`sdpa`, except that one-query calls on CUDA with an explicit (B, 1, 1, L) mask, which is what decoding over
+    the static KV cache makes, run the Triton flash-decoding kernel of `llamaforge.kernels.decode_attention`:
+    query heads sharing a key/value head read it once, and the cache length is split over the GPU."""
+    allowed = mask.mask
+    if q.is_cuda and allowed is not None and not dropout_p and allowed.shape == (q.size(0), 1, 1, k.size(2)):
+        from llamaforge.kernels import decode_attention as dec  # imported on CUDA only: it registers a Triton op
+
+        if dec.available(q, k):
+            scale = scale if scale is not None else dec.default_scale(q)
+            return dec.decode_attention(q, k, v, allowed.reshape(q.size(0), k.size(2)), scale)
+    return sdpa(q, k, v, mask=mask, dropout_p=dropout_p, scale=scale)
+
+
 @hookimpl
 def llamaforge_register(register):
     register("attention", "rope_attention", RopeAttention)
     register("attention_kernel", "sdpa", sdpa)
     register("attention_kernel", "eager", eager)
+    register("attention_kernel", "flash_decode", flash_decode)

@@ -1,0 +1,123 @@
+"""The Triton decode-attention kernel: its PyTorch reference against the model's eager attention, the kernel itself
+in Triton's CPU interpreter (a subprocess, since the interpreter is chosen when Triton is imported), and on a GPU
+where there is one."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from llamaforge.core.interfaces import AttentionMask
+from llamaforge.kernels import decode_attention as dec
+from llamaforge.plugins.attention import eager, flash_decode, sdpa
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _case(seed: int, b: int, kv: int, rep: int, length: int, d: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, kv * rep, 1, d, generator=g).to(dtype)
+    k = torch.randn(b, kv, length, d, generator=g).to(dtype)
+    v = torch.randn(b, kv, length, d, generator=g).to(dtype)
+    allowed = torch.rand(b, length, generator=g) < 0.7
+    allowed[:, -1] = True  # the current position: a decoding query always sees itself
+    if b > 1:
+        allowed[1, : length // 2] = False  # a left-padded row
+    return q, k, v, allowed
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 3),
+    kv=st.integers(1, 4),
+    rep=st.sampled_from([1, 2, 3, 4]),
+    length=st.integers(1, 70),
+    d=st.sampled_from([8, 16, 32]),
+)
+def test_reference_is_the_models_attention_for_one_query(seed, b, kv, rep, length, d):
+    q, k, v, allowed = _case(seed, b, kv, rep, length, d)
+    mask = AttentionMask(causal=False, mask=allowed[:, None, None, :])
+    torch.testing.assert_close(dec.reference(q, k, v, allowed, 1 / math.sqrt(d)), eager(q, k, v, mask=mask))
+    # the plugin routes to the kernel on CUDA only; elsewhere it is sdpa
+    torch.testing.assert_close(flash_decode(q, k, v, mask=mask), sdpa(q, k, v, mask=mask), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 64), kv=st.integers(1, 32), length=st.integers(1, 8192), block=st.sampled_from([16, 32, 64]))
+def test_split_plan_covers_the_cache_in_whole_blocks(b, kv, length, block):
+    splits, chunk = dec.plan(b, kv, length, block)
+    blocks = -(-length // block)
+    assert splits & (splits - 1) == 0 and chunk % block == 0
+    assert splits * chunk >= length and splits <= blocks  # covers the cache; never more splits than blocks
+    if blocks >= 128:
+        assert b * kv * splits >= 64  # a short batch still spreads over the GPU (one program per SM or more)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_triton_kernel_in_the_interpreter_matches_the_reference():
+    script = textwrap.dedent(
+        """
+        import torch
+        from llamaforge.kernels import decode_attention as dec
+        from tests.test_kernels import _case
+        cases = [  # (seed, batch, kv heads, heads per kv head, cache length, head size, splits, dtype)
+            (0, 1, 8, 4, 64, 64, None, torch.float32),  # Llama-3.2-1B's grouping, automatic split
+            (1, 2, 2, 3, 37, 16, None, torch.float32),  # 3 query heads per group (padded to 4 in the kernel)
+            (2, 2, 4, 1, 100, 32, 1, torch.float32),  # one program per row and head: no combining pass
+            (3, 1, 1, 8, 300, 64, 4, torch.bfloat16),
+            (4, 3, 3, 2, 17, 16, 8, torch.float32),  # splits that see no allowed position at all
+        ]
+        for seed, b, kv, rep, length, d, splits, dtype in cases:
+            q, k, v, allowed = _case(seed, b, kv, rep, length, d, dtype)
+            got = dec.launch(q, k, v, allowed, 0.3, splits=splits)
+            want = dec.reference(q, k, v, allowed, 0.3)
+            tol = 2e-2 if dtype is torch.bfloat16 else 1e-5
+            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+        print("ok", len(cases))
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root, timeout=600
+    )
+    assert proc.returncode == 0 and "ok 5" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_kernel_on_cuda_matches_the_reference(dtype):
+    for seed, b, kv, rep, length, d in [(0, 1, 8, 4, 512, 64), (1, 4, 2, 3, 129, 32), (2, 32, 8, 4, 384, 64)]:
+        q, k, v, allowed = (t.cuda() for t in _case(seed, b, kv, rep, length, d, dtype))
+        assert dec.available(q, k)
+        got = dec.decode_attention(q, k, v, allowed, 0.125)
+        tol = 2e-2 if dtype is torch.bfloat16 else 1e-5
+        torch.testing.assert_close(got.float(), dec.reference(q, k, v, allowed, 0.125).float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_decoding_with_flash_decode_gives_the_sdpa_tokens():
+    import llamaforge
+    from llamaforge.core.generation import GenerationConfig, clear_sessions, generate
+
+    spec = llamaforge.load_spec("tiny").with_updates(eos_token_id=None)
+    prompts = [[3, 4, 5], [7, 8, 9, 10, 11]]
+    config = GenerationConfig(max_new_tokens=16, eos_token_ids=[])
+    out = {}
+    for kernel in ("sdpa", "flash_decode"):
+        model = llamaforge.build_model(spec.with_updates(attention_kernel=kernel), device="cuda", seed=0).eval()
+        out[kernel] = generate(model, prompts, config)
+        clear_sessions(model)
+    assert out["flash_decode"] == out["sdpa"]
