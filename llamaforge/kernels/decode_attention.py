@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+_SPLITS: int | None = None  # a fixed number of cache-length splits instead of plan()'s (for same-run A/B tests)
+
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
     """q (B, H, 1, D); k, v (B, Hkv, L, D) with H a multiple of Hkv; allowed (B, L) bool. Softmax in fp32."""
@@ -161,6 +163,7 @@ def launch(
     hk, length = k.size(1), k.size(2)
     rep = h // hk
     rep_p = _pow2(rep)
+    splits = splits if splits is not None else _SPLITS
     if splits is None:
         splits, chunk = plan(b, hk, length, block)
     else:
