@@ -75,9 +75,12 @@ def bench(
     skip_hf: bool,
     compile: bool | None,
     prefill_graph: bool = False,
+    attention_kernel: str | None = None,
 ) -> dict[str, Any]:
     spec = llamaforge.load_spec(SPECS.get(spec_name, spec_name))
     spec = spec.with_updates(eos_token_id=None, max_positions=max(spec.max_positions, prompt_len + new_tokens))
+    if attention_kernel:
+        spec = spec.with_updates(attention_kernel=attention_kernel)
     dev = torch.device(device)
     model = llamaforge.build_model(spec, device=dev, dtype=dtype, seed=0).eval()
     g = torch.Generator().manual_seed(1)
@@ -97,6 +100,7 @@ def bench(
         "prompt_len": prompt_len,
         "new_tokens": new_tokens,
         "prefill_graph": prefill_graph,
+        "attention_kernel": spec.attention_kernel.name,
     }
     t0 = time.perf_counter()
     ours()  # first call: compilation and graph capture
@@ -190,6 +194,7 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true", help="only llamaforge (e.g. large batches)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="llamaforge's decode step")
     ap.add_argument("--prefill-graph", action="store_true", help="GenerationConfig(prefill_graph=True)")
+    ap.add_argument("--attention-kernel", default=None, help="override the spec's, e.g. flash_decode")
     ap.add_argument("--clock", choices=["wall", "process"], default="wall", help="process: CPU time, 1 thread")
     ap.add_argument("--json", default=None, help="write the rows here too")
     args = ap.parse_args()
@@ -225,6 +230,7 @@ def main() -> None:
                 skip_hf=args.skip_hf,
                 compile={"auto": None, "on": True, "off": False}[args.compile],
                 prefill_graph=args.prefill_graph,
+                attention_kernel=args.attention_kernel,
             )
             rows.append(row)
             line = f"{spec:>12} b={batch:<3} llamaforge {row['llamaforge_tok_s']:9.1f} tok/s"
