@@ -21,7 +21,11 @@ from typing import Any
 
 import torch
 
-_SPLITS: int | None = None  # a fixed number of cache-length splits instead of plan()'s (for same-run A/B tests)
+# Launch settings, module-level so a same-run A/B on the GPU can change them (see .notes): a fixed number of
+# cache-length splits instead of plan()'s, positions per loop step, warps per program.
+_SPLITS: int | None = None
+_BLOCK = 32
+_WARPS = 4
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
@@ -151,7 +155,7 @@ def launch(
     scale: float,
     *,
     splits: int | None = None,
-    block: int = 32,
+    block: int | None = None,
     wrap: Any = None,
 ) -> torch.Tensor:
     """Run the Triton kernels (on CUDA, or on CPU tensors under TRITON_INTERPRET=1). `wrap` is
@@ -164,6 +168,7 @@ def launch(
     rep = h // hk
     rep_p = _pow2(rep)
     splits = splits if splits is not None else _SPLITS
+    block = block or _BLOCK
     if splits is None:
         splits, chunk = plan(b, hk, length, block)
     else:
@@ -179,7 +184,7 @@ def launch(
         scale, length, chunk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         ok.stride(0), out.stride(0), out.stride(1),
-        KV_HEADS=hk, REP=rep, REP_P=rep_p, D=d, BLOCK=block, SPLITS=splits,
+        KV_HEADS=hk, REP=rep, REP_P=rep_p, D=d, BLOCK=block, SPLITS=splits, num_warps=_WARPS,
     )  # fmt: skip
     if splits > 1:
         combine_kernel[(b * hk,)](
