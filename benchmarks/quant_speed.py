@@ -46,10 +46,10 @@ CPU_SPEC: dict[str, Any] = {  # ~30M parameters: big enough for matmuls to domin
 }
 
 
-def _prompts(model: Any, args: argparse.Namespace) -> torch.Tensor:
+def _prompts(model: Any, batch: int, prompt_len: int) -> torch.Tensor:
     """The same random prompt ids for every variant and mode (seeded)."""
     g = torch.Generator().manual_seed(0)
-    return torch.randint(0, model.spec.vocab_size, (args.batch, args.prompt_len), generator=g)
+    return torch.randint(0, model.spec.vocab_size, (batch, prompt_len), generator=g)
 
 
 class Decoder:
@@ -60,7 +60,7 @@ class Decoder:
         self.model, self.prompt_len, self.new_tokens = model, prompt_len, new_tokens
         self.device = model.device
         self.cache = model.new_cache(batch, prompt_len + new_tokens)
-        self.prompt = _prompts(model, argparse.Namespace(batch=batch, prompt_len=prompt_len)).to(self.device)
+        self.prompt = _prompts(model, batch, prompt_len).to(self.device)
         self.positions = [torch.tensor([prompt_len + i], device=self.device) for i in range(new_tokens)]
 
     def step(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,7 @@ def measure_compiled(model: Any, args: argparse.Namespace) -> dict[str, Any]:
     Prefill is timed as a one-token generate; decode as the extra time of `new_tokens` over that one token."""
     from llamaforge.core.generation import GenerationConfig, generate
 
-    prompts = _prompts(model, args).tolist()
+    prompts = _prompts(model, args.batch, args.prompt_len).tolist()
     full = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=[], compile=True)
     one = GenerationConfig(max_new_tokens=1, eos_token_ids=[], compile=True)
     out: list[list[int]] = []
@@ -169,7 +169,7 @@ def measure_generate(model: Any, args: argparse.Namespace) -> dict[str, Any]:
 
     from llamaforge.core.generation import GenerationConfig, generate
 
-    prompts = _prompts(model, args).tolist()
+    prompts = _prompts(model, args.batch, args.prompt_len).tolist()
     config = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=[])
     out: list[list[int]] = []
 

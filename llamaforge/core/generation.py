@@ -206,11 +206,11 @@ _LENGTH_BUCKET = 128  # graph sessions round the cache length up to this, so pro
 _PREFILL_BUCKETS = (16, 32, 64, 128, 256)
 
 
-def _prefill_length(longest: int, config: GenerationConfig) -> int:
-    """The prompt length the context is laid out for: the longest prompt, or its bucket with prefill graphs."""
-    if config.prefill_graph:
-        return next((b for b in _PREFILL_BUCKETS if b >= longest), longest)
-    return longest
+def _prefill_length(longest: int, config: GenerationConfig, max_positions: int) -> int:
+    """The prompt length the context is laid out for: the longest prompt, or its bucket with prefill graphs when
+    the bucket still leaves room for max_new_tokens within the model's positions."""
+    bucket = next((b for b in _PREFILL_BUCKETS if b >= longest), longest) if config.prefill_graph else longest
+    return bucket if bucket + config.max_new_tokens <= max_positions else longest
 
 
 _SESSIONS_PER_MODEL = 3
@@ -430,9 +430,8 @@ class _Session:
         return self._model()
 
     # -- per call
-    def reset(self, prompts: Sequence[Sequence[int]], plen: int | None = None) -> int:
-        """Lay the prompts out right-aligned at `plen` (default: the longest prompt's length)."""
-        plen = max(len(p) for p in prompts) if plen is None else plen
+    def reset(self, prompts: Sequence[Sequence[int]], plen: int) -> int:
+        """Lay the prompts out right-aligned at `plen` (at least the longest prompt's length)."""
         ids = torch.full((self.bsz, self.total), -1, dtype=torch.long)
         mask = torch.zeros(self.bsz, self.total, dtype=torch.long)
         for row, p in enumerate(prompts):
@@ -647,10 +646,7 @@ def generate_stream(
     stages = build_pipeline(config.samplers)
     device = model.device
     bsz = len(prompts)
-    longest = max(len(p) for p in prompts)
-    layout = _prefill_length(longest, config)
-    if layout + config.max_new_tokens > model.spec.max_positions:  # no room to pad: lay out at the exact length
-        layout = longest
+    layout = _prefill_length(max(len(p) for p in prompts), config, model.spec.max_positions)
     need = layout + config.max_new_tokens
     generator = None
     if config.seed is not None:

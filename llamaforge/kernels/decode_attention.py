@@ -57,12 +57,16 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def plan(batch: int, kv_heads: int, length: int, block: int = 32, programs: int = 128) -> tuple[int, int]:
-    """(splits, chunk): enough splits of the cache length that batch x kv_heads x splits programs fill the GPU,
-    each chunk a whole number of blocks, and no more splits than blocks; a power of two, as the combining pass
-    indexes splits with tl.arange (a split left without positions by the rounding weighs nothing there)."""
+def plan(
+    batch: int, kv_heads: int, length: int, block: int = 32, programs: int = 128, splits: int | None = None
+) -> tuple[int, int]:
+    """(splits, chunk): unless `splits` is given, enough splits of the cache length that batch x kv_heads x splits
+    programs fill the GPU, and no more splits than blocks; a power of two, as the combining pass indexes splits
+    with tl.arange (a split left without positions by the rounding weighs nothing there). Each chunk is a whole
+    number of blocks."""
     blocks = max(1, -(-length // block))
-    splits = min(_pow2(max(1, -(-programs // (batch * kv_heads)))), 1 << (blocks.bit_length() - 1))
+    if splits is None:
+        splits = min(_pow2(max(1, -(-programs // (batch * kv_heads)))), 1 << (blocks.bit_length() - 1))
     chunk = -(-length // splits)
     chunk = -(-chunk // block) * block
     return splits, chunk
@@ -167,18 +171,15 @@ def launch(
     hk, length = k.size(1), k.size(2)
     rep = h // hk
     rep_p = _pow2(rep)
-    splits = splits if splits is not None else _SPLITS
     block = block or _BLOCK
-    if splits is None:
-        splits, chunk = plan(b, hk, length, block)
-    else:
-        chunk = -(-length // splits)
-        chunk = -(-chunk // block) * block
+    splits, chunk = plan(b, hk, length, block, splits=splits if splits is not None else _SPLITS)
     out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
     ok = allowed.reshape(b, length).to(torch.uint8)
-    stats = torch.empty(b * hk * splits * rep_p * (2 + d), dtype=torch.float32, device=q.device)
-    n = b * hk * splits * rep_p
-    m_buf, l_buf, acc_buf = stats[:n], stats[n : 2 * n], stats[2 * n :]
+    m_buf = l_buf = acc_buf = out  # one split writes the output directly: no partial statistics to hold
+    if splits > 1:
+        n = b * hk * splits * rep_p
+        stats = torch.empty(n * (2 + d), dtype=torch.float32, device=q.device)
+        m_buf, l_buf, acc_buf = stats[:n], stats[n : 2 * n], stats[2 * n :]
     partial_kernel[(b * hk, splits)](
         q, k, v, ok, m_buf, l_buf, acc_buf, out,
         scale, length, chunk,
