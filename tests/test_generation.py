@@ -392,6 +392,60 @@ def test_gemv_pass_stacks_products_of_one_row_including_computed_weights():
     assert generation._gemv_rewrites[0] == before + 3 and stacked == [1]
 
 
+def _lowered_nodes(fn, x, buffer_row: bool, monkeypatch) -> tuple[int, torch.Tensor]:
+    """IR nodes inductor lowers `fn` to with the GEMV pass, and its output."""
+    from torch._inductor import metrics
+
+    from llamaforge.core import generation
+
+    monkeypatch.setattr(generation, "_BUFFER_ROW", buffer_row)
+    torch._dynamo.reset()
+    metrics.reset()
+    compiled = torch.compile(fn, options={"post_grad_custom_pre_pass": generation._gemv_pass()})
+    with torch._inductor.config.patch(force_disable_caches=True):
+        out = compiled(x)
+    return metrics.ir_nodes_pre_fusion, out
+
+
+def _normed_head(device: str):
+    g = torch.Generator().manual_seed(3)
+    norm_w = torch.randn(64, generator=g).to(device, torch.bfloat16)
+    head = torch.randn(200, 64, generator=g).to(device, torch.bfloat16)
+
+    def fn(x):  # the model's last step: RMSNorm of the residual, then the output head
+        x32 = x.float()
+        h = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * norm_w
+        return torch.nn.functional.linear(h, head)
+
+    return fn, torch.randn(1, 1, 64, generator=g).to(device, torch.bfloat16)
+
+
+@pytest.mark.slow  # two inductor compilations (~15 s)
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_gemv_pass_buffers_the_row_instead_of_recomputing_it_in_the_reduction(monkeypatch):
+    """Without the buffer, inductor inlines the RMSNorm scaling into the head's reduction (every thread block
+    recomputes the row on a GPU); with it, the row is lowered as its own node and the values do not change."""
+    fn, x = _normed_head("cpu")
+    inlined, a = _lowered_nodes(fn, x, False, monkeypatch)
+    buffered, b = _lowered_nodes(fn, x, True, monkeypatch)
+    assert buffered == inlined + 1
+    for out in a, b:  # a buffered bf16 row is rounded like eager; an inlined one stays fp32, hence the tolerance
+        torch.testing.assert_close(out, fn(x), atol=0.1, rtol=0.02)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_gemv_pass_buffers_the_row_on_cuda(monkeypatch):
+    """The same on the GPU, where a profile once showed the row still inlined (see generation._gemv_pass)."""
+    fn, x = _normed_head("cuda")
+    inlined, a = _lowered_nodes(fn, x, False, monkeypatch)
+    buffered, b = _lowered_nodes(fn, x, True, monkeypatch)
+    assert buffered == inlined + 1
+    for out in a, b:
+        torch.testing.assert_close(out, fn(x), atol=0.1, rtol=0.02)
+
+
 @pytest.mark.slow  # compiles the whole decode step of a small model on CPU (~30 s)
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_compiled_greedy_step_gives_the_eager_tokens():

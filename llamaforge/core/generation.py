@@ -273,6 +273,8 @@ _FUSE_SIBLINGS = True  # products sharing their input row become one reduction (
 _POINTWISE_CAT = True  # stacked weights are read in place by the reduction instead of copied first
 _FUSE_GREEDY_STEP = True  # greedy decoding compiles forward + argmax + state advance as one step
 _ARGMAX_BLOCKS = True  # the greedy step's argmax in two stages (see argmax_rows)
+_BUFFER_ROW = True  # the product's row is a buffer, not recomputed per thread block (see _gemv_pass)
+_PDL = False  # Programmatic Dependent Launch in the decode step's Triton kernels (Hopper+; off until measured)
 
 
 def _compile_options(device: torch.device) -> dict[str, Any]:
@@ -286,6 +288,11 @@ def _compile_options(device: torch.device) -> dict[str, Any]:
     if _GEMV_MAX_ROWS and device.type == "cuda":  # on CPU, oneDNN's matrix-vector products are the better ones
         options["post_grad_custom_pre_pass"] = _gemv_pass()
         options["force_pointwise_cat"] = _POINTWISE_CAT
+    if _PDL and device.type == "cuda":
+        from torch._inductor import config as inductor_config
+
+        if hasattr(inductor_config.triton, "enable_pdl"):  # torch >= 2.9; inductor emits it on Hopper and newer
+            options["triton.enable_pdl"] = True
     return options
 
 
@@ -296,7 +303,14 @@ def _gemv_pass() -> Any:
     over few thread blocks; as a reduction, inductor emits one kernel per matrix that streams every weight row
     once with the whole GPU, which is what a memory-bound matrix-vector product wants. Products that share their
     row (q/k/v, gate/up) become one reduction over the weights stacked along the output dimension: the stacking
-    is lowered as masked loads from each weight (nothing is copied), so a layer launches fewer, larger kernels."""
+    is lowered as masked loads from each weight (nothing is copied), so a layer launches fewer, larger kernels.
+
+    The row itself is read through an identity `as_strided`, which inductor can only lower from a buffer: left
+    alone, it inlines the row's producer (the RMSNorm scaling, SiLU(gate)*up) into the reduction's loads, and every
+    thread block recomputes the whole row (2,048 blocks x 64 KB per down_proj call). On an H200 (1B, batch 1) an
+    experiment form of this took the step's kernels from 1,024 to 944 us per token; one later H200 profile of this
+    built-in form still showed the rows inlined, while inductor's lowering on CPU buffers them (tests check that),
+    so `_BUFFER_ROW` is a switch for the GPU A/B in benchmarks/decode_variants.py."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     aten, prims = torch.ops.aten, torch.ops.prims
@@ -367,6 +381,8 @@ def _gemv_pass() -> Any:
                 return
             with graph.inserting_before(first):
                 w = weights[0] if len(weights) == 1 else add(aten.cat.default, (weights, 0))
+                if _BUFFER_ROW:  # see the docstring: the row is computed once, not inside every thread block
+                    x = add(aten.as_strided.default, (x, list(xv.shape), list(xv.stride()), xv.storage_offset()))
                 x32 = add(prims.convert_element_type.default, (x, torch.float32))
                 w32 = add(prims.convert_element_type.default, (w, torch.float32))
                 prod = add(aten.mul.Tensor, (add(aten.unsqueeze.default, (x32, 1)), w32))  # (M,1,K)*(N,K)
@@ -384,7 +400,7 @@ def _gemv_pass() -> Any:
                     graph.erase_node(wt)
 
         def uuid(self) -> str:
-            return f"llamaforge-row-times-weight-3-{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}"
+            return f"llamaforge-row-times-weight-4-{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}"
 
     return RowTimesWeight()
 
