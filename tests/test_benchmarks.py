@@ -79,3 +79,33 @@ def test_weight_byte_counts_cover_quantized_buffers_and_skip_an_untied_table(mon
     # plus per-row scales: about a quarter, which counting parameters alone would miss entirely
     ratio = stored_weight_bytes(quantized) / stored_weight_bytes(model)
     assert 0.25 < ratio < 0.3
+
+
+def test_decode_variants_cpu_applies_each_variants_settings_in_its_own_process(tmp_path):
+    res = _run("decode_variants.py", "--new-tokens", "4", "--repeats", "1", "--phases", "base",
+               "greedy_step=0,quant=int8_weight_only", "pdl=1,inductor.coordinate_descent_tuning=false",
+               tmp_path=tmp_path)  # fmt: skip
+    base, quant, pdl = res["rows"]
+    assert "error" not in base and base["settings"] == {} and base["e2e_tok_s"] > 0
+    assert quant["settings"] == {"greedy_step": False, "quant": "int8_weight_only"} and "error" not in quant
+    assert pdl["settings"] == {"pdl": True, "inductor.coordinate_descent_tuning": False} and "error" not in pdl
+    assert base["tokens_digest"] == pdl["tokens_digest"]  # the switches change speed, never tokens
+    assert base["ms_generate_1"] > 0 and base["ms_generate_4"] >= base["ms_generate_1"] * 0.5
+
+
+def test_decode_variants_rejects_bad_settings_before_starting_anything():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from decode_variants import VariantError, parse_variant
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert parse_variant("base") == {}
+    assert parse_variant("splits=auto,block=64,inductor.triton.enable_pdl=1,attn=flash_decode") == {
+        "splits": None, "block": 64, "inductor.triton.enable_pdl": 1, "attn": "flash_decode"}  # fmt: skip
+    for bad, words in [("bufer_row=1", "unknown setting 'bufer_row'"), ("pdl=maybe", "pdl='maybe'"),
+                       ("splits=two", "splits='two'"), ("pdl", "expected NAME=VALUE")]:  # fmt: skip
+        with pytest.raises(VariantError, match=words):
+            parse_variant(bad)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_variants.py"), "pdl=2"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "pdl='2': expected bool" in proc.stderr

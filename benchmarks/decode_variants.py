@@ -1,0 +1,303 @@
+"""A/B of the decode step's tuning switches, each variant in a fresh process, same machine, same run.
+
+    python benchmarks/decode_variants.py --device cuda --spec llama3.2-1b --dtype bfloat16 \
+        base buffer_row=0 pdl=1 attn=flash_decode "attn=flash_decode,splits=4" prefill_graph=1 \
+        quant=int8_weight_only --profile --phases --json out.json
+    python benchmarks/decode_variants.py --spec tiny --new-tokens 16 base greedy_step=0   # CPU smoke run
+
+Run-to-run spread on fresh H200 machines is ~5% for the same code, so the step time of one variant is only
+comparable with another measured in the same invocation; `--rounds 2` repeats the whole list (A B A B) to show the
+drift. Each variant is a comma-separated list of settings (`base` is none):
+
+    switches of the decode step   buffer_row, pdl, siblings, pointwise_cat, greedy_step, argmax_blocks (0/1),
+                                  gemv_rows (int: products with at most this many rows become reductions; 0: off)
+    flash-decoding kernel         splits (int or auto), block, warps
+    model and call                attn (attention kernel plugin), quant (quantizer plugin), prefill_graph (0/1)
+    any inductor option           inductor.NAME=VALUE, e.g. inductor.triton.enable_pdl=1 (for the step's compile)
+
+Per variant: end-to-end tokens/s of `llamaforge.generate` (best of --repeats, prefill included), the captured
+decode step alone (CUDA graph replays timed with events), the fixed cost per call beyond the decode steps, with
+--phases the wall time of generate() for 1, 2 and N new tokens, and with --profile the step's kernels (profiler over
+10 uncaptured steps: time per step by kernel, top --top), which is where a change shows even when the step time
+drifts between machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+GEN = "llamaforge.core.generation"
+KERNEL = "llamaforge.kernels.decode_attention"
+SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, kind)
+    "buffer_row": (GEN, "_BUFFER_ROW", "bool"),
+    "pdl": (GEN, "_PDL", "bool"),
+    "siblings": (GEN, "_FUSE_SIBLINGS", "bool"),
+    "pointwise_cat": (GEN, "_POINTWISE_CAT", "bool"),
+    "greedy_step": (GEN, "_FUSE_GREEDY_STEP", "bool"),
+    "argmax_blocks": (GEN, "_ARGMAX_BLOCKS", "bool"),
+    "gemv_rows": (GEN, "_GEMV_MAX_ROWS", "int"),
+    "splits": (KERNEL, "_SPLITS", "int_or_auto"),
+    "block": (KERNEL, "_BLOCK", "int"),
+    "warps": (KERNEL, "_WARPS", "int"),
+}
+CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool"}
+
+
+class VariantError(ValueError):
+    pass
+
+
+def _convert(key: str, kind: str, raw: str) -> Any:
+    try:
+        if kind == "bool":
+            if raw.lower() not in ("0", "1", "true", "false", "on", "off"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "on")
+        if kind == "int":
+            return int(raw)
+        if kind == "int_or_auto":
+            return None if raw == "auto" else int(raw)
+        return raw
+    except ValueError:
+        raise VariantError(f"{key}={raw!r}: expected {kind.replace('_', ' ')}") from None
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """`buffer_row=0,attn=flash_decode` -> settings; checked here, before any process is started."""
+    settings: dict[str, Any] = {}
+    if text.strip() in ("", "base"):
+        return settings
+    for item in text.split(","):
+        key, sep, raw = item.strip().partition("=")
+        if not sep or not key or not raw:
+            raise VariantError(f"{item!r} in variant {text!r}: expected NAME=VALUE")
+        if key in SWITCHES:
+            settings[key] = _convert(key, SWITCHES[key][2], raw)
+        elif key in CALL_SETTINGS:
+            settings[key] = _convert(key, CALL_SETTINGS[key], raw)
+        elif key.startswith("inductor.") and len(key) > len("inductor."):
+            try:  # numbers, true/false, lists; anything else is a string
+                settings[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                settings[key] = raw
+        else:
+            known = ", ".join([*SWITCHES, *CALL_SETTINGS, "inductor.NAME"])
+            raise VariantError(f"unknown setting {key!r} in variant {text!r}; known: {known}")
+    return settings
+
+
+# ----- in the child process -------------------------------------------------------------------------------------
+def _apply(settings: dict[str, Any]) -> None:
+    import importlib
+
+    from torch._inductor import config as inductor_config
+
+    for key, value in settings.items():
+        if key in SWITCHES:
+            module, attr, _ = SWITCHES[key]
+            mod = importlib.import_module(module)
+            if not hasattr(mod, attr):
+                raise VariantError(f"{module}.{attr} does not exist in this checkout")
+            setattr(mod, attr, value)
+        elif key.startswith("inductor."):
+            name = key[len("inductor.") :]
+            if name not in inductor_config.get_config_copy():
+                raise VariantError(f"this torch's inductor has no option {name!r}")
+            inductor_config.__setattr__(name, value)
+
+
+def _kernel_table(session: Any, steps: int, top: int) -> dict[str, Any]:
+    """Time per decode step by kernel (CUDA) or operator (CPU), from the profiler over `steps` uncaptured steps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = session.device.type == "cuda"
+    saved = (session.ids.clone(), session.cur.clone(), session.pos.clone())
+    session.pos.fill_(session.plen)
+    session._body()  # one untimed step: nothing lazy inside the window
+    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            session._body()
+        if cuda:
+            torch.cuda.synchronize(session.device)
+    session._restore(saved)
+    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for event in prof.events():
+        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if not cuda and (event.cpu_parent is not None or event.device_type != torch.autograd.DeviceType.CPU):
+            continue
+        duration = event.time_range.elapsed_us()  # a kernel's own span on the GPU; an operator's on the host
+        per[event.name][0] += duration / steps
+        per[event.name][1] += 1 / steps
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])
+    return {
+        "kernel_us_per_step": round(sum(v[0] for v in per.values()), 1),
+        "kernels_per_step": round(sum(v[1] for v in per.values()), 1),
+        "kernels": [{"name": k[:160], "us_per_step": round(v[0], 2), "calls_per_step": round(v[1], 2)} for k, v in
+                    rows[:top]],
+    }  # fmt: skip
+
+
+def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from _timing import best_time, sync
+    from generate_throughput import _step_profile
+
+    import llamaforge
+    from llamaforge.core import generation
+    from llamaforge.core.generation import GenerationConfig, generate
+    from llamaforge.core.loading import apply_transform
+
+    _apply(settings)
+    spec = llamaforge.load_spec(args.spec)
+    room = max(spec.max_positions, args.prompt_len + args.new_tokens)
+    spec = spec.with_updates(eos_token_id=None, max_positions=room)
+    if "attn" in settings:
+        spec = spec.with_updates(attention_kernel=settings["attn"])
+    dev = torch.device(args.device)
+    model = llamaforge.build_model(spec, device=dev, dtype=args.dtype, seed=0).eval()
+    if "quant" in settings:
+        model = apply_transform(model, "quantizer", settings["quant"])
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(0, spec.vocab_size, (args.batch, args.prompt_len), generator=g).tolist()
+    compile = {"auto": None, "on": True, "off": False}[args.compile]
+
+    def config(n: int) -> GenerationConfig:
+        return GenerationConfig(
+            max_new_tokens=n, eos_token_ids=[], compile=compile, prefill_graph=settings.get("prefill_graph", False)
+        )
+
+    out: list[list[int]] = []
+    row: dict[str, Any] = {"settings": settings}
+    t0 = time.perf_counter()
+    out[:] = generate(model, prompts, config(args.new_tokens))
+    sync(dev)
+    row["first_call_s"] = round(time.perf_counter() - t0, 2)
+    t = best_time(lambda: generate(model, prompts, config(args.new_tokens)), dev, args.repeats)
+    row["e2e_tok_s"] = round(args.batch * args.new_tokens / t, 1)
+    row["tokens_digest"] = hash(tuple(map(tuple, out))) & 0xFFFFFFFF  # equal across variants that decode alike
+    with torch.inference_mode():
+        row.update(_step_profile(model, dev, args.new_tokens))
+    if "graph_step_ms" in row:
+        row["fixed_ms_per_call"] = round(1000 * t - (args.new_tokens - 1) * row["graph_step_ms"], 2)
+    if args.phases:
+        for n in sorted({1, 2, args.new_tokens}):
+            seconds = best_time(lambda n=n: generate(model, prompts, config(n)), dev, 3)  # its warm-up: a new session
+            row[f"ms_generate_{n}"] = round(1000 * seconds, 2)
+    if args.profile:
+        pool = generation._sessions.get(model)
+        if pool:
+            session = next(reversed(pool.values()))
+            with torch.inference_mode():
+                row.update(_kernel_table(session, 10, args.top))
+        else:
+            row["profile"] = "no decode session (eager decoding keeps none)"
+    row["rewrites"] = generation._gemv_rewrites[0]
+    return row
+
+
+# ----- in the parent --------------------------------------------------------------------------------------------
+def run_variant(args: argparse.Namespace, text: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", text, *args.passthrough]
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {"variant": text, "error": f"timed out after {args.timeout} s"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
+        return {"variant": text, "error": f"exit {done.returncode}: " + " | ".join(tail)}
+    row = json.loads(lines[-1])
+    row["variant"] = text
+    row["process_s"] = round(time.perf_counter() - t0, 1)
+    return row
+
+
+def summary(rows: list[dict[str, Any]]) -> str:
+    base = next((r for r in rows if "error" not in r), None)
+    lines = [f"{'variant':<42} {'e2e tok/s':>9} {'step ms':>8} {'fixed ms':>8} {'kernels us':>10} {'vs first':>8}"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['variant']:<42} ERROR {r['error'][:200]}")
+            continue
+        step = r.get("graph_step_ms")
+        rel = f"{base['graph_step_ms'] / step:.3f}x" if step and base and base.get("graph_step_ms") else ""
+        lines.append(
+            f"{r['variant'][:42]:<42} {r['e2e_tok_s']:>9.1f} {step if step else '-':>8} "
+            f"{r.get('fixed_ms_per_call', '-'):>8} {r.get('kernel_us_per_step', '-'):>10} {rel:>8}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("variants", nargs="*", default=["base"], help="settings per variant (see above)")
+    ap.add_argument("--spec", default="tiny")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto")
+    ap.add_argument("--profile", action="store_true", help="kernel table of the step")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed per variant")
+    ap.add_argument("--phases", action="store_true", help="generate() wall time for 1, 2 and N new tokens")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat the whole list (drift check)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+    ap.add_argument("--json", default=None, help="write all rows here")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    try:
+        parsed = {v: parse_variant(v) for v in ([args.child] if args.child is not None else args.variants)}
+    except VariantError as exc:
+        ap.error(str(exc))
+    if args.child is not None:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        print(json.dumps(child(args, parsed[args.child])), flush=True)
+        return
+    skip = {"--json", "--rounds", "--timeout"}
+    args.passthrough = []
+    for key, value in vars(args).items():
+        flag = "--" + key.replace("_", "-")
+        if key in ("variants", "child", "passthrough") or flag in skip or value is None or value is False:
+            continue
+        args.passthrough += [flag] if value is True else [flag, str(value)]
+    import torch
+
+    meta = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else platform.processor(),
+        "torch": torch.__version__,
+        "spec": args.spec,
+        "dtype": args.dtype,
+        "batch": args.batch,
+        "new_tokens": args.new_tokens,
+    }
+    print(json.dumps(meta), flush=True)
+    rows = []
+    for round_ in range(args.rounds):
+        for text in args.variants:
+            row = run_variant(args, text)
+            row["round"] = round_
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(summary(rows), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
