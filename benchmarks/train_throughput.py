@@ -82,10 +82,31 @@ def flops_per_token(spec: Any, n_matmul: int, seq: int) -> float:
     return 6.0 * n_matmul + 12.0 * spec.n_layers * spec.n_heads * spec.head_size * seq
 
 
-def make_step(model: Any, forward: Any, kind: str, device: torch.device, amp: torch.dtype | None, lr: float):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=device.type == "cuda")  # fmt: skip
+def make_step(
+    model: Any,
+    forward: Any,
+    kind: str,
+    device: torch.device,
+    amp: torch.dtype | None,
+    lr: float,
+    compile_optimizer: bool = False,
+):
+    """One training step. llamaforge's update is the trainer's own (AdamW built and clipped as `Trainer` does it);
+    transformers gets the same fused AdamW and clipping written out."""
+    from llamaforge.core.train import build_optimizer, make_update
+
     params = [p for p in model.parameters() if p.requires_grad]
+    if kind == "llamaforge":
+        opt = build_optimizer(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, device=device,
+                              compiled=compile_optimizer)  # fmt: skip
+        update = make_update(params, opt, 1.0, compiled=compile_optimizer)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+
+        def update() -> None:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -94,12 +115,31 @@ def make_step(model: Any, forward: Any, kind: str, device: torch.device, amp: to
             else:
                 loss = forward(input_ids=x, labels=x).loss
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update()
         return loss.detach()
 
     return step
+
+
+def parse_variant(text: str) -> dict[str, Any]:
+    """`compile_optimizer=1,inductor.triton.enable_pdl=1` -> settings for one more llamaforge contender."""
+    settings: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, raw = item.strip().partition("=")
+        if not sep or not key or not raw:
+            raise ValueError(f"{item!r} in --variant {text!r}: expected NAME=VALUE")
+        if key == "compile_optimizer":
+            if raw.lower() not in ("0", "1", "true", "false"):
+                raise ValueError(f"compile_optimizer={raw!r}: expected 0/1")
+            settings[key] = raw.lower() in ("1", "true")
+        elif key.startswith("inductor.") and len(key) > len("inductor."):
+            try:
+                settings[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                settings[key] = raw
+        else:
+            raise ValueError(f"unknown setting {key!r} in --variant {text!r}; known: compile_optimizer, inductor.NAME")
+    return settings
 
 
 def window(step: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], n: int, device: torch.device) -> float:
@@ -134,7 +174,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--variant", action="append", default=[], metavar="SETTINGS",
+                    help="one more llamaforge contender, same weights and batches, e.g. compile_optimizer=1 or "
+                         "inductor.triton.enable_pdl=1 (repeatable; timed in the same alternating windows)",
+                    )  # fmt: skip
     args = ap.parse_args(argv)
+    try:
+        variants = {f"llamaforge[{v}]": parse_variant(v) for v in args.variant}
+    except ValueError as exc:
+        ap.error(str(exc))
 
     gpu = args.gpu
     if gpu and not torch.cuda.is_available():
@@ -173,6 +221,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     contenders["llamaforge"] = make_step(ours, compile_for_training(ours) if compile_ else ours, "llamaforge",
                                          device, amp, 3e-4)  # fmt: skip
+    for label, settings in variants.items():
+        twin = llamaforge.build_model(spec, device=device, dtype="float32", seed=0).train()
+        options = {k[len("inductor.") :]: v for k, v in settings.items() if k.startswith("inductor.")}
+        if options and not compile_:
+            ap.error(f"--variant {label}: inductor options need --compile")
+        forward = compile_for_training(twin, options) if compile_ else twin
+        contenders[label] = make_step(twin, forward, "llamaforge", device, amp, 3e-4,
+                                      compile_optimizer=settings.get("compile_optimizer", False))  # fmt: skip
     hf_label = "transformers" + ("+compile" if compile_ else "")
     contenders[hf_label] = make_step(hf, torch.compile(hf) if compile_ else hf, "hf", device, amp, 3e-4)
     if gpu and compile_ and not args.no_hf_eager:
@@ -195,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             del contenders[label]
             continue
         compile_s[label] = time.perf_counter() - t0
-    if "llamaforge" not in contenders or not any(k != "llamaforge" for k in contenders):
+    if "llamaforge" not in contenders or not any(not k.startswith("llamaforge") for k in contenders):
         raise SystemExit(f"SUMMARY train_throughput: FAILED {failed}")
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(args.rounds):
@@ -217,8 +273,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         }
     if gpu:
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    ref = hf_label if hf_label in contenders else next(k for k in contenders if k != "llamaforge")
+    ref = hf_label if hf_label in contenders else next(k for k in contenders if not k.startswith("llamaforge"))
     ratio = results["llamaforge"]["tokens_per_s"] / results[ref]["tokens_per_s"]
+    for label in contenders:
+        results[label]["ratio_vs_reference"] = results[label]["tokens_per_s"] / results[ref]["tokens_per_s"]
     summary = {
         "device": torch.cuda.get_device_name(device)
         if gpu
@@ -243,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for label in contenders:
         r = results[label]
         mfu = f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
-        extra = f"(first loss {r['first_loss']:.4f}, warm-up {r['warmup_s']:.1f} s)"
+        extra = f"(first loss {r['first_loss']:.4f}, warm-up {r['warmup_s']:.1f} s, {r['ratio_vs_reference']:.3f}x)"
         print(f"  {label:<22} {r['tokens_per_s']:>12,.0f} tokens/s  {r['step_ms']:8.1f} ms/step  "
               f"{r['tflops']:7.2f} TFLOP/s{mfu}  {extra}")  # fmt: skip
     ours_r = results["llamaforge"]

@@ -59,6 +59,23 @@ def test_train_throughput_cpu(tmp_path):
     assert res["ratio_vs_transformers"] > 0
 
 
+@pytest.mark.slow  # compiles the clip + AdamW update on CPU
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_train_throughput_variant_contender(tmp_path):
+    res = _run("train_throughput.py", "--steps", "2", "--warmup", "2", "--rounds", "1", "--no-compile",
+               "--variant", "compile_optimizer=1", tmp_path=tmp_path)  # fmt: skip
+    results = res["results"]
+    assert set(results) == {"llamaforge", "llamaforge[compile_optimizer=1]", "transformers"} and not res["failed"]
+    assert results["llamaforge[compile_optimizer=1]"]["first_loss"] == results["llamaforge"]["first_loss"]
+    assert results["llamaforge[compile_optimizer=1]"]["ratio_vs_reference"] > 0
+
+
+def test_train_throughput_rejects_a_bad_variant():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--variant", "fast=1"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "unknown setting 'fast'" in proc.stderr
+
+
 def test_weight_byte_counts_cover_quantized_buffers_and_skip_an_untied_table(monkeypatch):
     import copy
 

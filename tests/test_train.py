@@ -152,6 +152,46 @@ def test_compiled_training_follows_the_eager_losses(streams, tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+@pytest.mark.slow  # inductor compiles the clip + AdamW update on CPU, three times: ~40 s
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_compiled_update_follows_the_eager_losses_and_resumes_exactly(streams, tmp_path):
+    """`compile_optimizer: true` trains like the eager update through a changing learning rate (no recompilation
+    per step), and a stopped run resumes to the uninterrupted run's losses."""
+    train, val = streams
+    losses = {}
+    for compiled in (False, True):
+        spec = spec_(steps=6, warmup_steps=2, compile_optimizer=compiled, grad_clip=0.05)  # the clip is active
+        result = Trainer(tiny(), spec, train, val, tmp_path / str(compiled), progress=False).fit()
+        losses[compiled] = [r["loss"] for r in result.history if "loss" in r]
+    assert len(losses[True]) == 6 and losses[True] != losses[True][:1] * 6
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    spec = spec_(steps=6, warmup_steps=2, compile_optimizer=True, grad_clip=0.05)
+    Trainer(tiny(), spec, train, val, tmp_path / "part", progress=False).fit(stop_at=3)
+    resumed = Trainer(tiny(), spec, train, val, tmp_path / "part", progress=False).fit(resume=True)
+    assert [r["loss"] for r in resumed.history if "loss" in r] == pytest.approx(losses[True], rel=1e-6)
+
+
+def test_compiled_update_keeps_a_tensor_learning_rate_across_a_checkpoint(streams, tmp_path):
+    """The compiled update reads the learning rate as a tensor (a number would be baked into the graph); the
+    checkpoint stores it as a number and loading makes it a tensor again."""
+    from llamaforge.core.train import set_lr
+
+    train, val = streams
+    trainer = Trainer(tiny(), spec_(compile_optimizer=True), train, val, tmp_path / "r", progress=False)
+    lrs = [g["lr"] for g in trainer.optimizer.param_groups]
+    assert all(torch.is_tensor(lr) for lr in lrs)
+    set_lr(trainer.optimizer, 0.25)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == lrs and float(lrs[0]) == 0.25
+    trainer.save()
+    state = json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())
+    assert [g["lr"] for g in state["param_groups"]] == [0.25, 0.25]
+    again = Trainer(tiny(), spec_(compile_optimizer=True), train, val, tmp_path / "r", progress=False)
+    again.load_checkpoint()
+    assert all(torch.is_tensor(g["lr"]) and float(g["lr"]) == 0.25 for g in again.optimizer.param_groups)
+    eager = Trainer(tiny(), spec_(), train, val, tmp_path / "e", progress=False)
+    assert all(isinstance(g["lr"], float) for g in eager.optimizer.param_groups)
+
+
 def test_training_lowers_the_loss_and_writes_a_loadable_run(streams, tmp_path):
     train, val = streams
     spec = spec_(steps=30, warmup_steps=3, lr=1e-2, eval_every=10, log_every=5)

@@ -61,6 +61,9 @@ class TrainSpec(BaseModel):
     val_fraction: float = Field(default=0.05, ge=0, lt=1)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
+    compile_optimizer: bool = Field(
+        default=False, description="compile gradient clipping and the AdamW update as one graph (off until measured)"
+    )
     device: str = "auto"
     activation_checkpointing: bool = False
 
@@ -155,13 +158,72 @@ class TrainResult:
     data_digest: str = ""  # chained hash of every training batch: equal digests mean the same data order
 
 
-def compile_for_training(model: torch.nn.Module) -> Callable[..., Any]:
+def compile_for_training(model: torch.nn.Module, options: dict[str, Any] | None = None) -> Callable[..., Any]:
     """torch.compile as the trainer uses it. On CUDA, inductor tunes each generated kernel's launch configuration
     by coordinate descent: on an H200 (125M Llama-3 shape, batch 16 x 1024, bf16) that made a step 4% faster for
-    about a minute more compilation, once; pointwise and reduction kernels are a third of a step there."""
+    about a minute more compilation, once; pointwise and reduction kernels are a third of a step there. `options`
+    adds inductor options (benchmarks A/B them)."""
     device = next(model.parameters()).device
-    options = {"coordinate_descent_tuning": True} if device.type == "cuda" else None
-    return torch.compile(model, options=options)
+    merged = {"coordinate_descent_tuning": True} if device.type == "cuda" else {}
+    merged.update(options or {})
+    return torch.compile(model, options=merged or None)
+
+
+def build_optimizer(
+    params: list[torch.nn.Parameter],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    device: torch.device,
+    compiled: bool = False,
+) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only. Eagerly it is the fused CUDA kernel where there is one. For a
+    compiled update inductor generates the kernels, and the learning rate is a tensor, so the schedule's new value
+    every step is data rather than a constant that would recompile the graph (on CUDA it lives on the device and
+    the update is capturable: nothing in the step waits for the host)."""
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if compiled:
+        cuda = device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=_lr_tensor(lr, device), betas=betas, eps=eps, capturable=cuda)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=device.type == "cuda")
+
+
+def _lr_tensor(lr: float, device: torch.device) -> torch.Tensor:
+    return torch.tensor(lr, dtype=torch.float32, device=device if device.type == "cuda" else "cpu")
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate in place (a tensor learning rate keeps its tensor)."""
+    for group in optimizer.param_groups:
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def make_update(
+    params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None, *, compiled: bool
+) -> Callable[[], None]:
+    """Clip, step and zero the gradients. Compiled, inductor can fold the clipping scale into the update's
+    single pass over parameters, gradients and moments instead of rewriting every gradient first."""
+
+    def clip_and_step() -> None:
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True if compiled else None)
+        optimizer.step()
+
+    step = torch.compile(clip_and_step) if compiled else clip_and_step
+
+    def update() -> None:
+        step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return update
 
 
 class Trainer:
@@ -207,13 +269,16 @@ class Trainer:
         )
         self.val_tokens = val_tokens
         params = [p for p in self.model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=spec.lr, betas=(spec.beta1, spec.beta2), eps=spec.eps, fused=fused
+        self.optimizer = build_optimizer(
+            params,
+            lr=spec.lr,
+            betas=(spec.beta1, spec.beta2),
+            eps=spec.eps,
+            weight_decay=spec.weight_decay,
+            device=self.device,
+            compiled=spec.compile_optimizer,
         )
+        self._update = make_update(params, self.optimizer, spec.grad_clip, compiled=spec.compile_optimizer)
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self.data_digest = ""
@@ -253,7 +318,10 @@ class Trainer:
             ckpt / "state.json",
             {
                 "step": self.step,
-                "param_groups": opt_state["param_groups"],
+                "param_groups": [  # a compiled update's tensor learning rate is stored as its number
+                    {k: v.item() if torch.is_tensor(v) else v for k, v in group.items()}
+                    for group in opt_state["param_groups"]
+                ],
                 "loader": self.loader.state_dict(),
                 "history": self.history,
                 "data_digest": self.data_digest,
@@ -288,6 +356,9 @@ class Trainer:
             load_full_state(self.model, weights, self.optimizer, opt_state)
         else:
             self.optimizer.load_state_dict(opt_state)
+        if self.spec.compile_optimizer:  # loaded groups hold numbers; the compiled update reads a tensor
+            for group in self.optimizer.param_groups:
+                group["lr"] = _lr_tensor(float(group["lr"]), self.device)
         torch.set_rng_state(tensors["rng.cpu"])
         if "rng.cuda" in tensors and torch.cuda.is_available():
             torch.cuda.set_rng_state(tensors["rng.cuda"])
@@ -371,8 +442,7 @@ class Trainer:
         try:
             while self.step < end:
                 lr = lr_at(spec, self.step)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
+                set_lr(self.optimizer, lr)
                 step_loss = torch.zeros((), device=self.device)
                 for _ in range(spec.grad_accum):
                     inputs, targets = next(batches)
@@ -389,10 +459,7 @@ class Trainer:
                     import torch.distributed as dist
 
                     dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-                if spec.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), spec.grad_clip)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                self._update()
                 self.step += 1
                 window += step_loss
                 window_steps += 1
