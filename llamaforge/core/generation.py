@@ -382,7 +382,7 @@ def _gemv_pass() -> Any:
             with graph.inserting_before(first):
                 w = weights[0] if len(weights) == 1 else add(aten.cat.default, (weights, 0))
                 if _BUFFER_ROW:  # see the docstring: the row is computed once, not inside every thread block
-                    x = add(aten.as_strided.default, (x, list(xv.shape), list(xv.stride()), xv.storage_offset()))
+                    x = add(aten.as_strided.default, (x, list(xv.shape), list(xv.stride())))  # offset: x's own
                 x32 = add(prims.convert_element_type.default, (x, torch.float32))
                 w32 = add(prims.convert_element_type.default, (w, torch.float32))
                 prod = add(aten.mul.Tensor, (add(aten.unsqueeze.default, (x32, 1)), w32))  # (M,1,K)*(N,K)
@@ -400,7 +400,7 @@ def _gemv_pass() -> Any:
                     graph.erase_node(wt)
 
         def uuid(self) -> str:
-            return f"llamaforge-row-times-weight-4-{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}"
+            return f"llamaforge-row-times-weight-5-{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}"
 
     return RowTimesWeight()
 
