@@ -35,6 +35,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from _variants import VariantError, inductor_options, parse_settings  # benchmarks/ is on sys.path as a script
+
 GEN = "llamaforge.core.generation"
 KERNEL = "llamaforge.kernels.decode_attention"
 SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, kind)
@@ -52,47 +54,11 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool"}
 
 
-class VariantError(ValueError):
-    pass
-
-
-def _convert(key: str, kind: str, raw: str) -> Any:
-    try:
-        if kind == "bool":
-            if raw.lower() not in ("0", "1", "true", "false", "on", "off"):
-                raise ValueError(raw)
-            return raw.lower() in ("1", "true", "on")
-        if kind == "int":
-            return int(raw)
-        if kind == "int_or_auto":
-            return None if raw == "auto" else int(raw)
-        return raw
-    except ValueError:
-        raise VariantError(f"{key}={raw!r}: expected {kind.replace('_', ' ')}") from None
-
-
 def parse_variant(text: str) -> dict[str, Any]:
-    """`buffer_row=0,attn=flash_decode` -> settings; checked here, before any process is started."""
-    settings: dict[str, Any] = {}
+    """`buffer_row=0,attn=flash_decode` -> settings (`base`: none); checked before any process is started."""
     if text.strip() in ("", "base"):
-        return settings
-    for item in text.split(","):
-        key, sep, raw = item.strip().partition("=")
-        if not sep or not key or not raw:
-            raise VariantError(f"{item!r} in variant {text!r}: expected NAME=VALUE")
-        if key in SWITCHES:
-            settings[key] = _convert(key, SWITCHES[key][2], raw)
-        elif key in CALL_SETTINGS:
-            settings[key] = _convert(key, CALL_SETTINGS[key], raw)
-        elif key.startswith("inductor.") and len(key) > len("inductor."):
-            try:  # numbers, true/false, lists; anything else is a string
-                settings[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                settings[key] = raw
-        else:
-            known = ", ".join([*SWITCHES, *CALL_SETTINGS, "inductor.NAME"])
-            raise VariantError(f"unknown setting {key!r} in variant {text!r}; known: {known}")
-    return settings
+        return {}
+    return parse_settings(text, {**{k: kind for k, (_, _, kind) in SWITCHES.items()}, **CALL_SETTINGS})
 
 
 # ----- in the child process -------------------------------------------------------------------------------------
@@ -108,11 +74,10 @@ def _apply(settings: dict[str, Any]) -> None:
             if not hasattr(mod, attr):
                 raise VariantError(f"{module}.{attr} does not exist in this checkout")
             setattr(mod, attr, value)
-        elif key.startswith("inductor."):
-            name = key[len("inductor.") :]
-            if name not in inductor_config.get_config_copy():
-                raise VariantError(f"this torch's inductor has no option {name!r}")
-            inductor_config.__setattr__(name, value)
+    for name, value in inductor_options(settings).items():
+        if name not in inductor_config.get_config_copy():
+            raise VariantError(f"this torch's inductor has no option {name!r}")
+        setattr(inductor_config, name, value)
 
 
 def _kernel_table(session: Any, steps: int, top: int) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from _timing import sync  # benchmarks/ is on sys.path when run as a script
+from _variants import VariantError, inductor_options, parse_settings
 
 import llamaforge
 
@@ -121,27 +122,6 @@ def make_step(
     return step
 
 
-def parse_variant(text: str) -> dict[str, Any]:
-    """`compile_optimizer=1,inductor.triton.enable_pdl=1` -> settings for one more llamaforge contender."""
-    settings: dict[str, Any] = {}
-    for item in text.split(","):
-        key, sep, raw = item.strip().partition("=")
-        if not sep or not key or not raw:
-            raise ValueError(f"{item!r} in --variant {text!r}: expected NAME=VALUE")
-        if key == "compile_optimizer":
-            if raw.lower() not in ("0", "1", "true", "false"):
-                raise ValueError(f"compile_optimizer={raw!r}: expected 0/1")
-            settings[key] = raw.lower() in ("1", "true")
-        elif key.startswith("inductor.") and len(key) > len("inductor."):
-            try:
-                settings[key] = json.loads(raw)
-            except json.JSONDecodeError:
-                settings[key] = raw
-        else:
-            raise ValueError(f"unknown setting {key!r} in --variant {text!r}; known: compile_optimizer, inductor.NAME")
-    return settings
-
-
 def window(step: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], n: int, device: torch.device) -> float:
     sync(device)
     if device.type == "cuda":
@@ -180,8 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     )  # fmt: skip
     args = ap.parse_args(argv)
     try:
-        variants = {f"llamaforge[{v}]": parse_variant(v) for v in args.variant}
-    except ValueError as exc:
+        variants = {f"llamaforge[{v}]": parse_settings(v, {"compile_optimizer": "bool"}) for v in args.variant}
+    except VariantError as exc:
         ap.error(str(exc))
 
     gpu = args.gpu
@@ -223,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                          device, amp, 3e-4)  # fmt: skip
     for label, settings in variants.items():
         twin = llamaforge.build_model(spec, device=device, dtype="float32", seed=0).train()
-        options = {k[len("inductor.") :]: v for k, v in settings.items() if k.startswith("inductor.")}
+        options = inductor_options(settings)
         if options and not compile_:
             ap.error(f"--variant {label}: inductor options need --compile")
         forward = compile_for_training(twin, options) if compile_ else twin
