@@ -121,3 +121,95 @@ def test_compiled_decoding_with_flash_decode_gives_the_sdpa_tokens():
         out[kernel] = generate(model, prompts, config)
         clear_sessions(model)
     assert out["flash_decode"] == out["sdpa"]
+
+
+# ----- int8 GEMV -------------------------------------------------------------------------------------------------
+def _int8_case(seed: int, n: int, k: int, dtype=torch.float32):
+    from llamaforge.plugins.quantizers import quantize_int8_rows
+
+    g = torch.Generator().manual_seed(seed)
+    q, scale = quantize_int8_rows(torch.randn(n, k, generator=g))
+    return torch.randn(1, k, generator=g).to(dtype), q, scale.to(dtype)
+
+
+def _close_to(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 40), k=st.integers(1, 70), lead=st.sampled_from([(1,), (1, 1)]))
+def test_int8_gemv_route_is_the_int8_linear_product(seed, n, k, lead):
+    """The op (its CPU kernel is the reference) returns what `int8_weight_only_linear` computes, in F.linear's shape;
+    more than one row never goes to it."""
+    from llamaforge.kernels import int8_gemv
+    from llamaforge.plugins.quantizers import int8_weight_only_linear
+
+    x, q, scale = _int8_case(seed, n, k)
+    x = x.reshape(*lead, k)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(int8_gemv, "available", lambda row, w: int8_gemv.supported(row, w))
+        got = int8_gemv.maybe_gemv(x, q, scale)
+        assert int8_gemv.maybe_gemv(torch.cat([x, x], dim=-2), q, scale) is None
+    assert got is not None and got.shape == (*lead, n)
+    torch.testing.assert_close(got, int8_weight_only_linear(x, q, scale, None))
+    assert not int8_gemv.available(x.reshape(1, k), q)  # off by default, and never for CPU tensors
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_int8_gemv_kernel_in_the_interpreter_matches_the_reference():
+    script = textwrap.dedent(
+        """
+        import torch
+        from llamaforge.kernels import int8_gemv
+        from tests.test_kernels import _close_to, _int8_case
+        cases = [  # (seed, rows, columns, block_n, block_k, dtype)
+            (0, 37, 100, 8, 64, torch.float32),  # ragged rows and columns, two column steps
+            (1, 64, 300, 16, 128, torch.bfloat16),
+            (2, 5, 3, 4, 1024, torch.float32),  # block_k clipped to the row length
+            (3, 24, 256, 8, 256, torch.float32),  # exact tiles
+        ]
+        for seed, n, k, bn, bk, dtype in cases:
+            x, q, scale = _int8_case(seed, n, k, dtype)
+            got = int8_gemv.launch(x, q, scale, block_n=bn, block_k=bk)
+            assert got.shape == (1, n) and got.dtype == dtype
+            _close_to(got, int8_gemv.reference(x, q, scale), 2e-2 if dtype is torch.bfloat16 else 1e-5)
+        print("ok", len(cases))
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root, timeout=600
+    )
+    assert proc.returncode == 0 and "ok 4" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@cuda
+def test_int8_gemv_on_cuda_matches_the_reference_at_llama_shapes():
+    from llamaforge.kernels import int8_gemv
+
+    for seed, n, k in [(0, 2048, 2048), (1, 16384, 2048), (2, 2048, 8192), (3, 128256, 2048), (4, 1000, 300)]:
+        x, q, scale = (t.cuda() for t in _int8_case(seed, n, k, torch.bfloat16))
+        _close_to(int8_gemv.int8_gemv(x, q, scale), int8_gemv.reference(x, q, scale), 2e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_int8_decoding_through_the_gemv_kernel_gives_the_matmul_tokens(monkeypatch):
+    import llamaforge
+    from llamaforge.core.generation import GenerationConfig, clear_sessions, generate
+    from llamaforge.core.loading import apply_transform
+    from llamaforge.kernels import int8_gemv
+
+    spec = llamaforge.load_spec("tiny").with_updates(eos_token_id=None)
+    config = GenerationConfig(max_new_tokens=16, eos_token_ids=[])
+    out = {}
+    for enabled in (False, True):
+        monkeypatch.setattr(int8_gemv, "ENABLED", enabled)
+        torch._dynamo.reset()
+        model = apply_transform(llamaforge.build_model(spec, device="cuda", seed=0).eval(), "quantizer",
+                                "int8_weight_only")  # fmt: skip
+        out[enabled] = generate(model, [[3, 4, 5]], config)
+        clear_sessions(model)
+    assert out[True] == out[False]
