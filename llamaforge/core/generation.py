@@ -263,6 +263,9 @@ def _compiled(fn: Any, model: Any) -> Any:
     shape. Cached beside the model (weakly), so dropping the model drops its compiled code."""
     per_model = _compiled_steps.setdefault(model, {})
     if fn not in per_model:
+        if model.device.type == "cuda":  # their custom ops are registered before dynamo traces a call into them
+            import llamaforge.kernels.decode_attention
+            import llamaforge.kernels.int8_gemv  # noqa: F401
         per_model[fn] = torch.compile(fn, options=_compile_options(model.device))
     return per_model[fn]
 
