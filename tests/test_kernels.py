@@ -63,6 +63,16 @@ def test_split_plan_covers_the_cache_in_whole_blocks(b, kv, length, block):
         assert b * kv * splits >= 64  # a short batch still spreads over the GPU (one program per SM or more)
 
 
+def _in_the_interpreter(script: str, expect: str) -> None:
+    """Run `script` in a fresh Python with Triton's CPU interpreter (chosen when Triton is imported)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root, timeout=600
+    )
+    assert proc.returncode == 0 and expect in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_triton_kernel_in_the_interpreter_matches_the_reference():
     script = textwrap.dedent(
@@ -86,12 +96,7 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference():
         print("ok", len(cases))
         """
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root, timeout=600
-    )
-    assert proc.returncode == 0 and "ok 5" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _in_the_interpreter(script, "ok 5")
 
 
 @pytest.mark.gpu
@@ -176,12 +181,7 @@ def test_int8_gemv_kernel_in_the_interpreter_matches_the_reference():
         print("ok", len(cases))
         """
     )
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root, timeout=600
-    )
-    assert proc.returncode == 0 and "ok 4" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _in_the_interpreter(script, "ok 4")
 
 
 @pytest.mark.gpu
