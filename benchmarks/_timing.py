@@ -51,3 +51,34 @@ def streamed_weight_bytes(model: Any) -> int:
     if embed is not None and not model.spec.tie_embeddings and hasattr(embed, "weight"):
         total -= embed.weight.numel() * embed.weight.element_size()
     return total
+
+
+def kernel_table(fn: Callable[[], Any], device: torch.device, steps: int, top: int = 25) -> dict[str, Any]:
+    """Time per call of `fn` by GPU kernel (CUDA) or top-level operator (CPU), from the profiler over `steps` calls
+    after one untimed call: where a step's time goes, which is what a change shows even when totals drift."""
+    from collections import defaultdict
+
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            fn()
+        sync(device)
+    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for event in prof.events():
+        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if not cuda and (event.cpu_parent is not None or event.device_type != torch.autograd.DeviceType.CPU):
+            continue
+        per[event.name][0] += event.time_range.elapsed_us() / steps  # a kernel's span on the GPU; an op's on the host
+        per[event.name][1] += 1 / steps
+    rows = sorted(per.items(), key=lambda kv: -kv[1][0])
+    return {
+        "kernel_us_per_step": round(sum(v[0] for v in per.values()), 1),
+        "kernels_per_step": round(sum(v[1] for v in per.values()), 1),
+        "kernels": [{"name": k[:160], "us_per_step": round(v[0], 2), "calls_per_step": round(v[1], 2)} for k, v in
+                    rows[:top]],
+    }  # fmt: skip

@@ -32,7 +32,6 @@ import platform
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -88,37 +87,16 @@ def _apply(settings: dict[str, Any]) -> None:
 
 
 def _kernel_table(session: Any, steps: int, top: int) -> dict[str, Any]:
-    """Time per decode step by kernel (CUDA) or operator (CPU), from the profiler over `steps` uncaptured steps."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    """The decode step's kernels over `steps` uncaptured steps from the prompt's end; the session's state is put
+    back afterwards."""
+    from _timing import kernel_table
 
-    cuda = session.device.type == "cuda"
     saved = (session.ids.clone(), session.cur.clone(), session.pos.clone())
     session.pos.fill_(session.plen)
-    session._body()  # one untimed step: nothing lazy inside the window
-    activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            session._body()
-        if cuda:
-            torch.cuda.synchronize(session.device)
-    session._restore(saved)
-    per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for event in prof.events():
-        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
-        if not cuda and (event.cpu_parent is not None or event.device_type != torch.autograd.DeviceType.CPU):
-            continue
-        duration = event.time_range.elapsed_us()  # a kernel's own span on the GPU; an operator's on the host
-        per[event.name][0] += duration / steps
-        per[event.name][1] += 1 / steps
-    rows = sorted(per.items(), key=lambda kv: -kv[1][0])
-    return {
-        "kernel_us_per_step": round(sum(v[0] for v in per.values()), 1),
-        "kernels_per_step": round(sum(v[1] for v in per.values()), 1),
-        "kernels": [{"name": k[:160], "us_per_step": round(v[0], 2), "calls_per_step": round(v[1], 2)} for k, v in
-                    rows[:top]],
-    }  # fmt: skip
+    try:
+        return kernel_table(session._body, session.device, steps, top)
+    finally:
+        session._restore(saved)
 
 
 def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:

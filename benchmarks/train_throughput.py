@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 import torch
-from _timing import sync  # benchmarks/ is on sys.path when run as a script
+from _timing import kernel_table, sync  # benchmarks/ is on sys.path when run as a script
 from _variants import VariantError, inductor_options, parse_settings
 
 import llamaforge
@@ -154,6 +154,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="after timing, the kernel table of each llamaforge contender over this many steps",
+    )
     ap.add_argument("--variant", action="append", default=[], metavar="SETTINGS",
                     help="one more llamaforge contender, same weights and batches, e.g. compile_optimizer=1 or "
                          "inductor.triton.enable_pdl=1 (repeatable; timed in the same alternating windows)",
@@ -238,6 +245,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for label, step in contenders.items():
             times[label].append(window(step, batches, steps, device))
 
+    profiles = {}
+    for label, step in contenders.items():
+        if args.profile and label.startswith("llamaforge"):
+            profiles[label] = kernel_table(lambda step=step: step(*batches[0]), device, args.profile, top=30)
+
     tokens = steps * batch * seq
     results: dict[str, Any] = {}
     for label in contenders:
@@ -275,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "results": results,
         "failed": failed,
         "ratio_vs_" + ref: ratio,
+        "profiles": profiles,
     }
     print(f"device {summary['device']}, torch {torch.__version__}, {summary['params']:,} parameters, batch {batch} x "
           f"seq {seq}, {summary['precision']}, compile={compile_}")  # fmt: skip
@@ -284,6 +297,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         extra = f"(first loss {r['first_loss']:.4f}, warm-up {r['warmup_s']:.1f} s, {r['ratio_vs_reference']:.3f}x)"
         print(f"  {label:<22} {r['tokens_per_s']:>12,.0f} tokens/s  {r['step_ms']:8.1f} ms/step  "
               f"{r['tflops']:7.2f} TFLOP/s{mfu}  {extra}")  # fmt: skip
+    for label, table in profiles.items():
+        print(f"  {label}: {table['kernel_us_per_step'] / 1000:.1f} ms of kernels per step "
+              f"({table['kernels_per_step']:.0f} kernels); the largest:")  # fmt: skip
+        for row in table["kernels"][:12]:
+            print(f"    {row['us_per_step']:9.1f} us  x{row['calls_per_step']:<5g} {row['name'][:100]}")
     ours_r = results["llamaforge"]
     mfu_txt = f", MFU {100 * ours_r['mfu']:.1f}% vs {100 * results[ref]['mfu']:.1f}%" if ours_r["mfu"] else ""
     print(f"SUMMARY train_throughput: llamaforge {ours_r['tokens_per_s']:,.0f} tokens/s vs {ref} "

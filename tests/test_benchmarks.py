@@ -54,9 +54,11 @@ def test_generate_throughput_cpu(tmp_path):
 
 def test_train_throughput_cpu(tmp_path):
     res = _run("train_throughput.py", "--steps", "2", "--warmup", "1", "--rounds", "1", "--no-compile",
-               tmp_path=tmp_path)  # fmt: skip
+               "--profile", "1", tmp_path=tmp_path)  # fmt: skip
     assert set(res["results"]) == {"llamaforge", "transformers"} and not res["failed"]
     assert res["ratio_vs_transformers"] > 0
+    table = res["profiles"]["llamaforge"]  # where a step's time goes (operators on CPU, kernels on CUDA)
+    assert table["kernel_us_per_step"] > 0 and any("AdamW" in row["name"] for row in table["kernels"])
 
 
 @pytest.mark.slow  # compiles the clip + AdamW update on CPU
