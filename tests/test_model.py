@@ -154,6 +154,25 @@ def test_fused_linear_cross_entropy_matches_reference():
         torch.testing.assert_close(x.grad, 3 * ref_grad, atol=1e-6, rtol=1e-5)
 
 
+def test_eager_and_compiled_chunk_functions_agree():
+    """The CUDA path compiles `_chunk_loss_and_grad`; other devices run the log_softmax form. Same numbers."""
+    from llamaforge.core import losses
+
+    g = torch.Generator().manual_seed(1)
+    h, w, b = torch.randn(23, 16, generator=g), torch.randn(50, 16, generator=g), torch.randn(50, generator=g)
+    t = torch.randint(0, 50, (23,), generator=g)
+    t[3:6] = losses.IGNORE_INDEX
+    for want_grad in (True, False):
+        a = losses._chunk_loss_and_grad(h, w, b, t, want_grad)
+        e = losses._chunk_loss_and_grad_eager(h, w, b, t, want_grad)
+        torch.testing.assert_close(e[0], a[0])
+        if want_grad:
+            torch.testing.assert_close(e[1], a[1], atol=1e-7, rtol=1e-5)
+            assert e[1][3:6].abs().sum() == 0  # ignored rows contribute no gradient
+        else:
+            assert a[1] is None and e[1] is None
+
+
 def test_mlp_head_loss_path_matches():
     model = build_model(load_spec("seed-feedforward").with_updates(vocab_size=64, pad_token_id=None, bos_token_id=None))
     ids = torch.randint(0, 64, (2, 12))

@@ -30,13 +30,32 @@ def _chunk_loss_and_grad(
     return loss_sum, (g * valid.unsqueeze(1)).to(hc.dtype)
 
 
+def _chunk_loss_and_grad_eager(
+    hc: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, tc: torch.Tensor, want_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same for eager devices, written around log_softmax and in-place updates of one chunk-sized buffer: on a
+    CPU, logsumexp runs as five separate passes over the logits (max, subtract, exp, sum, log) and the function
+    above takes 2.5x as long (32 vs 13 ms for a 1,024 x 4,096 chunk on 2 cores), which made a whole `tiny`
+    training step slower than transformers' there."""
+    logp = torch.log_softmax(F.linear(hc, w, b).float(), dim=-1)
+    valid = tc != IGNORE_INDEX
+    safe = tc.clamp(min=0).unsqueeze(1)
+    loss_sum = -(logp.gather(1, safe).squeeze(1) * valid).sum()
+    if not want_grad:
+        return loss_sum, None
+    g = logp.exp_()  # softmax, in the log-probabilities' buffer
+    g.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=g.dtype))
+    g.mul_(valid.unsqueeze(1))
+    return loss_sum, g.to(hc.dtype)
+
+
 _COMPILED: dict[str, object] = {}
 
 
 def _chunk_fn(device_type: str):
     """On CUDA the pointwise softmax/one-hot/cast work is compiled into a few fused kernels."""
     if device_type != "cuda":
-        return _chunk_loss_and_grad
+        return _chunk_loss_and_grad_eager
     if "cuda" not in _COMPILED:
         _COMPILED["cuda"] = torch.compile(_chunk_loss_and_grad, dynamic=False)
     return _COMPILED["cuda"]
