@@ -461,6 +461,30 @@ def test_compiled_greedy_step_gives_the_eager_tokens():
     generation.clear_sessions(model)
 
 
+def test_session_fingerprint_follows_what_a_captured_graph_depends_on():
+    """Same model: same key. A swapped module, a reallocated parameter or a dtype change: a new key (a captured
+    graph would read the old tensors). In-place weight updates keep the storage, so the key stays."""
+    from torch import nn
+
+    from llamaforge.core.generation import _fingerprint
+
+    model = _model(seed=3)
+    key = _fingerprint(model)
+    assert _fingerprint(model) == key
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.add_(1.0)
+    assert _fingerprint(model) == key
+    proj = model.model.layers[0].mlp.up_proj
+    proj.weight.data = proj.weight.data.clone()
+    moved = _fingerprint(model)
+    assert moved != key
+    model.model.layers[1].mlp.down_proj = nn.Linear(proj.out_features, proj.in_features, bias=False)
+    swapped = _fingerprint(model)
+    assert swapped != moved
+    model.to(torch.float64)
+    assert _fingerprint(model) != swapped
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.integers(1, 4),

@@ -187,6 +187,16 @@ def _flags(model):
     return [m.training for m in model.modules()]
 
 
+def test_submodules_is_the_module_set_once_each():
+    from llamaforge.core.model import submodules
+
+    model = build_model(load_spec("tiny"), seed=0)
+    model.model.layers[1].extra = model.model.layers[0].mlp  # a module reachable twice
+    mods = submodules(model)
+    assert len(mods) == len({id(m) for m in mods})
+    assert {id(m) for m in mods} == {id(m) for m in model.modules()}
+
+
 def test_eval_mode_restores_each_module_flag_even_after_an_error():
     from llamaforge.core.model import eval_mode
 

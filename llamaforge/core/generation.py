@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from llamaforge.core.interfaces import Sampler
-from llamaforge.core.model import eval_mode
+from llamaforge.core.model import eval_mode, submodules
 from llamaforge.core.spec import ComponentSpec
 from llamaforge.errors import LlamaforgeError
 
@@ -616,9 +616,9 @@ def _session(model: Any, bsz: int, need: int, config: GenerationConfig, stages: 
 def _fingerprint(model: Any) -> tuple:
     """What a captured graph depends on: the module objects (an adapter or quantizer swaps some) and where every
     parameter lives (moving the model or changing its dtype reallocates them)."""
-    modules = tuple(id(m) for m in model.modules())
-    params = tuple((p.data_ptr(), p.dtype) for p in model.parameters())
-    return hash((modules, params))
+    modules = submodules(model)
+    params = tuple((p.data_ptr(), p.dtype) for m in modules for p in m._parameters.values() if p is not None)
+    return hash((tuple(map(id, modules)), params))
 
 
 def _pipeline_key(samplers: Sequence[Any]) -> str:

@@ -388,6 +388,22 @@ def _ensure_row(mask: torch.Tensor) -> torch.Tensor:
     return mask | empty
 
 
+def submodules(model: nn.Module) -> list[nn.Module]:
+    """Every module under `model` (itself included), each once. The same set as `model.modules()` in about half
+    the time (no generator chain or name building), which counts on paths that run per `generate` call."""
+    out: list[nn.Module] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        out.append(module)
+        stack.extend(child for child in module._modules.values() if child is not None)
+    return out
+
+
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     """Run inference with dropout off, then give every module its own mode back.
@@ -396,7 +412,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     twice, which took 2.3 ms per call for a 16-layer model on CPU, longer than an H200 spends on a 1B model's
     16-token prefill. In a mixed state (a frozen submodule kept in eval mode inside a training model) each module
     gets back exactly the flag it had, where `model.train(True)` would turn the frozen one to training."""
-    modules = list(model.modules())
+    modules = submodules(model)
     training = [m for m in modules if m.training]
     if not training:
         yield model
