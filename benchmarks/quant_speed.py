@@ -5,6 +5,7 @@
     python benchmarks/quant_speed.py --compile --spec 100m  # CPU through generate(compile=True)
     python benchmarks/quant_speed.py --gpu            # CUDA: llama3.2-1b shape, bf16 vs int8_weight_only decode
                                                       #       tokens/s through llamaforge.generate (target >= 1.3x)
+    python benchmarks/quant_speed.py --gpu --int8-gemv  # also int8 through llamaforge's Triton GEMV kernel
 
 CPU mode: every variant decodes the same prompt greedily with a static KV cache, eagerly; decode tokens/s = new
 tokens / wall time of the decode loop (prefill excluded); prefill tokens/s = prompt tokens / wall time of one
@@ -214,6 +215,17 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
 
     attempt("bf16", lambda: base)
     attempt("int8_weight_only", lambda: apply_transform(copy.deepcopy(base), "quantizer", "int8_weight_only"))
+    if args.int8_gemv:  # the same int8 model with its one-row products on llamaforge's Triton GEMV kernel
+        from llamaforge.kernels import int8_gemv
+
+        int8_gemv.ENABLED = True  # read when the decode step is traced: kept on for this variant's whole run
+        try:
+            attempt(
+                "int8_weight_only (int8_gemv kernel)",
+                lambda: apply_transform(copy.deepcopy(base), "quantizer", "int8_weight_only"),
+            )
+        finally:
+            int8_gemv.ENABLED = False
     if args.linears_only:
         attempt(
             "int8_weight_only (linears only, bf16 table)",
@@ -258,6 +270,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2, help="CPU threads (CPU mode).")
     p.add_argument("--linears-only", action="store_true", help="GPU mode: also int8 linears with a bf16 table.")
+    p.add_argument("--int8-gemv", action="store_true", help="GPU mode: also int8 through the Triton GEMV kernel.")
     p.add_argument("--no-torchao", dest="torchao", action="store_false", help="GPU mode: skip the torchao column.")
     p.add_argument("--compile", action="store_true", help="CPU mode: time llamaforge.generate(compile=True).")
     p.add_argument("--json", default=None, help="Also write the results to this file.")
