@@ -102,7 +102,7 @@ def _kernel_table(session: Any, steps: int, top: int) -> dict[str, Any]:
 def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     import torch
     from _timing import best_time, sync
-    from generate_throughput import _step_profile
+    from generate_throughput import SPECS, _step_profile
 
     import llamaforge
     from llamaforge.core import generation
@@ -110,7 +110,7 @@ def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     from llamaforge.core.loading import apply_transform
 
     _apply(settings)
-    spec = llamaforge.load_spec(args.spec)
+    spec = llamaforge.load_spec(SPECS.get(args.spec, args.spec))  # generate_throughput's names (100m) work too
     room = max(spec.max_positions, args.prompt_len + args.new_tokens)
     spec = spec.with_updates(eos_token_id=None, max_positions=room)
     if "attn" in settings:
@@ -194,7 +194,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("variants", nargs="*", default=["base"], help="settings per variant (see above)")
-    ap.add_argument("--spec", default="tiny")
+    ap.add_argument("--spec", default="tiny", help="preset, spec file, or generate_throughput's 100m")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--batch", type=int, default=1)
