@@ -129,35 +129,16 @@ def test_compiled_decoding_with_flash_decode_gives_the_sdpa_tokens():
 
 
 # ----- int8 GEMV -------------------------------------------------------------------------------------------------
-def _int8_case(seed: int, n: int, k: int, dtype=torch.float32):
+def _int8_case(seed: int, rows: list[int], k: int, dtype=torch.float32):
     from llamaforge.plugins.quantizers import quantize_int8_rows
 
     g = torch.Generator().manual_seed(seed)
-    q, scale = quantize_int8_rows(torch.randn(n, k, generator=g))
-    return torch.randn(1, k, generator=g).to(dtype), q, scale.to(dtype)
+    weights, scales = zip(*(quantize_int8_rows(torch.randn(n, k, generator=g)) for n in rows), strict=True)
+    return torch.randn(1, k, generator=g).to(dtype), list(weights), [s.to(dtype) for s in scales]
 
 
 def _close_to(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
     torch.testing.assert_close(got.float(), want.float(), atol=tol * want.abs().max().item(), rtol=tol)
-
-
-@settings(max_examples=30, deadline=None)
-@given(seed=st.integers(0, 2**16), n=st.integers(1, 40), k=st.integers(1, 70), lead=st.sampled_from([(1,), (1, 1)]))
-def test_int8_gemv_route_is_the_int8_linear_product(seed, n, k, lead):
-    """The op (its CPU kernel is the reference) returns what `int8_weight_only_linear` computes, in F.linear's shape;
-    more than one row never goes to it."""
-    from llamaforge.kernels import int8_gemv
-    from llamaforge.plugins.quantizers import int8_weight_only_linear
-
-    x, q, scale = _int8_case(seed, n, k)
-    x = x.reshape(*lead, k)
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(int8_gemv, "available", lambda row, w: int8_gemv.supported(row, w))
-        got = int8_gemv.maybe_gemv(x, q, scale)
-        assert int8_gemv.maybe_gemv(torch.cat([x, x], dim=-2), q, scale) is None
-    assert got is not None and got.shape == (*lead, n)
-    torch.testing.assert_close(got, int8_weight_only_linear(x, q, scale, None))
-    assert not int8_gemv.available(x.reshape(1, k), q)  # off by default, and never for CPU tensors
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
@@ -167,21 +148,54 @@ def test_int8_gemv_kernel_in_the_interpreter_matches_the_reference():
         import torch
         from llamaforge.kernels import int8_gemv
         from tests.test_kernels import _close_to, _int8_case
-        cases = [  # (seed, rows, columns, block_n, block_k, dtype)
-            (0, 37, 100, 8, 64, torch.float32),  # ragged rows and columns, two column steps
-            (1, 64, 300, 16, 128, torch.bfloat16),
-            (2, 5, 3, 4, 1024, torch.float32),  # block_k clipped to the row length
-            (3, 24, 256, 8, 256, torch.float32),  # exact tiles
+        cases = [  # (seed, rows of each matrix, columns, block_n, block_k, dtype)
+            (0, [37], 100, 8, 64, torch.float32),  # ragged rows and columns, two column steps
+            (1, [64, 16, 16], 300, 16, 128, torch.bfloat16),  # q/k/v-like: three matrices in one launch
+            (2, [5, 3], 3, 4, 1024, torch.float32),  # block_k clipped to the row length; partial blocks
+            (3, [24, 8, 1], 256, 8, 256, torch.float32),  # exact tiles, a one-row matrix last
         ]
-        for seed, n, k, bn, bk, dtype in cases:
-            x, q, scale = _int8_case(seed, n, k, dtype)
-            got = int8_gemv.launch(x, q, scale, block_n=bn, block_k=bk)
-            assert got.shape == (1, n) and got.dtype == dtype
-            _close_to(got, int8_gemv.reference(x, q, scale), 2e-2 if dtype is torch.bfloat16 else 1e-5)
+        for seed, rows, k, bn, bk, dtype in cases:
+            x, weights, _ = _int8_case(seed, rows, k, dtype)
+            got = int8_gemv.launch(x, weights, block_n=bn, block_k=bk)
+            assert got.shape == (1, sum(rows)) and got.dtype == torch.float32
+            _close_to(got, int8_gemv.reference(x, weights), 1e-2 if dtype is torch.bfloat16 else 1e-5)
         print("ok", len(cases))
         """
     )
     _in_the_interpreter(script, "ok 4")
+
+
+def test_gemv_pass_hands_int8_products_to_the_kernel_op_in_one_call(monkeypatch):
+    """With the switch on, the decode graph pass replaces int8 weight-only products sharing a row (q/k/v) by one
+    call of the int8 GEMV op (the scales stay in the graph), and the graph computes what it did before."""
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.nn import functional as F
+
+    from llamaforge.core import generation
+    from llamaforge.kernels import int8_gemv
+
+    x, weights, scales = _int8_case(5, [32, 8, 8], 40)
+
+    def layer(x, q0, q1, q2, s0, s1, s2):  # three int8 weight-only layers reading one row
+        return tuple(F.linear(x, q.to(x.dtype)) * s.to(x.dtype) for q, s in ((q0, s0), (q1, s1), (q2, s2)))
+
+    args = (x.reshape(1, 1, 40), *weights, *scales)
+    monkeypatch.setattr(int8_gemv, "ENABLED", True)
+    monkeypatch.setattr(int8_gemv, "route_available", lambda: True)  # this test runs the op's CPU reference
+    gm = make_fx(layer, decomposition_table=select_decomp_table(), tracing_mode="fake")(*args)  # inductor's aten
+    generation._gemv_pass()(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    calls = [n for n in gm.graph.nodes if n.target is torch.ops.llamaforge.int8_gemv_rows.default]
+    assert len(calls) == 1 and len(calls[0].args[1]) == 3
+    for got, want in zip(gm(*args), layer(*args), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(int8_gemv, "ENABLED", False)
+    monkeypatch.setattr(int8_gemv, "route_available", lambda: False)
+    gm = make_fx(layer, decomposition_table=select_decomp_table(), tracing_mode="fake")(*args)
+    generation._gemv_pass()(gm.graph)
+    assert not any(n.target is torch.ops.llamaforge.int8_gemv_rows.default for n in gm.graph.nodes)
 
 
 @pytest.mark.gpu
@@ -189,9 +203,11 @@ def test_int8_gemv_kernel_in_the_interpreter_matches_the_reference():
 def test_int8_gemv_on_cuda_matches_the_reference_at_llama_shapes():
     from llamaforge.kernels import int8_gemv
 
-    for seed, n, k in [(0, 2048, 2048), (1, 16384, 2048), (2, 2048, 8192), (3, 128256, 2048), (4, 1000, 300)]:
-        x, q, scale = (t.cuda() for t in _int8_case(seed, n, k, torch.bfloat16))
-        _close_to(int8_gemv.int8_gemv(x, q, scale), int8_gemv.reference(x, q, scale), 2e-2)
+    cases = [([2048, 512, 512], 2048), ([8192, 8192], 2048), ([2048], 8192), ([128256], 2048), ([1000], 300)]
+    for seed, (rows, k) in enumerate(cases):
+        x, weights, _ = _int8_case(seed, rows, k, torch.bfloat16)
+        x, weights = x.cuda(), [w.cuda() for w in weights]
+        _close_to(int8_gemv.int8_gemv_rows(x, weights), int8_gemv.reference(x, weights), 1e-2)
 
 
 @pytest.mark.gpu

@@ -345,6 +345,26 @@ def _gemv_pass() -> Any:
         order[node] = order[before] - 0.5
         return True
 
+    def _int8_sources(weights: list[Any], xv: torch.Tensor) -> list[torch.fx.Node] | None:
+        """The int8 matrices behind `weights` when every one is an int8 tensor widened in the graph (an int8
+        weight-only layer) and llamaforge's int8 GEMV kernel is switched on and takes them; else None."""
+        from llamaforge.kernels import int8_gemv
+
+        if not int8_gemv.route_available() or len(weights) > int8_gemv.MAX_MATRICES or xv.shape[0] != 1:
+            return None
+        if xv.stride(-1) != 1:
+            return None
+        sources = []
+        for w in weights:
+            if not (isinstance(w, torch.fx.Node) and w.target is prims.convert_element_type.default):
+                return None
+            src = w.args[0]
+            val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+            if val is None or val.dtype != torch.int8 or val.dim() != 2 or val.stride(-1) != 1:
+                return None
+            sources.append(src)
+        return sources
+
     class RowTimesWeight(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
             groups: dict[Any, list[tuple[torch.fx.Node, torch.fx.Node]]] = {}
@@ -382,14 +402,21 @@ def _gemv_pass() -> Any:
                 for member in members:
                     RowTimesWeight.rewrite(graph, [member])
                 return
+            int8 = _int8_sources(weights, xv)
             with graph.inserting_before(first):
-                w = weights[0] if len(weights) == 1 else add(aten.cat.default, (weights, 0))
-                if _BUFFER_ROW:  # see the docstring: the row is computed once, not inside every thread block
+                if _BUFFER_ROW or int8:  # see the docstring: the row is computed once, not inside every thread block
                     x = add(aten.as_strided.default, (x, list(xv.shape), list(xv.stride())))  # offset: x's own
-                x32 = add(prims.convert_element_type.default, (x, torch.float32))
-                w32 = add(prims.convert_element_type.default, (w, torch.float32))
-                prod = add(aten.mul.Tensor, (add(aten.unsqueeze.default, (x32, 1)), w32))  # (M,1,K)*(N,K)
-                red = add(aten.sum.dim_IntList, (prod, [2]))
+                if int8:  # llamaforge's int8 GEMV kernel: all the matrices in one launch, unscaled fp32 sums
+                    red = graph.call_function(torch.ops.llamaforge.int8_gemv_rows.default, (x, int8), {})
+                    with xv.fake_mode:  # its shape, without tracing the Triton launch
+                        rows = sum(src.meta["val"].shape[0] for src in int8)
+                        red.meta["val"] = xv.new_empty((xv.shape[0], rows), dtype=torch.float32)
+                else:
+                    w = weights[0] if len(weights) == 1 else add(aten.cat.default, (weights, 0))
+                    x32 = add(prims.convert_element_type.default, (x, torch.float32))
+                    w32 = add(prims.convert_element_type.default, (w, torch.float32))
+                    prod = add(aten.mul.Tensor, (add(aten.unsqueeze.default, (x32, 1)), w32))  # (M,1,K)*(N,K)
+                    red = add(aten.sum.dim_IntList, (prod, [2]))
                 start = 0
                 for node, _ in members:
                     width = node.meta["val"].shape[1]
@@ -403,7 +430,10 @@ def _gemv_pass() -> Any:
                     graph.erase_node(wt)
 
         def uuid(self) -> str:
-            return f"llamaforge-row-times-weight-5-{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}"
+            from llamaforge.kernels import int8_gemv
+
+            flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{int8_gemv.ENABLED}"
+            return f"llamaforge-row-times-weight-6-{flags}"
 
     return RowTimesWeight()
 

@@ -1,50 +1,52 @@
-"""One row times an int8 weight matrix with per-output-row scales: the int8 weight-only product of batch-1 decoding.
+"""One row times int8 weight matrices: the int8 weight-only products of batch-1 decoding, up to three matrices that
+share the row (q/k/v, gate/up) in one launch.
 
 Why a kernel of our own: in the compiled decode step on an H200 (Llama-3.2-1B shape, batch 1) the int8 model's
 step was only 1.04-1.15x faster than bf16 although it reads half the weight bytes; about 0.35 ms of the ~1 ms step
 is not weight reading and is the same in both, which puts the int8 weight reads at roughly 2.4 TB/s against 3.8 for
 bf16. Inductor's reduction loads int8 with the same element counts per thread as bf16, so each load moves half the
-bytes. Here each program streams `BLOCK_N` weight rows `BLOCK_K` int8 values at a time into a 2-D fp32 accumulator
-(reduced once at the end), and the scale is applied once per output row.
+bytes. Here each program streams `BLOCK_N` rows of one matrix `BLOCK_K` int8 values at a time into a 2-D fp32
+accumulator, reduced once at the end.
 
-`int8_gemv(x, weight, scale)` is a custom op (`torch.ops.llamaforge.int8_gemv`) that torch.compile traces into the
-compiled step on CUDA (Triton through `torch.library.triton_op`) and that runs the PyTorch reference elsewhere.
-`Int8Linear` routes to it only when `ENABLED` is set (off until it is measured on a GPU) and the input is one row
-on CUDA.
+`int8_gemv_rows(x, [w0, w1, w2])` is a custom op (`torch.ops.llamaforge.int8_gemv_rows`) returning the unscaled fp32
+sums of all rows side by side, (1, N0 + N1 + N2). The decode graph pass (`llamaforge.core.generation._gemv_pass`)
+emits it for int8 products when `ENABLED` is set (off until it is measured on a GPU); the per-row scales stay in the
+graph, where inductor fuses them into whatever consumes the product. torch.compile traces the op's Triton launch on
+CUDA (`torch.library.triton_op`); elsewhere it runs the PyTorch reference.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-ENABLED = False  # Int8Linear / Int8Embedding.linear route one-row CUDA products here (benchmarks A/B it)
+ENABLED = False  # the decode graph pass emits this kernel for int8 weight-only products (benchmarks A/B it)
+MAX_MATRICES = 3
 # Launch settings, module-level so a same-run A/B on the GPU can change them: output rows per program, int8 values
-# per row per loop step, warps per program.
+# per row per loop step (a power of two), warps per program.
 _BLOCK_N = 8
 _BLOCK_K = 1024
 _WARPS = 8
 
 
-def reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K) float; weight (N, K) int8; scale (N,) -> (M, N) in x's dtype (as `int8_weight_only_linear`)."""
-    return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+def reference(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    """x (1, K); weights int8 (Ni, K) -> (1, sum Ni) fp32 sums, unscaled."""
+    return torch.cat([F.linear(x.float(), w.float()) for w in weights], dim=-1)
 
 
-def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Shapes the kernel takes: one contiguous row, an int8 row-major matrix."""
+def supported(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
+    """Shapes the kernel takes: one contiguous row; one to three row-major int8 matrices of its width."""
     return (
         x.dim() == 2
         and x.size(0) == 1
         and x.stride(-1) == 1
-        and weight.dtype == torch.int8
-        and weight.dim() == 2
-        and weight.stride(-1) == 1
-        and x.size(1) == weight.size(1)
+        and 1 <= len(weights) <= MAX_MATRICES
+        and all(
+            w.dtype == torch.int8 and w.dim() == 2 and w.stride(-1) == 1 and w.size(1) == x.size(1) for w in weights
+        )
     )
 
 
@@ -53,30 +55,38 @@ def _kernel() -> Any:
     import triton
     import triton.language as tl
 
-    @triton.jit
-    def int8_gemv_kernel(
-        x_ptr, w_ptr, s_ptr, y_ptr, n_rows, k_len, stride_w,
+    # runtime integers throughout (no specialisation of a 1 into a constant), so both branches below bind the
+    # same types when compiled
+    @triton.jit(do_not_specialize=["n0", "n1", "n2", "k_len", "sw0", "sw1", "sw2", "blocks0", "blocks01"])
+    def int8_rows_kernel(
+        x_ptr, w0_ptr, w1_ptr, w2_ptr, y_ptr, n0, n1, n2, k_len, sw0, sw1, sw2, blocks0, blocks01,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < n_rows
+        pid = tl.program_id(0)
+        # each program serves rows of one matrix: the first blocks0 programs matrix 0, then matrix 1, then 2
+        if pid < blocks0:
+            w_ptr, stride, rows, local, out0 = w0_ptr, sw0, n0, pid, n0 * 0
+        elif pid < blocks01:
+            w_ptr, stride, rows, local, out0 = w1_ptr, sw1, n1, pid - blocks0, n0
+        else:
+            w_ptr, stride, rows, local, out0 = w2_ptr, sw2, n2, pid - blocks01, n0 + n1
+        n = local * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < rows
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
         for k0 in range(0, k_len, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < k_len
             x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + n[:, None] * stride_w + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+            w = tl.load(w_ptr + n[:, None] * stride + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
             acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, axis=1) * tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+        tl.store(y_ptr + out0 + n, tl.sum(acc, axis=1), mask=n_ok)
 
-    return int8_gemv_kernel
+    return int8_rows_kernel
 
 
 def launch(
     x: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
+    weights: list[torch.Tensor],
     *,
     block_n: int | None = None,
     block_k: int | None = None,
@@ -89,45 +99,40 @@ def launch(
     kernel = _kernel()
     if wrap is not None:
         kernel = wrap(kernel)
-    n_rows, k_len = weight.shape
     block_n = block_n or _BLOCK_N
+    k_len = x.size(1)
     block_k = min(block_k or _BLOCK_K, triton.next_power_of_2(k_len))
-    y = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
-    kernel[(triton.cdiv(n_rows, block_n),)](
-        x, weight, scale, y, n_rows, k_len, weight.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_WARPS
-    )
+    ws = list(weights) + [weights[0]] * (MAX_MATRICES - len(weights))  # unused slots: no program reads them
+    rows = [w.size(0) for w in weights] + [0] * (MAX_MATRICES - len(weights))
+    blocks = [triton.cdiv(r, block_n) for r in rows]
+    y = torch.empty(1, sum(rows), dtype=torch.float32, device=x.device)
+    kernel[(sum(blocks),)](
+        x, ws[0], ws[1], ws[2], y, rows[0], rows[1], rows[2], k_len,
+        ws[0].stride(0), ws[1].stride(0), ws[2].stride(0), blocks[0], blocks[0] + blocks[1],
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_WARPS,
+    )  # fmt: skip
     return y
 
 
 if hasattr(torch.library, "triton_op"):  # torch >= 2.6
 
-    @torch.library.triton_op("llamaforge::int8_gemv", mutates_args=())
-    def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """One row (1, K) times int8 `weight` (N, K), scaled per output row: (1, N) in x's dtype."""
-        return launch(x, weight, scale, wrap=torch.library.wrap_triton)
+    @torch.library.triton_op("llamaforge::int8_gemv_rows", mutates_args=())
+    def int8_gemv_rows(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        """One row (1, K) times each int8 matrix (Ni, K): the fp32 sums side by side, (1, sum Ni), unscaled."""
+        return launch(x, weights, wrap=torch.library.wrap_triton)
 
-    @int8_gemv.register_kernel("cpu")
-    def _int8_gemv_cpu(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return reference(x, weight, scale)
+    @int8_gemv_rows.register_kernel("cpu")
+    def _int8_gemv_rows_cpu(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        return reference(x, weights)
 
 else:  # older torch: no way to trace Triton launches into a compiled graph, so no kernel route
 
-    def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        return reference(x, weight, scale)
+    def int8_gemv_rows(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        return reference(x, weights)
 
 
-_KERNEL_ROUTE = hasattr(torch.library, "triton_op") and importlib.util.find_spec("triton") is not None
+def route_available() -> bool:
+    """Whether the decode graph pass may emit the op: switched on, Triton installed, torch with triton_op."""
+    import importlib.util
 
-
-def available(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether a product should run the kernel: switched on, CUDA tensors, Triton installed, torch with triton_op."""
-    return ENABLED and _KERNEL_ROUTE and x.is_cuda and supported(x, weight)
-
-
-def maybe_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """The kernel's product for x (..., K) holding one row, shaped like F.linear's output; None where it does not
-    apply (the caller runs the matmul)."""
-    row = x.reshape(1, x.size(-1)) if x.numel() == x.size(-1) else x
-    if not available(row, weight):
-        return None
-    return int8_gemv(row, weight, scale).reshape(*x.shape[:-1], weight.size(0))
+    return ENABLED and hasattr(torch.library, "triton_op") and importlib.util.find_spec("triton") is not None

@@ -166,14 +166,9 @@ def int8_weight_only_linear(
     x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     """y = x @ (q * scale).T (+ b) in x's dtype; scaling after the matmul keeps one cast of the int8 matrix, which
-    torch.compile fuses into the matmul's load (that is what makes int8 decoding faster than bf16 on GPU). One row
-    on CUDA can go to llamaforge's int8 GEMV kernel instead (`llamaforge.kernels.int8_gemv.ENABLED`)."""
-    if x.is_cuda and x.numel() == x.size(-1):
-        from llamaforge.kernels import int8_gemv  # imported on CUDA only: it registers a Triton op
-
-        y = int8_gemv.maybe_gemv(x, weight, scale)
-        if y is not None:
-            return y + bias.to(y.dtype) if bias is not None else y
+    torch.compile fuses into the matmul's load (that is what makes int8 decoding faster than bf16 on GPU). In the
+    compiled CUDA decode step the graph pass can hand the product to llamaforge's int8 GEMV kernel instead
+    (`llamaforge.kernels.int8_gemv.ENABLED`); the scale stays here."""
     y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
     return y + bias.to(y.dtype) if bias is not None else y
 
