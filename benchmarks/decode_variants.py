@@ -12,8 +12,9 @@ drift. Each variant is a comma-separated list of settings (`base` is none):
     switches of the decode step   buffer_row, pdl, siblings, pointwise_cat, greedy_step, argmax_blocks (0/1),
                                   gemv_rows (int: products with at most this many rows become reductions; 0: off)
     flash-decoding kernel         splits (int or auto), block, warps
-    int8 GEMV kernel              int8_gemv (0/1: int8 weight-only products of one row), int8_block_n,
-                                  int8_block_k, int8_warps
+    row GEMV kernel               gemv_int8, gemv_float (0/1: the graph pass hands int8 weight-only / plain
+                                  products of one row to llamaforge.kernels.row_gemv), gemv_block_n,
+                                  gemv_block_k, gemv_warps
     model and call                attn (attention kernel plugin), quant (quantizer plugin), prefill_graph (0/1)
     any inductor option           inductor.NAME=VALUE, e.g. inductor.triton.enable_pdl=1 (for the step's compile)
 
@@ -40,7 +41,7 @@ from _variants import VariantError, inductor_options, parse_settings  # benchmar
 
 GEN = "llamaforge.core.generation"
 KERNEL = "llamaforge.kernels.decode_attention"
-INT8 = "llamaforge.kernels.int8_gemv"
+GEMV = "llamaforge.kernels.row_gemv"
 SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, kind)
     "buffer_row": (GEN, "_BUFFER_ROW", "bool"),
     "pdl": (GEN, "_PDL", "bool"),
@@ -52,10 +53,11 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "splits": (KERNEL, "_SPLITS", "int_or_auto"),
     "block": (KERNEL, "_BLOCK", "int"),
     "warps": (KERNEL, "_WARPS", "int"),
-    "int8_gemv": (INT8, "ENABLED", "bool"),
-    "int8_block_n": (INT8, "_BLOCK_N", "int"),
-    "int8_block_k": (INT8, "_BLOCK_K", "int"),
-    "int8_warps": (INT8, "_WARPS", "int"),
+    "gemv_int8": (GEMV, "INT8", "bool"),
+    "gemv_float": (GEMV, "FLOAT", "bool"),
+    "gemv_block_n": (GEMV, "_BLOCK_N", "int"),
+    "gemv_block_k": (GEMV, "_BLOCK_K", "int"),
+    "gemv_warps": (GEMV, "_WARPS", "int"),
 }
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool"}
 

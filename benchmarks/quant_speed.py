@@ -216,16 +216,16 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     attempt("bf16", lambda: base)
     attempt("int8_weight_only", lambda: apply_transform(copy.deepcopy(base), "quantizer", "int8_weight_only"))
     if args.int8_gemv:  # the same int8 model with its one-row products on llamaforge's Triton GEMV kernel
-        from llamaforge.kernels import int8_gemv
+        from llamaforge.kernels import row_gemv
 
-        int8_gemv.ENABLED = True  # read when the decode step is traced: kept on for this variant's whole run
+        row_gemv.INT8 = True  # read when the decode step is traced: kept on for this variant's whole run
         try:
             attempt(
-                "int8_weight_only (int8_gemv kernel)",
+                "int8_weight_only (row_gemv kernel)",
                 lambda: apply_transform(copy.deepcopy(base), "quantizer", "int8_weight_only"),
             )
         finally:
-            int8_gemv.ENABLED = False
+            row_gemv.INT8 = False
     if args.linears_only:
         attempt(
             "int8_weight_only (linears only, bf16 table)",

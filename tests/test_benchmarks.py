@@ -119,8 +119,8 @@ def test_decode_variants_rejects_bad_settings_before_starting_anything():
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
     assert parse_variant("base") == {}
-    assert parse_variant("quant=int8_weight_only,int8_gemv=1,int8_block_k=2048") == {
-        "quant": "int8_weight_only", "int8_gemv": True, "int8_block_k": 2048}  # fmt: skip
+    assert parse_variant("quant=int8_weight_only,gemv_int8=1,gemv_float=0,gemv_block_k=2048") == {
+        "quant": "int8_weight_only", "gemv_int8": True, "gemv_float": False, "gemv_block_k": 2048}  # fmt: skip
     assert parse_variant("splits=auto,block=64,inductor.triton.enable_pdl=1,attn=flash_decode") == {
         "splits": None, "block": 64, "inductor.triton.enable_pdl": 1, "attn": "flash_decode"}  # fmt: skip
     for bad, words in [("bufer_row=1", "unknown setting 'bufer_row'"), ("pdl=maybe", "pdl='maybe'"),

@@ -142,11 +142,11 @@ def _close_to(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-def test_int8_gemv_kernel_in_the_interpreter_matches_the_reference():
+def test_row_gemv_kernel_in_the_interpreter_matches_the_reference():
     script = textwrap.dedent(
         """
         import torch
-        from llamaforge.kernels import int8_gemv
+        from llamaforge.kernels import row_gemv
         from tests.test_kernels import _close_to, _int8_case
         cases = [  # (seed, rows of each matrix, columns, block_n, block_k, dtype)
             (0, [37], 100, 8, 64, torch.float32),  # ragged rows and columns, two column steps
@@ -156,58 +156,68 @@ def test_int8_gemv_kernel_in_the_interpreter_matches_the_reference():
         ]
         for seed, rows, k, bn, bk, dtype in cases:
             x, weights, _ = _int8_case(seed, rows, k, dtype)
-            got = int8_gemv.launch(x, weights, block_n=bn, block_k=bk)
-            assert got.shape == (1, sum(rows)) and got.dtype == torch.float32
-            _close_to(got, int8_gemv.reference(x, weights), 1e-2 if dtype is torch.bfloat16 else 1e-5)
+            for ws in (weights, [w.to(dtype) for w in weights]):  # int8 weights, and floating-point ones
+                got = row_gemv.launch(x, ws, block_n=bn, block_k=bk)
+                assert got.shape == (1, sum(rows)) and got.dtype == torch.float32
+                _close_to(got, row_gemv.reference(x, ws), 1e-2 if dtype is torch.bfloat16 else 1e-5)
         print("ok", len(cases))
         """
     )
     _in_the_interpreter(script, "ok 4")
 
 
-def test_gemv_pass_hands_int8_products_to_the_kernel_op_in_one_call(monkeypatch):
-    """With the switch on, the decode graph pass replaces int8 weight-only products sharing a row (q/k/v) by one
-    call of the int8 GEMV op (the scales stay in the graph), and the graph computes what it did before."""
+@pytest.mark.parametrize("kind", ["int8", "float"])
+def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, monkeypatch):
+    """With the kernel switched on for the weights' kind, the decode graph pass replaces the products sharing a row
+    (q/k/v) by one call of the row GEMV op (int8 scales stay in the graph), and the graph computes what it did
+    before; switched on only for the other kind, the graph keeps its reductions."""
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.nn import functional as F
 
     from llamaforge.core import generation
-    from llamaforge.kernels import int8_gemv
+    from llamaforge.kernels import row_gemv
 
     x, weights, scales = _int8_case(5, [32, 8, 8], 40)
+    if kind == "int8":
 
-    def layer(x, q0, q1, q2, s0, s1, s2):  # three int8 weight-only layers reading one row
-        return tuple(F.linear(x, q.to(x.dtype)) * s.to(x.dtype) for q, s in ((q0, s0), (q1, s1), (q2, s2)))
+        def layer(x, q0, q1, q2, s0, s1, s2):  # three int8 weight-only layers reading one row
+            return tuple(F.linear(x, q.to(x.dtype)) * s.to(x.dtype) for q, s in ((q0, s0), (q1, s1), (q2, s2)))
 
-    args = (x.reshape(1, 1, 40), *weights, *scales)
-    monkeypatch.setattr(int8_gemv, "ENABLED", True)
-    monkeypatch.setattr(int8_gemv, "route_available", lambda: True)  # this test runs the op's CPU reference
-    gm = make_fx(layer, decomposition_table=select_decomp_table(), tracing_mode="fake")(*args)  # inductor's aten
-    generation._gemv_pass()(gm.graph)
-    gm.graph.lint()
-    gm.recompile()
-    calls = [n for n in gm.graph.nodes if n.target is torch.ops.llamaforge.int8_gemv_rows.default]
-    assert len(calls) == 1 and len(calls[0].args[1]) == 3
-    for got, want in zip(gm(*args), layer(*args), strict=True):
+        args = (x.reshape(1, 1, 40), *weights, *scales)
+    else:
+
+        def layer(x, w0, w1, w2):
+            return tuple(F.linear(x, w) for w in (w0, w1, w2))
+
+        args = (x.reshape(1, 1, 40), *(w.float() * s[:, None] for w, s in zip(weights, scales, strict=True)))
+
+    def calls(switched_on: bool) -> tuple[list, torch.fx.GraphModule]:
+        # switched on for this kind of weights, or only for the other kind
+        monkeypatch.setattr(row_gemv, "route_available", lambda int8: (int8 == (kind == "int8")) == switched_on)
+        gm = make_fx(layer, decomposition_table=select_decomp_table(), tracing_mode="fake")(*args)  # inductor's aten
+        generation._gemv_pass()(gm.graph)
+        gm.graph.lint()
+        gm.recompile()
+        return [n for n in gm.graph.nodes if n.target is torch.ops.llamaforge.gemv_rows.default], gm
+
+    found, gm = calls(True)
+    assert len(found) == 1 and len(found[0].args[1]) == 3
+    for got, want in zip(gm(*args), layer(*args), strict=True):  # the op's CPU kernel is the reference
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    monkeypatch.setattr(int8_gemv, "ENABLED", False)
-    monkeypatch.setattr(int8_gemv, "route_available", lambda: False)
-    gm = make_fx(layer, decomposition_table=select_decomp_table(), tracing_mode="fake")(*args)
-    generation._gemv_pass()(gm.graph)
-    assert not any(n.target is torch.ops.llamaforge.int8_gemv_rows.default for n in gm.graph.nodes)
+    assert calls(False)[0] == []
 
 
 @pytest.mark.gpu
 @cuda
-def test_int8_gemv_on_cuda_matches_the_reference_at_llama_shapes():
-    from llamaforge.kernels import int8_gemv
+def test_row_gemv_on_cuda_matches_the_reference_at_llama_shapes():
+    from llamaforge.kernels import row_gemv
 
     cases = [([2048, 512, 512], 2048), ([8192, 8192], 2048), ([2048], 8192), ([128256], 2048), ([1000], 300)]
     for seed, (rows, k) in enumerate(cases):
         x, weights, _ = _int8_case(seed, rows, k, torch.bfloat16)
         x, weights = x.cuda(), [w.cuda() for w in weights]
-        _close_to(int8_gemv.int8_gemv_rows(x, weights), int8_gemv.reference(x, weights), 1e-2)
+        _close_to(row_gemv.gemv_rows(x, weights), row_gemv.reference(x, weights), 1e-2)
 
 
 @pytest.mark.gpu
@@ -216,13 +226,13 @@ def test_compiled_int8_decoding_through_the_gemv_kernel_gives_the_matmul_tokens(
     import llamaforge
     from llamaforge.core.generation import GenerationConfig, clear_sessions, generate
     from llamaforge.core.loading import apply_transform
-    from llamaforge.kernels import int8_gemv
+    from llamaforge.kernels import row_gemv
 
     spec = llamaforge.load_spec("tiny").with_updates(eos_token_id=None)
     config = GenerationConfig(max_new_tokens=16, eos_token_ids=[])
     out = {}
     for enabled in (False, True):
-        monkeypatch.setattr(int8_gemv, "ENABLED", enabled)
+        monkeypatch.setattr(row_gemv, "INT8", enabled)
         torch._dynamo.reset()
         model = apply_transform(llamaforge.build_model(spec, device="cuda", seed=0).eval(), "quantizer",
                                 "int8_weight_only")  # fmt: skip

@@ -265,7 +265,7 @@ def _compiled(fn: Any, model: Any) -> Any:
     if fn not in per_model:
         if model.device.type == "cuda":  # their custom ops are registered before dynamo traces a call into them
             import llamaforge.kernels.decode_attention
-            import llamaforge.kernels.int8_gemv  # noqa: F401
+            import llamaforge.kernels.row_gemv  # noqa: F401
         per_model[fn] = torch.compile(fn, options=_compile_options(model.device))
     return per_model[fn]
 
@@ -345,25 +345,25 @@ def _gemv_pass() -> Any:
         order[node] = order[before] - 0.5
         return True
 
-    def _int8_sources(weights: list[Any], xv: torch.Tensor) -> list[torch.fx.Node] | None:
-        """The int8 matrices behind `weights` when every one is an int8 tensor widened in the graph (an int8
-        weight-only layer) and llamaforge's int8 GEMV kernel is switched on and takes them; else None."""
-        from llamaforge.kernels import int8_gemv
+    def _kernel_sources(weights: list[Any], xv: torch.Tensor) -> list[torch.fx.Node] | None:
+        """The matrices to hand to llamaforge's row GEMV kernel (`llamaforge.kernels.row_gemv`) when it is switched
+        on for them: the int8 tensors behind weights widened in the graph (int8 weight-only layers), or plain
+        floating-point weights; None when the kernel is off for them or does not take them."""
+        from llamaforge.kernels import row_gemv
 
-        if not int8_gemv.route_available() or len(weights) > int8_gemv.MAX_MATRICES or xv.shape[0] != 1:
+        if len(weights) > row_gemv.MAX_MATRICES or xv.shape[0] != 1 or xv.stride(-1) != 1:
             return None
-        if xv.stride(-1) != 1:
+        widened = [isinstance(w, torch.fx.Node) and w.target is prims.convert_element_type.default for w in weights]
+        sources = [w.args[0] if wide else w for w, wide in zip(weights, widened, strict=True)]
+        vals = [src.meta.get("val") if isinstance(src, torch.fx.Node) else None for src in sources]
+        if any(v is None or v.dim() != 2 or v.stride(-1) != 1 for v in vals) or len({v.dtype for v in vals}) != 1:
             return None
-        sources = []
-        for w in weights:
-            if not (isinstance(w, torch.fx.Node) and w.target is prims.convert_element_type.default):
-                return None
-            src = w.args[0]
-            val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
-            if val is None or val.dtype != torch.int8 or val.dim() != 2 or val.stride(-1) != 1:
-                return None
-            sources.append(src)
-        return sources
+        int8 = vals[0].dtype == torch.int8
+        if int8 and not all(widened):
+            return None
+        if not int8 and (any(widened) or not vals[0].is_floating_point()):
+            return None
+        return sources if row_gemv.route_available(int8) else None
 
     class RowTimesWeight(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
@@ -402,14 +402,14 @@ def _gemv_pass() -> Any:
                 for member in members:
                     RowTimesWeight.rewrite(graph, [member])
                 return
-            int8 = _int8_sources(weights, xv)
+            kernel = _kernel_sources(weights, xv)
             with graph.inserting_before(first):
-                if _BUFFER_ROW or int8:  # see the docstring: the row is computed once, not inside every thread block
+                if _BUFFER_ROW or kernel:  # see the docstring: the row is computed once, not inside every thread block
                     x = add(aten.as_strided.default, (x, list(xv.shape), list(xv.stride())))  # offset: x's own
-                if int8:  # llamaforge's int8 GEMV kernel: all the matrices in one launch, unscaled fp32 sums
-                    red = graph.call_function(torch.ops.llamaforge.int8_gemv_rows.default, (x, int8), {})
+                if kernel:  # llamaforge's row GEMV kernel: all the matrices in one launch, fp32 sums
+                    red = graph.call_function(torch.ops.llamaforge.gemv_rows.default, (x, kernel), {})
                     with xv.fake_mode:  # its shape, without tracing the Triton launch
-                        rows = sum(src.meta["val"].shape[0] for src in int8)
+                        rows = sum(src.meta["val"].shape[0] for src in kernel)
                         red.meta["val"] = xv.new_empty((xv.shape[0], rows), dtype=torch.float32)
                 else:
                     w = weights[0] if len(weights) == 1 else add(aten.cat.default, (weights, 0))
@@ -430,9 +430,9 @@ def _gemv_pass() -> Any:
                     graph.erase_node(wt)
 
         def uuid(self) -> str:
-            from llamaforge.kernels import int8_gemv
+            from llamaforge.kernels import row_gemv
 
-            flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{int8_gemv.ENABLED}"
+            flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{row_gemv.INT8}-{row_gemv.FLOAT}"
             return f"llamaforge-row-times-weight-6-{flags}"
 
     return RowTimesWeight()

@@ -167,8 +167,8 @@ def int8_weight_only_linear(
 ) -> torch.Tensor:
     """y = x @ (q * scale).T (+ b) in x's dtype; scaling after the matmul keeps one cast of the int8 matrix, which
     torch.compile fuses into the matmul's load (that is what makes int8 decoding faster than bf16 on GPU). In the
-    compiled CUDA decode step the graph pass can hand the product to llamaforge's int8 GEMV kernel instead
-    (`llamaforge.kernels.int8_gemv.ENABLED`); the scale stays here."""
+    compiled CUDA decode step the graph pass can hand the product to llamaforge's row GEMV kernel instead
+    (`llamaforge.kernels.row_gemv.INT8`); the scale stays here."""
     y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
     return y + bias.to(y.dtype) if bias is not None else y
 

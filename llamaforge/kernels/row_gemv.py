@@ -1,18 +1,21 @@
-"""One row times int8 weight matrices: the int8 weight-only products of batch-1 decoding, up to three matrices that
-share the row (q/k/v, gate/up) in one launch.
+"""One row times up to three weight matrices that share it (q/k/v, gate/up) in one launch: the matrix-vector
+products of batch-1 decoding, for int8 weight-only layers and for plain bf16/fp16/fp32 weights.
 
 Why a kernel of our own: in the compiled decode step on an H200 (Llama-3.2-1B shape, batch 1) the int8 model's
 step was only 1.04-1.15x faster than bf16 although it reads half the weight bytes; about 0.35 ms of the ~1 ms step
 is not weight reading and is the same in both, which puts the int8 weight reads at roughly 2.4 TB/s against 3.8 for
 bf16. Inductor's reduction loads int8 with the same element counts per thread as bf16, so each load moves half the
-bytes. Here each program streams `BLOCK_N` rows of one matrix `BLOCK_K` int8 values at a time into a 2-D fp32
-accumulator, reduced once at the end.
+bytes. For bf16, a standalone microbenchmark had a hand-written Triton GEMV at 4.0 TB/s for the stacked gate/up
+matrix against inductor's 2.7 (3.6 inside the step) and 2.2-2.6 against 1.5-1.8 for o_proj and q/k/v. Here each
+program streams `BLOCK_N` rows of one matrix `BLOCK_K` values at a time into a 2-D fp32 accumulator, reduced once
+at the end.
 
-`int8_gemv_rows(x, [w0, w1, w2])` is a custom op (`torch.ops.llamaforge.int8_gemv_rows`) returning the unscaled fp32
-sums of all rows side by side, (1, N0 + N1 + N2). The decode graph pass (`llamaforge.core.generation._gemv_pass`)
-emits it for int8 products when `ENABLED` is set (off until it is measured on a GPU); the per-row scales stay in the
-graph, where inductor fuses them into whatever consumes the product. torch.compile traces the op's Triton launch on
-CUDA (`torch.library.triton_op`); elsewhere it runs the PyTorch reference.
+`gemv_rows(x, [w0, w1, w2])` is a custom op (`torch.ops.llamaforge.gemv_rows`) returning the fp32 sums of all rows
+side by side, (1, N0 + N1 + N2) (for int8 weights unscaled). The decode graph pass
+(`llamaforge.core.generation._gemv_pass`) emits it for int8 weight-only products when `INT8` is set and for
+floating-point weights when `FLOAT` is set (both off until measured on a GPU); the int8 per-row scales stay in the
+graph, where inductor fuses them into whatever consumes the product. torch.compile traces the op's Triton launch
+on CUDA (`torch.library.triton_op`); elsewhere it runs the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-ENABLED = False  # the decode graph pass emits this kernel for int8 weight-only products (benchmarks A/B it)
+INT8 = False  # the decode graph pass emits this kernel for int8 weight-only products (benchmarks A/B it)
+FLOAT = False  # ... and for products with bf16/fp16/fp32 weights
 MAX_MATRICES = 3
 # Launch settings, module-level so a same-run A/B on the GPU can change them: output rows per program, int8 values
 # per row per loop step (a power of two), warps per program.
@@ -33,20 +37,19 @@ _WARPS = 8
 
 
 def reference(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-    """x (1, K); weights int8 (Ni, K) -> (1, sum Ni) fp32 sums, unscaled."""
+    """x (1, K); weights (Ni, K), all of one dtype -> (1, sum Ni) fp32 sums (int8: unscaled)."""
     return torch.cat([F.linear(x.float(), w.float()) for w in weights], dim=-1)
 
 
 def supported(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
-    """Shapes the kernel takes: one contiguous row; one to three row-major int8 matrices of its width."""
+    """Shapes the kernel takes: one contiguous row; one to three row-major matrices of its width and one dtype."""
     return (
         x.dim() == 2
         and x.size(0) == 1
         and x.stride(-1) == 1
         and 1 <= len(weights) <= MAX_MATRICES
-        and all(
-            w.dtype == torch.int8 and w.dim() == 2 and w.stride(-1) == 1 and w.size(1) == x.size(1) for w in weights
-        )
+        and len({w.dtype for w in weights}) == 1
+        and all(w.dim() == 2 and w.stride(-1) == 1 and w.size(1) == x.size(1) for w in weights)
     )
 
 
@@ -58,7 +61,7 @@ def _kernel() -> Any:
     # runtime integers throughout (no specialisation of a 1 into a constant), so both branches below bind the
     # same types when compiled
     @triton.jit(do_not_specialize=["n0", "n1", "n2", "k_len", "sw0", "sw1", "sw2", "blocks0", "blocks01"])
-    def int8_rows_kernel(
+    def rows_kernel(
         x_ptr, w0_ptr, w1_ptr, w2_ptr, y_ptr, n0, n1, n2, k_len, sw0, sw1, sw2, blocks0, blocks01,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
@@ -81,7 +84,7 @@ def _kernel() -> Any:
             acc += w.to(tl.float32) * x[None, :]
         tl.store(y_ptr + out0 + n, tl.sum(acc, axis=1), mask=n_ok)
 
-    return int8_rows_kernel
+    return rows_kernel
 
 
 def launch(
@@ -116,23 +119,25 @@ def launch(
 
 if hasattr(torch.library, "triton_op"):  # torch >= 2.6
 
-    @torch.library.triton_op("llamaforge::int8_gemv_rows", mutates_args=())
-    def int8_gemv_rows(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
-        """One row (1, K) times each int8 matrix (Ni, K): the fp32 sums side by side, (1, sum Ni), unscaled."""
+    @torch.library.triton_op("llamaforge::gemv_rows", mutates_args=())
+    def gemv_rows(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+        """One row (1, K) times each matrix (Ni, K): the fp32 sums side by side, (1, sum Ni) (int8: unscaled)."""
         return launch(x, weights, wrap=torch.library.wrap_triton)
 
-    @int8_gemv_rows.register_kernel("cpu")
-    def _int8_gemv_rows_cpu(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    @gemv_rows.register_kernel("cpu")
+    def _gemv_rows_cpu(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
         return reference(x, weights)
 
 else:  # older torch: no way to trace Triton launches into a compiled graph, so no kernel route
 
-    def int8_gemv_rows(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
+    def gemv_rows(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
         return reference(x, weights)
 
 
-def route_available() -> bool:
-    """Whether the decode graph pass may emit the op: switched on, Triton installed, torch with triton_op."""
+def route_available(int8: bool) -> bool:
+    """Whether the decode graph pass may emit the op for int8 (else floating-point) weights: switched on, Triton
+    installed, torch with triton_op."""
     import importlib.util
 
-    return ENABLED and hasattr(torch.library, "triton_op") and importlib.util.find_spec("triton") is not None
+    on = INT8 if int8 else FLOAT
+    return on and hasattr(torch.library, "triton_op") and importlib.util.find_spec("triton") is not None
