@@ -82,10 +82,13 @@ def _apply(settings: dict[str, Any]) -> None:
             if not hasattr(mod, attr):
                 raise VariantError(f"{module}.{attr} does not exist in this checkout")
             setattr(mod, attr, value)
-    for name, value in inductor_options(settings).items():
+    extra = inductor_options(settings)
+    for name, value in extra.items():
         if name not in inductor_config.get_config_copy():
             raise VariantError(f"this torch's inductor has no option {name!r}")
-        setattr(inductor_config, name, value)
+        setattr(inductor_config, name, value)  # for every compile in the process (the prefill's kernels too)
+    generation = importlib.import_module(GEN)
+    generation._EXTRA_OPTIONS.update(extra)  # and over the decode step's own options, which would otherwise win
 
 
 def _kernel_table(session: Any, steps: int, top: int) -> dict[str, Any]:
@@ -156,6 +159,8 @@ def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
         else:
             row["profile"] = "no decode session (eager decoding keeps none)"
     row["rewrites"] = generation._gemv_rewrites[0]
+    options = generation._compile_options(dev)
+    row["step_compile_options"] = {k: v for k, v in options.items() if isinstance(v, bool | int | float | str)}
     return row
 
 

@@ -108,6 +108,8 @@ def test_decode_variants_cpu_applies_each_variants_settings_in_its_own_process(t
     assert "error" not in base and base["settings"] == {} and base["e2e_tok_s"] > 0
     assert quant["settings"] == {"greedy_step": False, "quant": "int8_weight_only"} and "error" not in quant
     assert pdl["settings"] == {"pdl": True, "inductor.coordinate_descent_tuning": False} and "error" not in pdl
+    assert base["step_compile_options"]["coordinate_descent_tuning"] is True  # the decode step's own setting...
+    assert pdl["step_compile_options"]["coordinate_descent_tuning"] is False  # ...which a variant's option overrides
     assert base["tokens_digest"] == pdl["tokens_digest"]  # the switches change speed, never tokens
     assert base["ms_generate_1"] > 0 and base["ms_generate_4"] >= base["ms_generate_1"] * 0.5
 

@@ -278,6 +278,7 @@ _FUSE_GREEDY_STEP = True  # greedy decoding compiles forward + argmax + state ad
 _ARGMAX_BLOCKS = True  # the greedy step's argmax in two stages (see argmax_rows)
 _BUFFER_ROW = True  # the product's row is a buffer, not recomputed per thread block (see _gemv_pass)
 _PDL = False  # Programmatic Dependent Launch in the decode step's Triton kernels (Hopper+; off until measured)
+_EXTRA_OPTIONS: dict[str, Any] = {}  # inductor options laid over the decode step's own (benchmarks A/B them)
 
 
 def _compile_options(device: torch.device) -> dict[str, Any]:
@@ -296,7 +297,7 @@ def _compile_options(device: torch.device) -> dict[str, Any]:
 
         if hasattr(inductor_config.triton, "enable_pdl"):  # torch >= 2.9; inductor emits it on Hopper and newer
             options["triton.enable_pdl"] = True
-    return options
+    return {**options, **_EXTRA_OPTIONS}
 
 
 def _gemv_pass() -> Any:
