@@ -132,3 +132,22 @@ def test_decode_variants_rejects_bad_settings_before_starting_anything():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_variants.py"), "pdl=2"],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 2 and "pdl='2': expected bool" in proc.stderr
+
+
+def test_gpu_runs_script_decode_stage_runs_on_the_cpu(tmp_path):
+    """The staged GPU script, with its model overridden to the tiny spec on the CPU: a broken stage must not cost a
+    GPU call to find."""
+    import os
+
+    env = {**os.environ, "DEVICE": "cpu", "SPEC": "tiny", "DTYPE": "float32", "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_runs.sh"), "int8", str(tmp_path), "quant=int8_weight_only",
+         "--new-tokens", "4", "--repeats", "1"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "int8.json").read_text())["rows"]
+    assert len(rows) == 1 and "error" not in rows[0] and rows[0]["settings"] == {"quant": "int8_weight_only"}
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_runs.sh"), "nope", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert bad.returncode == 2 and "unknown stage" in bad.stderr

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU measurements behind the README's H200 figures, in stages small enough for one 10-minute machine call each.
+#
+#   bash benchmarks/gpu_runs.sh STAGE OUT_DIR
+#
+# Stages (each writes STAGE.json / STAGE.log files into OUT_DIR and never stops the next command on a failure):
+#   tests     the GPU-marked tests (CUDA graphs, prefill graphs, the Triton kernels, row buffering on CUDA)
+#   decode    decode-step variants of the 1B shape at batch 1, with kernel tables (benchmarks/decode_variants.py)
+#   int8      int8 weight-only decode variants (the row GEMV kernel on and off), with kernel tables
+#   train     training throughput against transformers+compile, with variants and the kernel table
+#   final     generate_throughput at batch 1/8/32 and quant_speed --gpu, with transformers in the same run
+#
+# Extra arguments after OUT_DIR are passed to the stage's script (e.g. more variants for `decode`).
+set -uo pipefail
+stage=${1:?stage: tests, decode, int8, train or final}
+out=${2:?output directory}
+shift 2
+mkdir -p "$out"
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+# DEVICE / SPEC / DTYPE override the decode stages' model (the tests run them on the CPU with the tiny spec)
+spec=(--device "${DEVICE:-cuda}" --spec "${SPEC:-llama3.2-1b}" --dtype "${DTYPE:-bfloat16}")
+
+case "$stage" in
+tests)
+    $py -m pytest -q -m gpu tests/test_generation.py tests/test_kernels.py "$@" >"$out/tests.log" 2>&1
+    tail -n 25 "$out/tests.log"
+    ;;
+decode)
+    variants=("$@")
+    [ ${#variants[@]} -gt 0 ] || variants=(base buffer_row=0 pdl=1 gemv_float=1 attn=flash_decode prefill_graph=1)
+    (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile --phases \
+        --json "$out/decode.json") >"$out/decode.log" 2>&1
+    tail -n 12 "$out/decode.log"
+    ;;
+int8)
+    variants=("$@")
+    [ ${#variants[@]} -gt 0 ] || variants=(quant=int8_weight_only "quant=int8_weight_only,gemv_int8=1"
+        "quant=int8_weight_only,gemv_int8=1,gemv_block_k=2048" "quant=int8_weight_only,gemv_int8=1,gemv_block_n=16")
+    (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile --json "$out/int8.json") \
+        >"$out/int8.log" 2>&1
+    tail -n 8 "$out/int8.log"
+    ;;
+train)
+    extra=("$@")
+    [ ${#extra[@]} -gt 0 ] || extra=(--variant compile_optimizer=1 --variant inductor.triton.enable_pdl=1)
+    (cd benchmarks && $py train_throughput.py --gpu --no-hf-eager --profile 3 "${extra[@]}" \
+        --json "$out/train.json") >"$out/train.log" 2>&1
+    tail -n 40 "$out/train.log"
+    ;;
+final)
+    (cd benchmarks && $py generate_throughput.py "${spec[@]}" --batch 1 8 32 --new-tokens 256 "$@" \
+        --json "$out/generate.json") >"$out/generate.log" 2>&1
+    tail -n 4 "$out/generate.log"
+    (cd benchmarks && $py quant_speed.py --gpu --int8-gemv --json "$out/quant.json") >"$out/quant.log" 2>&1
+    tail -n 6 "$out/quant.log"
+    ;;
+*)
+    echo "unknown stage '$stage': tests, decode, int8, train or final" >&2
+    exit 2
+    ;;
+esac
