@@ -43,7 +43,8 @@ int8)
     ;;
 train)
     extra=("$@")
-    [ ${#extra[@]} -gt 0 ] || extra=(--variant compile_optimizer=1 --variant inductor.triton.enable_pdl=1)
+    [ ${#extra[@]} -gt 0 ] || extra=(--variant compile_optimizer=1 --variant inductor.triton.enable_pdl=1
+        --variant inductor.triton.cudagraphs=true)
     (cd benchmarks && $py train_throughput.py --gpu --no-hf-eager --profile 3 "${extra[@]}" \
         --json "$out/train.json") >"$out/train.log" 2>&1
     tail -n 40 "$out/train.log"
