@@ -21,8 +21,8 @@ from typing import Any
 
 import torch
 
-# Launch settings, module-level so a same-run A/B on the GPU can change them (see .notes): a fixed number of
-# cache-length splits instead of plan()'s, positions per loop step, warps per program.
+# Launch settings, module-level so a same-run A/B on the GPU can change them (benchmarks/decode_variants.py): a
+# fixed number of cache-length splits instead of plan()'s, positions per loop step, warps per program.
 _SPLITS: int | None = None
 _BLOCK = 32
 _WARPS = 4
