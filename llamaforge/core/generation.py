@@ -352,12 +352,10 @@ def _gemv_pass() -> Any:
         floating-point weights; None when the kernel is off for them or does not take them."""
         from llamaforge.kernels import row_gemv
 
-        if len(weights) > row_gemv.MAX_MATRICES or xv.shape[0] != 1 or xv.stride(-1) != 1:
-            return None
         widened = [isinstance(w, torch.fx.Node) and w.target is prims.convert_element_type.default for w in weights]
         sources = [w.args[0] if wide else w for w, wide in zip(weights, widened, strict=True)]
         vals = [src.meta.get("val") if isinstance(src, torch.fx.Node) else None for src in sources]
-        if any(v is None or v.dim() != 2 or v.stride(-1) != 1 for v in vals) or len({v.dtype for v in vals}) != 1:
+        if any(v is None for v in vals) or not row_gemv.supported(xv, vals):  # the op's own shape rule, on fakes
             return None
         int8 = vals[0].dtype == torch.int8
         if int8 and not all(widened):
