@@ -1,7 +1,7 @@
 """A/B of the decode step's tuning switches, each variant in a fresh process, same machine, same run.
 
     python benchmarks/decode_variants.py --device cuda --spec llama3.2-1b --dtype bfloat16 \
-        base buffer_row=0 pdl=1 attn=flash_decode "attn=flash_decode,splits=4" prefill_graph=1 \
+        base buffer_row=0 inductor.triton.enable_pdl=1 attn=flash_decode "attn=flash_decode,splits=4" prefill_graph=1 \
         quant=int8_weight_only --profile --phases --json out.json
     python benchmarks/decode_variants.py --spec tiny --new-tokens 16 base greedy_step=0   # CPU smoke run
 
@@ -9,14 +9,15 @@ Run-to-run spread on fresh H200 machines is ~5% for the same code, so the step t
 comparable with another measured in the same invocation; `--rounds 2` repeats the whole list (A B A B) to show the
 drift. Each variant is a comma-separated list of settings (`base` is none):
 
-    switches of the decode step   buffer_row, pdl, siblings, pointwise_cat, greedy_step, argmax_blocks (0/1),
+    switches of the decode step   buffer_row, siblings, pointwise_cat, greedy_step, argmax_blocks (0/1),
                                   gemv_rows (int: products with at most this many rows become reductions; 0: off)
     flash-decoding kernel         splits (int or auto), block, warps
     row GEMV kernel               gemv_int8, gemv_float (0/1: the graph pass hands int8 weight-only / plain
                                   products of one row to llamaforge.kernels.row_gemv), gemv_block_n,
                                   gemv_block_k, gemv_warps
     model and call                attn (attention kernel plugin), quant (quantizer plugin), prefill_graph (0/1)
-    any inductor option           inductor.NAME=VALUE, e.g. inductor.triton.enable_pdl=1 (for the step's compile)
+    any inductor option           inductor.NAME=VALUE, e.g. inductor.triton.enable_pdl=1 (Programmatic Dependent
+                                  Launch); also laid over the decode step's own compile options
 
 Per variant: end-to-end tokens/s of `llamaforge.generate` (best of --repeats, prefill included), the captured
 decode step alone (CUDA graph replays timed with events), the fixed cost per call beyond the decode steps, with
@@ -44,7 +45,6 @@ KERNEL = "llamaforge.kernels.decode_attention"
 GEMV = "llamaforge.kernels.row_gemv"
 SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, kind)
     "buffer_row": (GEN, "_BUFFER_ROW", "bool"),
-    "pdl": (GEN, "_PDL", "bool"),
     "siblings": (GEN, "_FUSE_SIBLINGS", "bool"),
     "pointwise_cat": (GEN, "_POINTWISE_CAT", "bool"),
     "greedy_step": (GEN, "_FUSE_GREEDY_STEP", "bool"),

@@ -28,7 +28,8 @@ tests)
     ;;
 decode)
     variants=("$@")
-    [ ${#variants[@]} -gt 0 ] || variants=(base buffer_row=0 pdl=1 gemv_float=1 attn=flash_decode prefill_graph=1)
+    [ ${#variants[@]} -gt 0 ] || variants=(base buffer_row=0 inductor.triton.enable_pdl=1 gemv_float=1
+        attn=flash_decode prefill_graph=1)
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile --phases \
         --json "$out/decode.json") >"$out/decode.log" 2>&1
     tail -n 12 "$out/decode.log"

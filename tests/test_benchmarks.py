@@ -102,15 +102,16 @@ def test_weight_byte_counts_cover_quantized_buffers_and_skip_an_untied_table(mon
 
 def test_decode_variants_cpu_applies_each_variants_settings_in_its_own_process(tmp_path):
     res = _run("decode_variants.py", "--new-tokens", "4", "--repeats", "1", "--phases", "base",
-               "greedy_step=0,quant=int8_weight_only", "pdl=1,inductor.coordinate_descent_tuning=false",
+               "greedy_step=0,quant=int8_weight_only", "buffer_row=0,inductor.coordinate_descent_tuning=false",
                tmp_path=tmp_path)  # fmt: skip
-    base, quant, pdl = res["rows"]
+    base, quant, unbuffered = res["rows"]
     assert "error" not in base and base["settings"] == {} and base["e2e_tok_s"] > 0
     assert quant["settings"] == {"greedy_step": False, "quant": "int8_weight_only"} and "error" not in quant
-    assert pdl["settings"] == {"pdl": True, "inductor.coordinate_descent_tuning": False} and "error" not in pdl
+    assert unbuffered["settings"] == {"buffer_row": False, "inductor.coordinate_descent_tuning": False}
+    assert "error" not in unbuffered
     assert base["step_compile_options"]["coordinate_descent_tuning"] is True  # the decode step's own setting...
-    assert pdl["step_compile_options"]["coordinate_descent_tuning"] is False  # ...which a variant's option overrides
-    assert base["tokens_digest"] == pdl["tokens_digest"]  # the switches change speed, never tokens
+    assert unbuffered["step_compile_options"]["coordinate_descent_tuning"] is False  # ...a variant's option wins
+    assert base["tokens_digest"] == unbuffered["tokens_digest"]  # the switches change speed, never tokens
     assert base["ms_generate_1"] > 0 and base["ms_generate_4"] >= base["ms_generate_1"] * 0.5
 
 
@@ -125,13 +126,13 @@ def test_decode_variants_rejects_bad_settings_before_starting_anything():
         "quant": "int8_weight_only", "gemv_int8": True, "gemv_float": False, "gemv_block_k": 2048}  # fmt: skip
     assert parse_variant("splits=auto,block=64,inductor.triton.enable_pdl=1,attn=flash_decode") == {
         "splits": None, "block": 64, "inductor.triton.enable_pdl": 1, "attn": "flash_decode"}  # fmt: skip
-    for bad, words in [("bufer_row=1", "unknown setting 'bufer_row'"), ("pdl=maybe", "pdl='maybe'"),
-                       ("splits=two", "splits='two'"), ("pdl", "expected NAME=VALUE")]:  # fmt: skip
+    for bad, words in [("bufer_row=1", "unknown setting 'bufer_row'"), ("buffer_row=maybe", "buffer_row='maybe'"),
+                       ("splits=two", "splits='two'"), ("buffer_row", "expected NAME=VALUE")]:  # fmt: skip
         with pytest.raises(VariantError, match=words):
             parse_variant(bad)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_variants.py"), "pdl=2"],
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_variants.py"), "buffer_row=2"],
                           capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2 and "pdl='2': expected bool" in proc.stderr
+    assert proc.returncode == 2 and "buffer_row='2': expected bool" in proc.stderr
 
 
 def test_gpu_runs_script_decode_stage_runs_on_the_cpu(tmp_path):

@@ -277,8 +277,9 @@ _POINTWISE_CAT = True  # stacked weights are read in place by the reduction inst
 _FUSE_GREEDY_STEP = True  # greedy decoding compiles forward + argmax + state advance as one step
 _ARGMAX_BLOCKS = True  # the greedy step's argmax in two stages (see argmax_rows)
 _BUFFER_ROW = True  # the product's row is a buffer, not recomputed per thread block (see _gemv_pass)
-_PDL = False  # Programmatic Dependent Launch in the decode step's Triton kernels (Hopper+; off until measured)
-_EXTRA_OPTIONS: dict[str, Any] = {}  # inductor options laid over the decode step's own (benchmarks A/B them)
+# inductor options laid over the decode step's own, e.g. {"triton.enable_pdl": True} for Programmatic Dependent
+# Launch on Hopper (benchmarks A/B them)
+_EXTRA_OPTIONS: dict[str, Any] = {}
 
 
 def _compile_options(device: torch.device) -> dict[str, Any]:
@@ -292,11 +293,6 @@ def _compile_options(device: torch.device) -> dict[str, Any]:
     if _GEMV_MAX_ROWS and device.type == "cuda":  # on CPU, oneDNN's matrix-vector products are the better ones
         options["post_grad_custom_pre_pass"] = _gemv_pass()
         options["force_pointwise_cat"] = _POINTWISE_CAT
-    if _PDL and device.type == "cuda":
-        from torch._inductor import config as inductor_config
-
-        if hasattr(inductor_config.triton, "enable_pdl"):  # torch >= 2.9; inductor emits it on Hopper and newer
-            options["triton.enable_pdl"] = True
     return {**options, **_EXTRA_OPTIONS}
 
 
