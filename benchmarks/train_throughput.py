@@ -92,22 +92,18 @@ def make_step(
     lr: float,
     compile_optimizer: bool = False,
 ):
-    """One training step. llamaforge's update is the trainer's own (AdamW built and clipped as `Trainer` does it);
-    transformers gets the same fused AdamW and clipping written out."""
+    """One training step. llamaforge's optimizer is the trainer's own (AdamW built as `Trainer` does it);
+    transformers gets a fused AdamW with weight decay on every parameter; both clip and step through the
+    trainer's update."""
     from llamaforge.core.train import build_optimizer, make_update
 
     params = [p for p in model.parameters() if p.requires_grad]
     if kind == "llamaforge":
         opt = build_optimizer(params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, device=device,
                               compiled=compile_optimizer)  # fmt: skip
-        update = make_update(params, opt, 1.0, compiled=compile_optimizer)
     else:
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-
-        def update() -> None:
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+    update = make_update(params, opt, 1.0, compiled=compile_optimizer and kind == "llamaforge")
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
