@@ -50,5 +50,21 @@ def parse_settings(text: str, known: dict[str, str]) -> dict[str, Any]:
 
 
 def inductor_options(settings: dict[str, Any]) -> dict[str, Any]:
-    """The `inductor.` settings as torch.compile options."""
-    return {k[len(INDUCTOR) :]: v for k, v in settings.items() if k.startswith(INDUCTOR)}
+    """The `inductor.` settings as torch.compile options, checked against this torch's inductor. A 0/1 given for a
+    boolean option becomes False/True: torch.compile rejects an int there (`enable_pdl=1` failed on the H200)."""
+    from torch._inductor import config
+
+    known = config.get_config_copy()
+    options = {}
+    for key, value in settings.items():
+        if not key.startswith(INDUCTOR):
+            continue
+        name = key[len(INDUCTOR) :]
+        if name not in known:
+            raise VariantError(f"this torch's inductor has no option {name!r}")
+        if config.get_type(name) is bool and not isinstance(value, bool):
+            if value not in (0, 1):
+                raise VariantError(f"{key}={value!r}: expected a boolean (0/1, true/false)")
+            value = bool(value)
+        options[name] = value
+    return options

@@ -84,8 +84,6 @@ def _apply(settings: dict[str, Any]) -> None:
             setattr(mod, attr, value)
     extra = inductor_options(settings)
     for name, value in extra.items():
-        if name not in inductor_config.get_config_copy():
-            raise VariantError(f"this torch's inductor has no option {name!r}")
         setattr(inductor_config, name, value)  # for every compile in the process (the prefill's kernels too)
     generation = importlib.import_module(GEN)
     generation._EXTRA_OPTIONS.update(extra)  # and over the decode step's own options, which would otherwise win

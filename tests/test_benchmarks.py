@@ -118,6 +118,7 @@ def test_decode_variants_cpu_applies_each_variants_settings_in_its_own_process(t
 def test_decode_variants_rejects_bad_settings_before_starting_anything():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
+        from _variants import inductor_options
         from decode_variants import VariantError, parse_variant
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
@@ -126,6 +127,12 @@ def test_decode_variants_rejects_bad_settings_before_starting_anything():
         "quant": "int8_weight_only", "gemv_int8": True, "gemv_float": False, "gemv_block_k": 2048}  # fmt: skip
     assert parse_variant("splits=auto,block=64,inductor.triton.enable_pdl=1,attn=flash_decode") == {
         "splits": None, "block": 64, "inductor.triton.enable_pdl": 1, "attn": "flash_decode"}  # fmt: skip
+    # torch.compile rejects an int for a boolean option: the 1 must reach it as True
+    assert inductor_options(parse_variant("inductor.triton.enable_pdl=1,buffer_row=0")) == {"triton.enable_pdl": True}
+    with pytest.raises(VariantError, match="expected a boolean"):
+        inductor_options(parse_variant("inductor.triton.enable_pdl=2"))
+    with pytest.raises(VariantError, match="no option 'no_such_option'"):
+        inductor_options(parse_variant("inductor.no_such_option=1"))
     for bad, words in [("bufer_row=1", "unknown setting 'bufer_row'"), ("buffer_row=maybe", "buffer_row='maybe'"),
                        ("splits=two", "splits='two'"), ("buffer_row", "expected NAME=VALUE")]:  # fmt: skip
         with pytest.raises(VariantError, match=words):

@@ -166,11 +166,18 @@ def test_row_gemv_kernel_in_the_interpreter_matches_the_reference():
     _in_the_interpreter(script, "ok 4")
 
 
+@pytest.mark.parametrize("form", ["mm", "decomposed"])
 @pytest.mark.parametrize("kind", ["int8", "float"])
-def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, monkeypatch):
+def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, form, monkeypatch):
     """With the kernel switched on for the weights' kind, the decode graph pass replaces the products sharing a row
     (q/k/v) by one call of the row GEMV op (int8 scales stay in the graph), and the graph computes what it did
-    before; switched on only for the other kind, the graph keeps its reductions."""
+    before; switched on only for the other kind, the graph keeps its reductions (the pass's own, stacked).
+
+    `decomposed`: the graph the pass gets on a GPU, where inductor (with coordinate-descent tuning, as the decode
+    step compiles) has already turned each one-row `mm` into `sum(row[:, :, None] * W.T[None], 1)` in fp32; traced
+    here on the meta device, which that decomposition treats as a GPU. The pass once matched only `mm` and so did
+    nothing on GPUs."""
+    from torch._inductor import config as inductor_config
     from torch._inductor.decomposition import select_decomp_table
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.nn import functional as F
@@ -192,20 +199,33 @@ def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, mon
 
         args = (x.reshape(1, 1, 40), *(w.float() * s[:, None] for w, s in zip(weights, scales, strict=True)))
 
+    aten = torch.ops.aten
+
     def calls(switched_on: bool) -> tuple[list, torch.fx.GraphModule]:
         # switched on for this kind of weights, or only for the other kind
         monkeypatch.setattr(row_gemv, "route_available", lambda int8: (int8 == (kind == "int8")) == switched_on)
-        gm = make_fx(layer, decomposition_table=select_decomp_table(), tracing_mode="fake")(*args)  # inductor's aten
+        traced = args if form == "mm" else [a.to("meta") for a in args]
+        with inductor_config.patch(coordinate_descent_tuning=form == "decomposed"):  # inductor's aten graph
+            gm = make_fx(layer, decomposition_table=select_decomp_table(), tracing_mode="fake")(*traced)
+        assert sum(n.target is aten.mm.default for n in gm.graph.nodes) == (3 if form == "mm" else 0)
+        before = generation._gemv_rewrites[0]
         generation._gemv_pass()(gm.graph)
+        assert generation._gemv_rewrites[0] == before + 3
         gm.graph.lint()
         gm.recompile()
+        left = [n for n in gm.graph.nodes if n.target is aten.mm.default or (n.target is aten.sum.dim_IntList
+                and list(n.args[1]) == [1])]  # fmt: skip
+        assert left == []  # the products, in either form, are gone (and what only they used)
         return [n for n in gm.graph.nodes if n.target is torch.ops.llamaforge.gemv_rows.default], gm
 
-    found, gm = calls(True)
-    assert len(found) == 1 and len(found[0].args[1]) == 3
-    for got, want in zip(gm(*args), layer(*args), strict=True):  # the op's CPU kernel is the reference
-        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert calls(False)[0] == []
+    for switched_on in (True, False):
+        found, gm = calls(switched_on)
+        if switched_on:
+            assert len(found) == 1 and len(found[0].args[1]) == 3
+        else:
+            assert found == [] and sum(n.target is aten.cat.default for n in gm.graph.nodes) == 1  # stacked
+        for got, want in zip(gm(*args), layer(*args), strict=True):  # the op's CPU kernel is the reference
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu

@@ -315,10 +315,38 @@ def _gemv_pass() -> Any:
 
     aten, prims = torch.ops.aten, torch.ops.prims
 
-    def one_row_product(node: torch.fx.Node) -> tuple[Any, torch.fx.Node] | None:
-        if node.op != "call_function" or node.target is not aten.mm.default:
+    def widened_from(node: Any) -> Any:
+        """The input of an fp32 cast (what inductor's decomposition adds around a low-precision product)."""
+        if isinstance(node, torch.fx.Node) and node.target is prims.convert_element_type.default:
+            if node.args[1] == torch.float32:
+                return node.args[0]
+        return node
+
+    def one_row_product(node: torch.fx.Node) -> tuple[Any, torch.fx.Node, torch.fx.Node] | None:
+        """(sibling key, W.T, row) of `mm(row, W.T)`, or of the form inductor's own decomposition gives a one-row
+        `mm` on GPUs when coordinate-descent tuning is on (as in the decode step, before this pass runs):
+        `sum(unsqueeze(f32(row), 2) * unsqueeze(f32(W.T), 0), [1])`."""
+        if node.op != "call_function":
             return None
-        x, wt = node.args
+        if node.target is aten.mm.default:
+            x, wt = node.args
+        elif (
+            node.target is aten.sum.dim_IntList
+            and len(node.args) == 2
+            and not node.kwargs
+            and list(node.args[1]) == [1]
+        ):
+            mul = node.args[0]
+            if not (isinstance(mul, torch.fx.Node) and mul.target is aten.mul.Tensor and len(mul.users) == 1):
+                return None
+            a, b = mul.args
+            if not all(isinstance(n, torch.fx.Node) and n.target is aten.unsqueeze.default for n in (a, b)):
+                return None
+            if a.args[1] != 2 or b.args[1] != 0:
+                return None
+            x, wt = widened_from(a.args[0]), widened_from(b.args[0])
+        else:
+            return None
         if not (isinstance(wt, torch.fx.Node) and wt.target is aten.permute.default) or list(wt.args[1]) != [1, 0]:
             return None
         xv, outv = x.meta.get("val"), node.meta.get("val")
@@ -326,7 +354,7 @@ def _gemv_pass() -> Any:
             return None
         # F.linear on (B, T, K) reshapes its input per call: products of one tensor differ only by that view
         key = (x.args[0], tuple(xv.shape), xv.dtype) if x.target in (aten.view.default, aten.reshape.default) else x
-        return key, wt
+        return key, wt, x
 
     def _hoist(node: Any, before: torch.fx.Node, order: dict[torch.fx.Node, float]) -> bool:
         """Move the side-effect-free computation of a weight (an int8 matrix's cast, say), defined after `before`,
@@ -362,22 +390,21 @@ def _gemv_pass() -> Any:
 
     class RowTimesWeight(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
-            groups: dict[Any, list[tuple[torch.fx.Node, torch.fx.Node]]] = {}
+            groups: dict[Any, list[tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]]] = {}
             for node in list(graph.nodes):
                 found = one_row_product(node)
                 if found is not None:
-                    groups.setdefault(found[0], []).append((node, found[1]))
+                    groups.setdefault(found[0], []).append((node, found[1], found[2]))
             for members in groups.values():
-                if not _FUSE_SIBLINGS or len({n.meta["val"].dtype for n, _ in members}) > 1:
+                if not _FUSE_SIBLINGS or len({n.meta["val"].dtype for n, _, _ in members}) > 1:
                     for member in members:
                         self.rewrite(graph, [member])
                 else:
                     self.rewrite(graph, members)
 
         @staticmethod
-        def rewrite(graph: torch.fx.Graph, members: list[tuple[torch.fx.Node, torch.fx.Node]]) -> None:
-            first = members[0][0]
-            x = first.args[0]
+        def rewrite(graph: torch.fx.Graph, members: list[tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]]) -> None:
+            first, _, x = members[0]
             xv = x.meta["val"]
 
             def add(target, args, _fake=xv.fake_mode):
@@ -391,7 +418,7 @@ def _gemv_pass() -> Any:
                     new.meta["val"] = target(*fake)
                 return new
 
-            weights = [wt.args[0] for _, wt in members]
+            weights = [wt.args[0] for _, wt, _ in members]
             order = {n: i for i, n in enumerate(graph.nodes)} if len(members) > 1 else {}
             if len(members) > 1 and not all(_hoist(w, first, order) for w in weights):
                 for member in members:
@@ -413,22 +440,30 @@ def _gemv_pass() -> Any:
                     prod = add(aten.mul.Tensor, (add(aten.unsqueeze.default, (x32, 1)), w32))  # (M,1,K)*(N,K)
                     red = add(aten.sum.dim_IntList, (prod, [2]))
                 start = 0
-                for node, _ in members:
+                for node, _, _ in members:
                     width = node.meta["val"].shape[1]
                     part = red if len(members) == 1 else add(aten.slice.Tensor, (red, 1, start, start + width))
                     start += width
-                    node.replace_all_uses_with(add(prims.convert_element_type.default, (part, node.meta["val"].dtype)))
-            for node, wt in members:
+                    if part.meta["val"].dtype != node.meta["val"].dtype:
+                        part = add(prims.convert_element_type.default, (part, node.meta["val"].dtype))
+                    node.replace_all_uses_with(part)
+            for node, _, _ in members:
                 _gemv_rewrites[0] += 1
-                graph.erase_node(node)
-                if not wt.users:
-                    graph.erase_node(wt)
+                _erase_unused(graph, node)  # and what only it used (W.T, the decomposed form's casts and product)
 
         def uuid(self) -> str:
             from llamaforge.kernels import row_gemv
 
             flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{row_gemv.INT8}-{row_gemv.FLOAT}"
-            return f"llamaforge-row-times-weight-6-{flags}"
+            return f"llamaforge-row-times-weight-7-{flags}"
+
+    def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
+        if node.users or node.op != "call_function" or node.is_impure():
+            return
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        for arg in inputs:
+            _erase_unused(graph, arg)
 
     return RowTimesWeight()
 
