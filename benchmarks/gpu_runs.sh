@@ -27,17 +27,20 @@ tests)
     tail -n 25 "$out/tests.log"
     ;;
 decode)
+    # ~65-140 s per variant on an H200 (compilation with coordinate-descent tuning), so four fit one call;
+    # PHASES=1 adds generate() of 1/2/N tokens per variant (~30 s more each)
     variants=("$@")
-    [ ${#variants[@]} -gt 0 ] || variants=(base buffer_row=0 inductor.triton.enable_pdl=1 gemv_float=1
-        attn=flash_decode prefill_graph=1)
-    (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile --phases \
+    [ ${#variants[@]} -gt 0 ] || variants=(base attn=flash_decode prefill_graph=1 "attn=flash_decode,splits=4")
+    phases=()
+    [ "${PHASES:-0}" = 1 ] && phases=(--phases)
+    (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile "${phases[@]}" \
         --json "$out/decode.json") >"$out/decode.log" 2>&1
     tail -n 12 "$out/decode.log"
     ;;
 int8)
     variants=("$@")
-    [ ${#variants[@]} -gt 0 ] || variants=(quant=int8_weight_only "quant=int8_weight_only,gemv_int8=1"
-        "quant=int8_weight_only,gemv_int8=1,gemv_block_k=2048" "quant=int8_weight_only,gemv_int8=1,gemv_block_n=16")
+    # bf16 first: the int8/bf16 ratio comes from one run
+    [ ${#variants[@]} -gt 0 ] || variants=(base quant=int8_weight_only "quant=int8_weight_only,gemv_int8=1")
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile --json "$out/int8.json") \
         >"$out/int8.log" 2>&1
     tail -n 8 "$out/int8.log"

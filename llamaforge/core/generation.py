@@ -283,12 +283,12 @@ _EXTRA_OPTIONS: dict[str, Any] = {}
 
 
 def _compile_options(device: torch.device) -> dict[str, Any]:
-    """Inductor options for the decode step only (global settings stay untouched). On an H200 with a Llama-3.2-1B
-    shape at batch 1 the step took 1.38 ms with cuBLAS products, 1.26 ms with the GEMV pass and 1.04 ms adding
-    coordinate-descent tuning of the generated kernels (which costs ~30 s more compilation, once). Stacking sibling
-    products and compiling the greedy step as a whole then measured 1.09 vs 1.14 ms (bf16) and 1.14 vs 1.25 ms
-    (int8 weight-only) in one run; runs on fresh machines spread by ~5%
-    (benchmarks/results/decode_variants_h200.json)."""
+    """Inductor options for the decode step only (global settings stay untouched). Coordinate-descent tuning of the
+    generated kernels costs ~30 s more compilation, once. On an H200 (Llama-3.2-1B shape, bf16, batch 1, one run,
+    each variant in its own process; benchmarks/results/decode_variants_h200.json run8) the step took 0.99 ms with
+    the GEMV pass below, 1.10 ms with the pass but without row buffering and 1.25 ms without the pass; runs on
+    fresh machines spread by 5-10%. Until 2026-12-02 the pass matched only `aten.mm`, which inductor had already
+    decomposed on CUDA under this tuning, so earlier GPU figures for its switches measured inductor's own form."""
     options: dict[str, Any] = {"coordinate_descent_tuning": True}
     if _GEMV_MAX_ROWS and device.type == "cuda":  # on CPU, oneDNN's matrix-vector products are the better ones
         options["post_grad_custom_pre_pass"] = _gemv_pass()
@@ -307,10 +307,12 @@ def _gemv_pass() -> Any:
 
     The row itself is read through an identity `as_strided`, which inductor can only lower from a buffer: left
     alone, it inlines the row's producer (the RMSNorm scaling, SiLU(gate)*up) into the reduction's loads, and every
-    thread block recomputes the whole row (2,048 blocks x 64 KB per down_proj call). On an H200 (1B, batch 1) an
-    experiment form of this took the step's kernels from 1,024 to 944 us per token; one later H200 profile of this
-    built-in form still showed the rows inlined, while inductor's lowering on CPU buffers them (tests check that),
-    so `_BUFFER_ROW` is a switch for the GPU A/B in benchmarks/decode_variants.py."""
+    thread block recomputes the whole row (2,048 blocks x 64 KB per down_proj call): on an H200 (1B, batch 1) the
+    step took 0.99 ms with the buffered row and 1.10 ms without, in one run (`_BUFFER_ROW` is the switch
+    benchmarks/decode_variants.py A/Bs).
+
+    On CUDA the pass gets each product in the form inductor's decomposition gives a one-row `mm` under
+    coordinate-descent tuning, `sum(row[:, :, None] * W.T[None], 1)` in fp32, and rewrites that form too."""
     from torch._inductor.custom_graph_pass import CustomGraphPass
 
     aten, prims = torch.ops.aten, torch.ops.prims

@@ -13,9 +13,13 @@ at the end.
 `gemv_rows(x, [w0, w1, w2])` is a custom op (`torch.ops.llamaforge.gemv_rows`) returning the fp32 sums of all rows
 side by side, (1, N0 + N1 + N2) (for int8 weights unscaled). The decode graph pass
 (`llamaforge.core.generation._gemv_pass`) emits it for int8 weight-only products when `INT8` is set and for
-floating-point weights when `FLOAT` is set (both off until measured on a GPU); the int8 per-row scales stay in the
-graph, where inductor fuses them into whatever consumes the product. torch.compile traces the op's Triton launch
-on CUDA (`torch.library.triton_op`); elsewhere it runs the PyTorch reference.
+floating-point weights when `FLOAT` is set; the int8 per-row scales stay in the graph, where inductor fuses them
+into whatever consumes the product. Both are off: measured in the H200 decode step (2026-12-02, one run), the
+op's 65 launches per token took 1,068 us where inductor's reductions of the same products took ~700 us, a
+1.36 vs 0.99 ms step in bf16 and 1.24 vs 0.87 ms in int8 (benchmarks/results/decode_variants_h200.json run8/9).
+The launch settings below are the standalone microbenchmark's best; the step's shapes want others (not tuned
+yet). torch.compile traces the op's Triton launch on CUDA (`torch.library.triton_op`); elsewhere it runs the
+PyTorch reference.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-INT8 = False  # the decode graph pass emits this kernel for int8 weight-only products (benchmarks A/B it)
+INT8 = False  # the decode graph pass emits this kernel for int8 weight-only products (slower so far: see above)
 FLOAT = False  # ... and for products with bf16/fp16/fp32 weights
 MAX_MATRICES = 3
 # Launch settings, module-level so a same-run A/B on the GPU can change them: output rows per program, int8 values
