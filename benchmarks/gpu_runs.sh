@@ -30,7 +30,7 @@ decode)
     # ~65-140 s per variant on an H200 (compilation with coordinate-descent tuning), so four fit one call;
     # PHASES=1 adds generate() of 1/2/N tokens per variant (~30 s more each)
     variants=("$@")
-    [ ${#variants[@]} -gt 0 ] || variants=(base attn=flash_decode prefill_graph=1 "attn=flash_decode,splits=4")
+    [ ${#variants[@]} -gt 0 ] || variants=(base gemv_float=1 attn=flash_decode prefill_graph=1)
     phases=()
     [ "${PHASES:-0}" = 1 ] && phases=(--phases)
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile "${phases[@]}" \
@@ -40,7 +40,8 @@ decode)
 int8)
     variants=("$@")
     # bf16 first: the int8/bf16 ratio comes from one run
-    [ ${#variants[@]} -gt 0 ] || variants=(base quant=int8_weight_only "quant=int8_weight_only,gemv_int8=1")
+    [ ${#variants[@]} -gt 0 ] || variants=(base quant=int8_weight_only "quant=int8_weight_only,gemv_int8=1"
+        "quant=int8_weight_only,gemv_int8=1,gemv_block_k=2048")
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile --json "$out/int8.json") \
         >"$out/int8.log" 2>&1
     tail -n 8 "$out/int8.log"

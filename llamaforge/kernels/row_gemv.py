@@ -17,9 +17,10 @@ floating-point weights when `FLOAT` is set; the int8 per-row scales stay in the 
 into whatever consumes the product. Both are off: measured in the H200 decode step (2026-12-02, one run), the
 op's 65 launches per token took 1,068 us where inductor's reductions of the same products took ~700 us, a
 1.36 vs 0.99 ms step in bf16 and 1.24 vs 0.87 ms in int8 (benchmarks/results/decode_variants_h200.json run8/9).
-The launch settings below are the standalone microbenchmark's best; the step's shapes want others (not tuned
-yet). torch.compile traces the op's Triton launch on CUDA (`torch.library.triton_op`); elsewhere it runs the
-PyTorch reference.
+That kernel could not vectorise its loads (its row strides were excluded from Triton's specialisation: one
+2-byte or 1-byte load per value; a CPU test now compiles it for sm_90 and checks for 16-byte loads), so those
+figures say nothing yet about this form of it. torch.compile traces the op's Triton launch on CUDA
+(`torch.library.triton_op`); elsewhere it runs the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -50,10 +51,11 @@ def supported(x: torch.Tensor, weights: list[torch.Tensor]) -> bool:
     return (
         x.dim() == 2
         and x.size(0) == 1
+        and x.size(1) > 1  # so no stride or length is 1, which Triton would turn into a constant of another type
         and x.stride(-1) == 1
         and 1 <= len(weights) <= MAX_MATRICES
         and len({w.dtype for w in weights}) == 1
-        and all(w.dim() == 2 and w.stride(-1) == 1 and w.size(1) == x.size(1) for w in weights)
+        and all(w.dim() == 2 and w.stride(-1) == 1 and w.stride(0) >= w.size(1) == x.size(1) for w in weights)
     )
 
 
@@ -62,9 +64,12 @@ def _kernel() -> Any:
     import triton
     import triton.language as tl
 
-    # runtime integers throughout (no specialisation of a 1 into a constant), so both branches below bind the
-    # same types when compiled
-    @triton.jit(do_not_specialize=["n0", "n1", "n2", "k_len", "sw0", "sw1", "sw2", "blocks0", "blocks01"])
+    # Row counts stay runtime integers (no specialisation of a 1 into a constant), so both branches below bind the
+    # same types. The row strides and k_len must stay specialisable: their divisibility by 16 is what lets Triton
+    # prove the weight tiles aligned and load them 16 bytes at a time. Excluding them too (as this kernel first
+    # did) compiled every weight load to one 2-byte (bf16) or 1-byte (int8) load per value, and the kernel ran
+    # slower than inductor's reductions in the H200 decode step; `supported` keeps both above 1.
+    @triton.jit(do_not_specialize=["n0", "n1", "n2", "blocks0", "blocks01"])
     def rows_kernel(
         x_ptr, w0_ptr, w1_ptr, w2_ptr, y_ptr, n0, n1, n2, k_len, sw0, sw1, sw2, blocks0, blocks01,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
