@@ -182,7 +182,9 @@ def _ptx_for_sm90(kernel, args: dict, constexprs: dict, num_warps: int) -> str:
             continue
         value = args[name]
         signature[name] = value if isinstance(value, str) else "i32"
-        if isinstance(value, str) or (name not in runtime and value % 16 == 0):
+        if (isinstance(value, str) and value.startswith("*")) or (
+            not isinstance(value, str) and name not in runtime and value % 16 == 0
+        ):
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
@@ -210,6 +212,29 @@ def test_row_gemv_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype):
     loads = re.findall(r"ld\.global(?:\.\w+)*", ptx)
     assert any(".v4." in ld for ld in loads), loads
     assert not [ld for ld in loads if ld.endswith((".b8", ".b16", ".u8", ".u16", ".s8"))], loads
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_flash_decode_kernel_loads_keys_and_values_sixteen_bytes_at_a_time_on_hopper():
+    """The same check for the flash-decoding kernel at the 1B shape (8 kv heads of 64, 4 query heads each): the
+    cache rows are read in 16-byte vectors (only the byte mask is read a value at a time)."""
+    import re
+
+    from llamaforge.kernels import decode_attention
+
+    t = 2048  # the static cache's length
+    args = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "ok_ptr": "*u8", "m_ptr": "*fp32", "l_ptr": "*fp32",
+            "acc_ptr": "*fp32", "o_ptr": "*bf16", "scale": "fp32", "length": 300, "chunk": 160, "sq_b": 2048,
+            "sq_h": 64, "sk_b": 8 * t * 64, "sk_h": t * 64, "sk_l": 64, "sv_b": 8 * t * 64, "sv_h": t * 64, "sv_l": 64,
+            "sok_b": t, "so_b": 2048, "so_h": 64}  # fmt: skip
+    constexprs = {"KV_HEADS": 8, "REP": 4, "REP_P": 4, "D": 64, "BLOCK": decode_attention._BLOCK, "SPLITS": 2}
+    try:
+        ptx = _ptx_for_sm90(decode_attention._kernels()[0], args, constexprs, decode_attention._WARPS)
+    except Exception as exc:  # e.g. a Triton build without the NVIDIA backend's tools
+        pytest.skip(f"Triton could not compile for sm_90 here: {type(exc).__name__}: {str(exc)[:200]}")
+    loads = re.findall(r"ld\.global(?:\.\w+)*", ptx)
+    assert sum(".v4." in ld for ld in loads) >= 2, loads  # keys and values
+    assert not [ld for ld in loads if ld.endswith((".b16", ".u16"))], loads  # no bf16 read one value at a time
 
 
 @pytest.mark.parametrize("form", ["mm", "decomposed"])
