@@ -2,7 +2,7 @@
 products of batch-1 decoding, for int8 weight-only layers and for plain bf16/fp16/fp32 weights.
 
 Why a kernel of our own: in the compiled decode step on an H200 (Llama-3.2-1B shape, batch 1) the int8 model's
-step was only 1.04-1.15x faster than bf16 although it reads half the weight bytes; about 0.35 ms of the ~1 ms step
+step was only 1.04-1.17x faster than bf16 although it reads half the weight bytes; about 0.35 ms of the ~1 ms step
 is not weight reading and is the same in both, which puts the int8 weight reads at roughly 2.4 TB/s against 3.8 for
 bf16. Inductor's reduction loads int8 with the same element counts per thread as bf16, so each load moves half the
 bytes. For bf16, a standalone microbenchmark had a hand-written Triton GEMV at 4.0 TB/s for the stacked gate/up
