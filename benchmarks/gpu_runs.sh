@@ -7,12 +7,13 @@
 #   tests     the GPU-marked tests (CUDA graphs, prefill graphs, the Triton kernels, row buffering on CUDA)
 #   decode    decode-step variants of the 1B shape at batch 1, with kernel tables (benchmarks/decode_variants.py)
 #   int8      int8 weight-only decode variants (the row GEMV kernel on and off), with kernel tables
+#   gemv      each one-row product alone (benchmarks/gemv_micro.py): which kernel and launch setting is fastest
 #   train     training throughput against transformers+compile, with variants and the kernel table
 #   final     generate_throughput at batch 1/8/32 and quant_speed --gpu, with transformers in the same run
 #
 # Extra arguments after OUT_DIR are passed to the stage's script (e.g. more variants for `decode`).
 set -uo pipefail
-stage=${1:?stage: tests, decode, int8, train or final}
+stage=${1:?stage: tests, decode, int8, gemv, train or final}
 out=${2:?output directory}
 shift 2
 mkdir -p "$out"
@@ -46,6 +47,12 @@ int8)
         >"$out/int8.log" 2>&1
     tail -n 8 "$out/int8.log"
     ;;
+gemv)
+    # each one-row product of the 1B model alone: cuBLAS, inductor's reduction, the row GEMV kernel's settings
+    (cd benchmarks && $py gemv_micro.py --device "${DEVICE:-cuda}" --int8 "$@" --json "$out/gemv.json") \
+        >"$out/gemv.log" 2>&1
+    tail -n 12 "$out/gemv.log"
+    ;;
 train)
     extra=("$@")
     # each contender compiles with coordinate-descent tuning (~100 s on an H200): two variants fit one call; pass
@@ -63,7 +70,7 @@ final)
     tail -n 6 "$out/quant.log"
     ;;
 *)
-    echo "unknown stage '$stage': tests, decode, int8, train or final" >&2
+    echo "unknown stage '$stage': tests, decode, int8, gemv, train or final" >&2
     exit 2
     ;;
 esac

@@ -159,3 +159,21 @@ def test_gpu_runs_script_decode_stage_runs_on_the_cpu(tmp_path):
     bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_runs.sh"), "nope", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
+
+
+def test_gemv_micro_cpu_times_each_contender_and_rejects_bad_shapes(tmp_path):
+    """The standalone product benchmark on the CPU (the Triton contender needs a GPU): both weight kinds, stacked
+    siblings, figures per contender; bad shapes and settings stop it before anything is timed."""
+    res = _run("gemv_micro.py", "--device", "cpu", "--shapes", "96+32:64", "--int8", "--calls", "2", "--repeats",
+               "1", "--copies", "2", tmp_path=tmp_path)  # fmt: skip
+    dense, int8 = res["rows"]
+    assert dense["rows"] == [96, 32] and dense["k"] == 64 and dense["weights"] == "float32"
+    assert dense["weight_bytes"] == 128 * 64 * 4 and int8["weight_bytes"] == 128 * 64
+    assert set(dense["us"]) == {"F.linear per matrix", "inductor reduction"} and set(int8["us"]) == {
+        "inductor reduction"}  # fmt: skip
+    assert all(isinstance(v, float) and v > 0 for row in (dense, int8) for v in row["us"].values())
+    for bad, words in [(["--shapes", "9:1"], "K >= 2"), (["--shapes", "1+2+3+4:8"], "one to three"),
+                       (["--sweep", "3:1024:8"], "power of two"), (["--shapes", "a:b"], "integers")]:  # fmt: skip
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gemv_micro.py"), "--device", "cpu", *bad],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
