@@ -156,7 +156,13 @@ def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
                 row.update(_kernel_table(session, 10, args.top))
         else:
             row["profile"] = "no decode session (eager decoding keeps none)"
-    row["rewrites"] = generation._gemv_rewrites[0]
+    from torch._dynamo.utils import counters
+
+    row["rewrites"] = generation._gemv_rewrites[0]  # 0 also when the graph came from inductor's on-disk cache
+    row["cache_hits"] = counters["inductor"]["fxgraph_cache_hit"] + counters["aot_autograd"]["autograd_cache_hit"]
+    if dev.type == "cuda" and generation._GEMV_MAX_ROWS and compile is not False:
+        if not row["rewrites"] and not row["cache_hits"]:  # a pass matching nothing went unnoticed for sessions
+            row["warning"] = "the decode GEMV graph pass rewrote no product: its switches had no effect here"
     options = generation._compile_options(dev)
     row["step_compile_options"] = {k: v for k, v in options.items() if isinstance(v, bool | int | float | str)}
     return row
@@ -193,6 +199,8 @@ def summary(rows: list[dict[str, Any]]) -> str:
             f"{r['variant'][:42]:<42} {r['e2e_tok_s']:>9.1f} {step if step else '-':>8} "
             f"{r.get('fixed_ms_per_call', '-'):>8} {r.get('kernel_us_per_step', '-'):>10} {rel:>8}"
         )
+        if "warning" in r:
+            lines.append(f"  warning: {r['warning']}")
     return "\n".join(lines)
 
 

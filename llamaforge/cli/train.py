@@ -156,23 +156,27 @@ def train_cmd(
     train_overrides = parse_overrides(list(overrides))
     # under torchrun (RANK/WORLD_SIZE set): join the process group; the Trainer shards the model with FSDP2
     launch = init_distributed(str(train_overrides.get("device", "auto")))
-    result, model, _, _ = run_training(
-        rank=launch.rank,
-        world_size=launch.world_size,
-        spec_source=spec_source,
-        data=data,
-        out=out,
-        train_overrides=train_overrides,
-        train_spec_file=train_spec_file,
-        tokenizer_path=tokenizer_path,
-        vocab_size=vocab_size,
-        val_data=val_data,
-        resume=resume,
-        progress=not as_json,
-        pad_token=pad_token,
-        stop_after=stop_after,
-        max_docs=max_docs,
-    )
+    try:
+        result, model, _, _ = run_training(
+            rank=launch.rank,
+            world_size=launch.world_size,
+            spec_source=spec_source,
+            data=data,
+            out=out,
+            train_overrides=train_overrides,
+            train_spec_file=train_spec_file,
+            tokenizer_path=tokenizer_path,
+            vocab_size=vocab_size,
+            val_data=val_data,
+            resume=resume,
+            progress=not as_json,
+            pad_token=pad_token,
+            stop_after=stop_after,
+            max_docs=max_docs,
+        )
+    except BaseException:
+        shutdown(wait_for_all=False)
+        raise
     summary = {
         "run": str(out),
         "steps": result.steps,

@@ -88,10 +88,16 @@ def init_distributed(device: str = "auto", *, timeout_s: float = 1800.0) -> Dist
     return DistInfo(info.rank, info.world_size, info.local_rank, dist.get_backend())
 
 
-def shutdown() -> None:
+def shutdown(*, wait_for_all: bool = True) -> None:
+    """Leave the process group. By default every rank first waits for the others: a gloo rank that tore its group
+    down while another was still finishing (rank 0 writing the final checkpoint) sometimes aborted the process
+    ("terminate called without an active exception", exit -6) after a successful run. On an error path pass
+    `wait_for_all=False`: the other ranks may never arrive."""
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if wait_for_all and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
