@@ -299,6 +299,76 @@ def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, for
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("form", ["mm", "decomposed"])
+def test_gemv_pass_reads_int8_weights_as_words_and_keeps_the_values(form, monkeypatch):
+    """`_INT8_WORDS`: int8 weight-only products read each matrix as int32 words (an alias, one per matrix; the
+    siblings stacked after the view) and unpack four signed bytes per word; the graph computes what it did before,
+    including the extreme values -127/127 and a row whose product is exactly zero."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.nn import functional as F
+
+    from llamaforge.core import generation
+    from llamaforge.kernels import row_gemv
+
+    monkeypatch.setattr(generation, "_INT8_WORDS", True)
+    monkeypatch.setattr(row_gemv, "route_available", lambda int8: False)
+    x, weights, scales = _int8_case(7, [32, 8, 8], 40)
+    weights[0][0] = 127
+    weights[0][1] = -127
+    weights[1][2] = 0
+
+    def layer(x, q0, q1, q2, s0, s1, s2):
+        return tuple(F.linear(x, q.to(x.dtype)) * s.to(x.dtype) for q, s in ((q0, s0), (q1, s1), (q2, s2)))
+
+    args = (x.reshape(1, 1, 40), *weights, *scales)
+    traced = args if form == "mm" else [a.to("meta") for a in args]
+    with inductor_config.patch(coordinate_descent_tuning=form == "decomposed"):
+        gm = make_fx(layer, decomposition_table=select_decomp_table(), tracing_mode="fake")(*traced)
+    generation._gemv_pass()(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    aten = torch.ops.aten
+    views = [n for n in gm.graph.nodes if n.target is aten.view.dtype]
+    assert len(views) == 3 and all(n.args[0].op == "placeholder" for n in views)  # the stored int8, not a copy
+    assert sum(n.target is aten.cat.default for n in gm.graph.nodes) == 1
+    assert not any(n.target is aten.mm.default for n in gm.graph.nodes)
+    for got, want in zip(gm(*args), layer(*args), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow  # an inductor compilation on CPU (~10 s)
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_int8_words_compile_through_inductor_to_the_same_values(monkeypatch):
+    """Inductor lowers the words form (an int32 alias of the int8 weights, shifts) to the values of the plain
+    product: CPU inductor here; the same lowering serves CUDA."""
+    from torch.nn import functional as F
+
+    from llamaforge.core import generation
+
+    monkeypatch.setattr(generation, "_INT8_WORDS", True)
+    x, (q0, q1), (s0, s1) = _int8_case(8, [24, 16], 64)
+
+    def layer(x):
+        return F.linear(x, q0.to(x.dtype)) * s0, F.linear(x, q1.to(x.dtype)) * s1
+
+    aliases = []
+
+    class Spy(type(generation._gemv_pass())):
+        def __call__(self, graph):
+            super().__call__(graph)
+            aliases.append(sum(node.target is torch.ops.aten.view.dtype for node in graph.nodes))
+
+    torch._dynamo.reset()
+    fn = torch.compile(layer, options={"post_grad_custom_pre_pass": Spy()})
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got = fn(x.reshape(1, 1, 64))
+    assert aliases == [2]  # both products took the words form
+    for a, b in zip(got, layer(x.reshape(1, 1, 64)), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.gpu
 @cuda
 def test_row_gemv_on_cuda_matches_the_reference_at_llama_shapes():
@@ -313,17 +383,20 @@ def test_row_gemv_on_cuda_matches_the_reference_at_llama_shapes():
 
 @pytest.mark.gpu
 @cuda
-def test_compiled_int8_decoding_through_the_gemv_kernel_gives_the_matmul_tokens(monkeypatch):
+@pytest.mark.parametrize("switch", ["row_gemv.INT8", "generation._INT8_WORDS"])
+def test_compiled_int8_decoding_through_the_gemv_kernel_gives_the_matmul_tokens(switch, monkeypatch):
     import llamaforge
+    from llamaforge.core import generation
     from llamaforge.core.generation import GenerationConfig, clear_sessions, generate
     from llamaforge.core.loading import apply_transform
     from llamaforge.kernels import row_gemv
 
     spec = llamaforge.load_spec("tiny").with_updates(eos_token_id=None)
     config = GenerationConfig(max_new_tokens=16, eos_token_ids=[])
+    module, attr = {"row_gemv.INT8": (row_gemv, "INT8"), "generation._INT8_WORDS": (generation, "_INT8_WORDS")}[switch]
     out = {}
     for enabled in (False, True):
-        monkeypatch.setattr(row_gemv, "INT8", enabled)
+        monkeypatch.setattr(module, attr, enabled)
         torch._dynamo.reset()
         model = apply_transform(llamaforge.build_model(spec, device="cuda", seed=0).eval(), "quantizer",
                                 "int8_weight_only")  # fmt: skip

@@ -277,6 +277,10 @@ _POINTWISE_CAT = True  # stacked weights are read in place by the reduction inst
 _FUSE_GREEDY_STEP = True  # greedy decoding compiles forward + argmax + state advance as one step
 _ARGMAX_BLOCKS = True  # the greedy step's argmax in two stages (see argmax_rows)
 _BUFFER_ROW = True  # the product's row is a buffer, not recomputed per thread block (see _gemv_pass)
+# int8 weight-only products read their weights as int32 words, four values per load: inductor's reductions give
+# each thread as many elements per load for int8 as for bf16, so an int8 load moves half the bytes (the H200's
+# int8 products streamed ~2.4 TB/s against ~3.9 for bf16). Off until timed on a GPU (decode_variants int8_words=1).
+_INT8_WORDS = False
 # inductor options laid over the decode step's own, e.g. {"triton.enable_pdl": True} for Programmatic Dependent
 # Launch on Hopper (benchmarks A/B them)
 _EXTRA_OPTIONS: dict[str, Any] = {}
@@ -390,6 +394,42 @@ def _gemv_pass() -> Any:
             return None
         return sources if row_gemv.route_available(int8) else None
 
+    def _int8_words(weights: list[Any], xv: torch.Tensor) -> list[torch.fx.Node] | None:
+        """With `_INT8_WORDS`: the int8 matrices behind weights widened in the graph, when each can be read as
+        int32 words (row-major, K a multiple of 4); else None."""
+        if not _INT8_WORDS or xv.shape[-1] % 4:
+            return None
+        sources = []
+        for w in weights:
+            if not (isinstance(w, torch.fx.Node) and w.target is prims.convert_element_type.default):
+                return None
+            src = w.args[0]
+            val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
+            if val is None or val.dtype != torch.int8 or val.dim() != 2 or not val.is_contiguous():
+                return None
+            if val.storage_offset() % 4:  # an int32 view must start on a word
+                return None
+            sources.append(src)
+        return sources
+
+    def _words_product(add: Any, x: torch.fx.Node, sources: list[torch.fx.Node], xv: torch.Tensor) -> torch.fx.Node:
+        """sum_k x[k] * W[n, k] for int8 W read as int32 words, four values per load (see `_INT8_WORDS`): byte b
+        of word j is W[n, 4j + b] (little-endian, as on x86 and NVIDIA GPUs), sign-extended by shifting it to the
+        top of the word and arithmetically back down."""
+        m, k = xv.shape
+        words = [add(aten.view.dtype, (src, torch.int32)) for src in sources]  # (Ni, K/4) aliases, no copy
+        word = words[0] if len(words) == 1 else add(aten.cat.default, (words, 0))
+        x4 = add(aten.view.default, (add(prims.convert_element_type.default, (x, torch.float32)), [m, k // 4, 4]))
+        total = None
+        for b in range(4):
+            up = add(aten.bitwise_left_shift.Tensor_Scalar, (word, 24 - 8 * b))
+            value = add(prims.convert_element_type.default, (add(aten.bitwise_right_shift.Tensor_Scalar, (up, 24)),
+                                                             torch.float32))  # fmt: skip
+            row = add(aten.unsqueeze.default, (add(aten.select.int, (x4, 2, b)), 1))  # (M, 1, K/4)
+            term = add(aten.mul.Tensor, (row, value))  # (M, N, K/4)
+            total = term if total is None else add(aten.add.Tensor, (total, term))
+        return add(aten.sum.dim_IntList, (total, [2]))
+
     class RowTimesWeight(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
             groups: dict[Any, list[tuple[torch.fx.Node, torch.fx.Node, torch.fx.Node]]] = {}
@@ -435,6 +475,8 @@ def _gemv_pass() -> Any:
                     with xv.fake_mode:  # its shape, without tracing the Triton launch
                         rows = sum(src.meta["val"].shape[0] for src in kernel)
                         red.meta["val"] = xv.new_empty((xv.shape[0], rows), dtype=torch.float32)
+                elif (words := _int8_words(weights, xv)) is not None:
+                    red = _words_product(add, x, words, xv)
                 else:
                     w = weights[0] if len(weights) == 1 else add(aten.cat.default, (weights, 0))
                     x32 = add(prims.convert_element_type.default, (x, torch.float32))
@@ -456,7 +498,7 @@ def _gemv_pass() -> Any:
         def uuid(self) -> str:
             from llamaforge.kernels import row_gemv
 
-            flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{row_gemv.INT8}-{row_gemv.FLOAT}"
+            flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{_INT8_WORDS}-{row_gemv.INT8}-{row_gemv.FLOAT}"
             return f"llamaforge-row-times-weight-7-{flags}"
 
     def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
