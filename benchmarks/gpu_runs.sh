@@ -56,8 +56,8 @@ gemv)
 train)
     extra=("$@")
     # each contender compiles with coordinate-descent tuning (~100 s on an H200): two variants fit one call; pass
-    # others explicitly, e.g. --variant inductor.triton.cudagraphs=true
-    [ ${#extra[@]} -gt 0 ] || extra=(--variant compile_optimizer=1 --variant inductor.triton.enable_pdl=1)
+    # others explicitly, e.g. --variant inductor.triton.enable_pdl=1
+    [ ${#extra[@]} -gt 0 ] || extra=(--variant compile_optimizer=1 --variant inductor.triton.cudagraphs=1)
     (cd benchmarks && $py train_throughput.py --gpu --no-hf-eager --profile 3 "${extra[@]}" \
         --json "$out/train.json") >"$out/train.log" 2>&1
     tail -n 40 "$out/train.log"
