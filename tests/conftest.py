@@ -21,3 +21,22 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists():
         pytest.skip(f"shared test data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture
+def counting_gemv_pass():
+    """`make(count)` -> (the decode GEMV graph pass, a list): after each run of the pass the list gets
+    `count(graph)` of the rewritten graph, so a test sees what the pass left for inductor."""
+    from llamaforge.core import generation
+
+    def make(count):
+        seen = []
+
+        class Counting(type(generation._gemv_pass())):
+            def __call__(self, graph):
+                super().__call__(graph)
+                seen.append(count(graph))
+
+        return Counting(), seen
+
+    return make

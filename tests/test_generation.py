@@ -356,7 +356,7 @@ def test_gemv_pass_rewrites_one_row_products_and_keeps_their_values():
 
 @pytest.mark.slow  # an inductor compilation: ~15 s on an idle CPU
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
-def test_gemv_pass_stacks_products_of_one_row_including_computed_weights():
+def test_gemv_pass_stacks_products_of_one_row_including_computed_weights(counting_gemv_pass):
     """q/k/v-like products of one input become one reduction over stacked weights; weights computed in the graph
     (an int8 matrix's cast, defined after the first product) are moved ahead so the stacked product can use them."""
     from torch.nn import functional as F
@@ -374,16 +374,10 @@ def test_gemv_pass_stacks_products_of_one_row_including_computed_weights():
         v = F.linear(x, qi.to(x.dtype)) * scale
         return q.sum(-1, keepdim=True) + k[..., :1] + v[..., :1], q, k, v
 
-    stacked = []
-
-    class Spy(type(generation._gemv_pass())):
-        def __call__(self, graph):
-            super().__call__(graph)
-            stacked.append(sum(node.target is torch.ops.aten.cat.default for node in graph.nodes))
-
+    spy, stacked = counting_gemv_pass(lambda graph: sum(n.target is torch.ops.aten.cat.default for n in graph.nodes))
     torch._dynamo.reset()
     before = generation._gemv_rewrites[0]
-    fn = torch.compile(layer, options={"post_grad_custom_pre_pass": Spy()})
+    fn = torch.compile(layer, options={"post_grad_custom_pre_pass": spy})
     x = torch.randn(1, 1, 40, generator=g)
     with torch._inductor.config.patch(force_disable_caches=True):
         got = fn(x)

@@ -340,7 +340,7 @@ def test_gemv_pass_reads_int8_weights_as_words_and_keeps_the_values(form, monkey
 
 @pytest.mark.slow  # an inductor compilation on CPU (~10 s)
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
-def test_int8_words_compile_through_inductor_to_the_same_values(monkeypatch):
+def test_int8_words_compile_through_inductor_to_the_same_values(monkeypatch, counting_gemv_pass):
     """Inductor lowers the words form (an int32 alias of the int8 weights, shifts) to the values of the plain
     product: CPU inductor here; the same lowering serves CUDA."""
     from torch.nn import functional as F
@@ -353,15 +353,9 @@ def test_int8_words_compile_through_inductor_to_the_same_values(monkeypatch):
     def layer(x):
         return F.linear(x, q0.to(x.dtype)) * s0, F.linear(x, q1.to(x.dtype)) * s1
 
-    aliases = []
-
-    class Spy(type(generation._gemv_pass())):
-        def __call__(self, graph):
-            super().__call__(graph)
-            aliases.append(sum(node.target is torch.ops.aten.view.dtype for node in graph.nodes))
-
+    spy, aliases = counting_gemv_pass(lambda graph: sum(n.target is torch.ops.aten.view.dtype for n in graph.nodes))
     torch._dynamo.reset()
-    fn = torch.compile(layer, options={"post_grad_custom_pre_pass": Spy()})
+    fn = torch.compile(layer, options={"post_grad_custom_pre_pass": spy})
     with torch._inductor.config.patch(force_disable_caches=True):
         got = fn(x.reshape(1, 1, 64))
     assert aliases == [2]  # both products took the words form
