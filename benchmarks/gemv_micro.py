@@ -143,22 +143,23 @@ def measure_shape(
     if device.type == "cuda":
         from llamaforge.kernels import row_gemv
 
-        default_warps = row_gemv._WARPS
-        try:
-            for bn, bk, warps in settings:
+        for bn, bk, warps in settings:
 
-                def kernel(i: int, bn=bn, bk=bk, warps=warps) -> torch.Tensor:
-                    row_gemv._WARPS = warps  # read by launch(); set per call so each capture gets its own
-                    return row_gemv.launch(x, copies[i % len(copies)][0], block_n=bn, block_k=bk)
+            def kernel(i: int, bn=bn, bk=bk, warps=warps) -> torch.Tensor:
+                return row_gemv.launch(x, copies[i % len(copies)][0], block_n=bn, block_k=bk, warps=warps)
 
-                record(f"row_gemv {bn}:{bk}:{warps}", kernel)
-        finally:
-            row_gemv._WARPS = default_warps
+            record(f"row_gemv {bn}:{bk}:{warps}", kernel)
     timed = {label: us for label, us in out["us"].items() if isinstance(us, float)}
     out["tb_s"] = {label: round(nbytes / us / 1e6, 2) for label, us in timed.items()}
     gemv = {label: us for label, us in timed.items() if label.startswith("row_gemv")}
     if gemv:
-        out["best_row_gemv"] = min(gemv, key=gemv.get)
+        best = min(gemv, key=gemv.get)
+        out["best_row_gemv"] = best
+        # the entry for llamaforge.kernels.row_gemv._SETTINGS: (bytes per weight value, rows, K) -> setting
+        out["settings_entry"] = [[1 if int8 else dtype.itemsize, sum(rows), k],
+                                 [int(v) for v in best.split()[-1].split(":")]]  # fmt: skip
+        if isinstance(out["us"].get("inductor reduction"), float):
+            out["row_gemv_speedup_vs_inductor"] = round(out["us"]["inductor reduction"] / gemv[best], 3)
     return out
 
 

@@ -237,6 +237,17 @@ def test_flash_decode_kernel_loads_keys_and_values_sixteen_bytes_at_a_time_on_ho
     assert not [ld for ld in loads if ld.endswith((".b16", ".u16"))], loads  # no bf16 read one value at a time
 
 
+def test_row_gemv_launch_settings_come_from_the_measured_table_else_the_defaults(monkeypatch):
+    from llamaforge.kernels import row_gemv
+
+    qkv = [torch.zeros(2048, 64, dtype=torch.int8), torch.zeros(512, 64, dtype=torch.int8)]
+    defaults = (row_gemv._BLOCK_N, row_gemv._BLOCK_K, row_gemv._WARPS)
+    assert row_gemv.settings_for(qkv, 64) == defaults
+    monkeypatch.setattr(row_gemv, "_SETTINGS", {(1, 2560, 64): (16, 512, 4)})
+    assert row_gemv.settings_for(qkv, 64) == (16, 512, 4)
+    assert row_gemv.settings_for([w.to(torch.bfloat16) for w in qkv], 64) == defaults  # bf16: another entry
+
+
 @pytest.mark.parametrize("form", ["mm", "decomposed"])
 @pytest.mark.parametrize("kind", ["int8", "float"])
 def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, form, monkeypatch):

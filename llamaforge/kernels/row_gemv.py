@@ -39,6 +39,17 @@ MAX_MATRICES = 3
 _BLOCK_N = 8
 _BLOCK_K = 1024
 _WARPS = 8
+# Per-product settings where one measured better than the defaults: (weight bytes per value, rows of all matrices
+# together, K) -> (BLOCK_N, BLOCK_K, warps), e.g. from benchmarks/gemv_micro.py's `best_row_gemv` on the GPU the
+# decoding runs on. An entry wins over the defaults above (which decode_variants' gemv_* switches set). Empty until
+# measured with the vectorised kernel.
+_SETTINGS: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+
+
+def settings_for(weights: list[torch.Tensor], k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) for one launch: the measured entry for this product, else the defaults."""
+    key = (weights[0].element_size(), sum(w.size(0) for w in weights), k)
+    return _SETTINGS.get(key, (_BLOCK_N, _BLOCK_K, _WARPS))
 
 
 def reference(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
@@ -102,6 +113,7 @@ def launch(
     *,
     block_n: int | None = None,
     block_k: int | None = None,
+    warps: int | None = None,
     wrap: Any = None,
 ) -> torch.Tensor:
     """Run the Triton kernel (on CUDA, or on CPU tensors under TRITON_INTERPRET=1). `wrap` is
@@ -111,9 +123,10 @@ def launch(
     kernel = _kernel()
     if wrap is not None:
         kernel = wrap(kernel)
-    block_n = block_n or _BLOCK_N
     k_len = x.size(1)
-    block_k = min(block_k or _BLOCK_K, triton.next_power_of_2(k_len))
+    chosen_n, chosen_k, chosen_warps = settings_for(list(weights), k_len)  # explicit arguments win
+    block_n, warps = block_n or chosen_n, warps or chosen_warps
+    block_k = min(block_k or chosen_k, triton.next_power_of_2(k_len))
     ws = list(weights) + [weights[0]] * (MAX_MATRICES - len(weights))  # unused slots: no program reads them
     rows = [w.size(0) for w in weights] + [0] * (MAX_MATRICES - len(weights))
     blocks = [triton.cdiv(r, block_n) for r in rows]
@@ -121,7 +134,7 @@ def launch(
     kernel[(sum(blocks),)](
         x, ws[0], ws[1], ws[2], y, rows[0], rows[1], rows[2], k_len,
         ws[0].stride(0), ws[1].stride(0), ws[2].stride(0), blocks[0], blocks[0] + blocks[1],
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_WARPS,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
     )  # fmt: skip
     return y
 
