@@ -321,12 +321,16 @@ def _gemv_pass() -> Any:
 
     aten, prims = torch.ops.aten, torch.ops.prims
 
-    def widened_from(node: Any) -> Any:
-        """The input of an fp32 cast (what inductor's decomposition adds around a low-precision product)."""
+    def cast_source(node: Any, to: torch.dtype | None = None) -> torch.fx.Node | None:
+        """The input of a dtype cast (to `to`, when given), else None: an int8 weight-only layer's matrix widened
+        in the graph, or the fp32 casts inductor's decomposition puts around a low-precision product."""
         if isinstance(node, torch.fx.Node) and node.target is prims.convert_element_type.default:
-            if node.args[1] == torch.float32:
+            if to is None or node.args[1] == to:
                 return node.args[0]
-        return node
+        return None
+
+    def widened_from(node: Any) -> Any:
+        return cast_source(node, torch.float32) or node
 
     def one_row_product(node: torch.fx.Node) -> tuple[Any, torch.fx.Node, torch.fx.Node] | None:
         """(sibling key, W.T, row) of `mm(row, W.T)`, or of the form inductor's own decomposition gives a one-row
@@ -382,8 +386,9 @@ def _gemv_pass() -> Any:
         floating-point weights; None when the kernel is off for them or does not take them."""
         from llamaforge.kernels import row_gemv
 
-        widened = [isinstance(w, torch.fx.Node) and w.target is prims.convert_element_type.default for w in weights]
-        sources = [w.args[0] if wide else w for w, wide in zip(weights, widened, strict=True)]
+        casts = [cast_source(w) for w in weights]
+        widened = [c is not None for c in casts]
+        sources = [c if c is not None else w for w, c in zip(weights, casts, strict=True)]
         vals = [src.meta.get("val") if isinstance(src, torch.fx.Node) else None for src in sources]
         if any(v is None for v in vals) or not row_gemv.supported(xv, vals):  # the op's own shape rule, on fakes
             return None
@@ -399,17 +404,13 @@ def _gemv_pass() -> Any:
         int32 words (row-major, K a multiple of 4); else None."""
         if not _INT8_WORDS or xv.shape[-1] % 4:
             return None
-        sources = []
-        for w in weights:
-            if not (isinstance(w, torch.fx.Node) and w.target is prims.convert_element_type.default):
-                return None
-            src = w.args[0]
+        sources = [cast_source(w) for w in weights]
+        for src in sources:
             val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
             if val is None or val.dtype != torch.int8 or val.dim() != 2 or not val.is_contiguous():
                 return None
             if val.storage_offset() % 4:  # an int32 view must start on a word
                 return None
-            sources.append(src)
         return sources
 
     def _words_product(add: Any, x: torch.fx.Node, sources: list[torch.fx.Node], xv: torch.Tensor) -> torch.fx.Node:
