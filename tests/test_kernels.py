@@ -248,6 +248,20 @@ def test_row_gemv_launch_settings_come_from_the_measured_table_else_the_defaults
     assert row_gemv.settings_for([w.to(torch.bfloat16) for w in qkv], 64) == defaults  # bf16: another entry
 
 
+def test_gemv_pass_cache_key_follows_the_row_gemv_launch_settings(monkeypatch):
+    """A graph compiled with one launch setting must not come back from inductor's cache under another."""
+    from llamaforge.core import generation
+    from llamaforge.kernels import row_gemv
+
+    before, block_k = generation._gemv_pass().uuid(), row_gemv._BLOCK_K
+    monkeypatch.setattr(row_gemv, "_BLOCK_K", block_k * 2)
+    assert generation._gemv_pass().uuid() != before
+    monkeypatch.setattr(row_gemv, "_BLOCK_K", block_k)
+    assert generation._gemv_pass().uuid() == before
+    monkeypatch.setattr(row_gemv, "_SETTINGS", {(2, 3072, 2048): (16, 512, 4)})
+    assert generation._gemv_pass().uuid() != before
+
+
 @pytest.mark.parametrize("form", ["mm", "decomposed"])
 @pytest.mark.parametrize("kind", ["int8", "float"])
 def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, form, monkeypatch):

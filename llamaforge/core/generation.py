@@ -500,7 +500,7 @@ def _gemv_pass() -> Any:
             from llamaforge.kernels import row_gemv
 
             flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{_INT8_WORDS}-{row_gemv.INT8}-{row_gemv.FLOAT}"
-            return f"llamaforge-row-times-weight-7-{flags}"
+            return f"llamaforge-row-times-weight-7-{flags}-{row_gemv.launch_tag()}"
 
     def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
         if node.users or node.op != "call_function" or node.is_impure():

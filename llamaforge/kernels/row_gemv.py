@@ -52,6 +52,13 @@ def settings_for(weights: list[torch.Tensor], k: int) -> tuple[int, int, int]:
     return _SETTINGS.get(key, (_BLOCK_N, _BLOCK_K, _WARPS))
 
 
+def launch_tag() -> str:
+    """The launch settings in force, for the decode graph pass's cache key: a compiled graph that calls the kernel
+    is only reused under the settings it was compiled with (inductor's on-disk cache outlives the process, and the
+    benchmarks change the settings between processes)."""
+    return f"{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{sorted(_SETTINGS.items())}"
+
+
 def reference(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
     """x (1, K); weights (Ni, K), all of one dtype -> (1, sum Ni) fp32 sums (int8: unscaled)."""
     return torch.cat([F.linear(x.float(), w.float()) for w in weights], dim=-1)
