@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     try:
         parsed = {v: parse_variant(v) for v in ([args.child] if args.child is not None else args.variants)}
+        for settings in parsed.values():
+            inductor_options(settings)  # an option this torch lacks fails here, before any process starts
     except VariantError as exc:
         ap.error(str(exc))
     if args.child is not None:

@@ -163,7 +163,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     )  # fmt: skip
     args = ap.parse_args(argv)
     try:
-        variants = {f"llamaforge[{v}]": parse_settings(v, {"compile_optimizer": "bool"}) for v in args.variant}
+        variants = {}
+        for text in args.variant:
+            settings = parse_settings(text, {"compile_optimizer": "bool"})
+            variants[f"llamaforge[{text}]"] = (settings, inductor_options(settings))
     except VariantError as exc:
         ap.error(str(exc))
 
@@ -204,9 +207,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     contenders["llamaforge"] = make_step(ours, compile_for_training(ours) if compile_ else ours, "llamaforge",
                                          device, amp, 3e-4)  # fmt: skip
-    for label, settings in variants.items():
+    for label, (settings, options) in variants.items():
         twin = llamaforge.build_model(spec, device=device, dtype="float32", seed=0).train()
-        options = inductor_options(settings)
         if options and not compile_:
             ap.error(f"--variant {label}: inductor options need --compile")
         forward = compile_for_training(twin, options) if compile_ else twin

@@ -73,9 +73,10 @@ def test_train_throughput_variant_contender(tmp_path):
 
 
 def test_train_throughput_rejects_a_bad_variant():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--variant", "fast=1"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2 and "unknown setting 'fast'" in proc.stderr
+    for bad, words in [("fast=1", "unknown setting 'fast'"), ("inductor.no_such_option=1", "no option")]:
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--variant", bad],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and words in proc.stderr
 
 
 def test_weight_byte_counts_cover_quantized_buffers_and_skip_an_untied_table(monkeypatch):
@@ -137,9 +138,11 @@ def test_decode_variants_rejects_bad_settings_before_starting_anything():
                        ("splits=two", "splits='two'"), ("buffer_row", "expected NAME=VALUE")]:  # fmt: skip
         with pytest.raises(VariantError, match=words):
             parse_variant(bad)
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_variants.py"), "buffer_row=2"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert proc.returncode == 2 and "buffer_row='2': expected bool" in proc.stderr
+    for bad, words in [("buffer_row=2", "buffer_row='2': expected bool"),
+                       ("base inductor.no_such_option=1", "no option 'no_such_option'")]:  # fmt: skip
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_variants.py"), *bad.split()],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and words in proc.stderr and "{" not in proc.stdout  # nothing ran
 
 
 def test_gpu_runs_script_decode_stage_runs_on_the_cpu(tmp_path):
