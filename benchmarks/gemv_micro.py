@@ -26,6 +26,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
+from _timing import best_time  # benchmarks/ is on sys.path when run as a script
 
 LLAMA_1B = ["2048+512+512:2048", "8192+8192:2048", "2048:8192", "2048:2048", "128256:2048"]
 SWEEP = ["8:1024:8", "4:1024:4", "16:1024:8", "8:2048:8", "16:2048:8", "32:512:8", "4:2048:4", "8:512:4"]
@@ -58,16 +59,7 @@ def _timer(device: torch.device, calls: int, repeats: int) -> Callable[[Callable
     """Microseconds per call of `fn(i)` (i picks the weight copy), best of `repeats`."""
 
     def cpu(fn: Callable[[int], Any]) -> float:
-        import time
-
-        fn(0)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for i in range(calls):
-                fn(i)
-            best = min(best, (time.perf_counter() - t0) / calls)
-        return best * 1e6
+        return best_time(lambda: [fn(i) for i in range(calls)], device, repeats) / calls * 1e6
 
     def cuda(fn: Callable[[int], Any]) -> float:
         stream = torch.cuda.Stream()
