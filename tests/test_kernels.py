@@ -166,10 +166,13 @@ def test_row_gemv_kernel_in_the_interpreter_matches_the_reference():
     _in_the_interpreter(script, "ok 4")
 
 
-def _ptx_for_sm90(kernel, args: dict, constexprs: dict, num_warps: int) -> str:
-    """Compile a Triton kernel for an H100/H200 (sm_90) without a GPU, specialised as the launcher would be for
-    `args` (pointer -> dtype string, integer -> value): 16-byte-aligned pointers, integers divisible by 16 marked
-    so unless the kernel excludes them from specialisation."""
+def _sm90_global_loads(kernel, args: dict, constexprs: dict, num_warps: int) -> list[str]:
+    """The global-memory load instructions of a Triton kernel compiled for an H100/H200 (sm_90) without a GPU,
+    specialised as the launcher would be for `args` (pointer -> dtype string, integer -> value): 16-byte-aligned
+    pointers, integers divisible by 16 marked so unless the kernel excludes them from specialisation. Skips the
+    test where this Triton cannot compile for sm_90."""
+    import re
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -187,7 +190,11 @@ def _ptx_for_sm90(kernel, args: dict, constexprs: dict, num_warps: int) -> str:
         ):
             attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+    try:
+        ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
+    except Exception as exc:  # e.g. a Triton build without the NVIDIA backend's tools
+        pytest.skip(f"Triton could not compile for sm_90 here: {type(exc).__name__}: {str(exc)[:200]}")
+    return re.findall(r"ld\.global(?:\.\w+)*", ptx)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
@@ -196,7 +203,6 @@ def test_row_gemv_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype):
     """The kernel is bound by reading weights, so each thread must load them in 16-byte vectors. Compiled to PTX
     for sm_90 here (no GPU needed): a version that kept the row strides from being specialised loaded each value
     on its own (`ld.global.b16` / `ld.global.b8`) and ran slower than inductor in the H200 decode step."""
-    import re
 
     from llamaforge.kernels import row_gemv
 
@@ -204,12 +210,8 @@ def test_row_gemv_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype):
     args = {"x_ptr": "*bf16", "w0_ptr": f"*{dtype}", "w1_ptr": f"*{dtype}", "w2_ptr": f"*{dtype}", "y_ptr": "*fp32",
             "n0": 2048, "n1": 512, "n2": 512, "k_len": k, "sw0": k, "sw1": k, "sw2": k, "blocks0": 256,
             "blocks01": 320}  # fmt: skip
-    try:
-        ptx = _ptx_for_sm90(row_gemv._kernel(), args, {"BLOCK_N": row_gemv._BLOCK_N, "BLOCK_K": 1024},
-                            row_gemv._WARPS)  # fmt: skip
-    except Exception as exc:  # e.g. a Triton build without the NVIDIA backend's tools
-        pytest.skip(f"Triton could not compile for sm_90 here: {type(exc).__name__}: {str(exc)[:200]}")
-    loads = re.findall(r"ld\.global(?:\.\w+)*", ptx)
+    loads = _sm90_global_loads(row_gemv._kernel(), args, {"BLOCK_N": row_gemv._BLOCK_N, "BLOCK_K": 1024},
+                               row_gemv._WARPS)  # fmt: skip
     assert any(".v4." in ld for ld in loads), loads
     assert not [ld for ld in loads if ld.endswith((".b8", ".b16", ".u8", ".u16", ".s8"))], loads
 
@@ -218,7 +220,6 @@ def test_row_gemv_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype):
 def test_flash_decode_kernel_loads_keys_and_values_sixteen_bytes_at_a_time_on_hopper():
     """The same check for the flash-decoding kernel at the 1B shape (8 kv heads of 64, 4 query heads each): the
     cache rows are read in 16-byte vectors (only the byte mask is read a value at a time)."""
-    import re
 
     from llamaforge.kernels import decode_attention
 
@@ -228,11 +229,7 @@ def test_flash_decode_kernel_loads_keys_and_values_sixteen_bytes_at_a_time_on_ho
             "sq_h": 64, "sk_b": 8 * t * 64, "sk_h": t * 64, "sk_l": 64, "sv_b": 8 * t * 64, "sv_h": t * 64, "sv_l": 64,
             "sok_b": t, "so_b": 2048, "so_h": 64}  # fmt: skip
     constexprs = {"KV_HEADS": 8, "REP": 4, "REP_P": 4, "D": 64, "BLOCK": decode_attention._BLOCK, "SPLITS": 2}
-    try:
-        ptx = _ptx_for_sm90(decode_attention._kernels()[0], args, constexprs, decode_attention._WARPS)
-    except Exception as exc:  # e.g. a Triton build without the NVIDIA backend's tools
-        pytest.skip(f"Triton could not compile for sm_90 here: {type(exc).__name__}: {str(exc)[:200]}")
-    loads = re.findall(r"ld\.global(?:\.\w+)*", ptx)
+    loads = _sm90_global_loads(decode_attention._kernels()[0], args, constexprs, decode_attention._WARPS)
     assert sum(".v4." in ld for ld in loads) >= 2, loads  # keys and values
     assert not [ld for ld in loads if ld.endswith((".b16", ".u16"))], loads  # no bf16 read one value at a time
 
@@ -262,6 +259,19 @@ def test_gemv_pass_cache_key_follows_the_row_gemv_launch_settings(monkeypatch):
     assert generation._gemv_pass().uuid() != before
 
 
+def _pass_input_graph(layer, args, form: str) -> torch.fx.GraphModule:
+    """`layer` as inductor's aten graph, the graph the decode pass gets: `mm` gives one-row products as `mm` (the
+    CPU's form); `decomposed` traces on the meta device with coordinate-descent tuning on, where inductor's own
+    decomposition has already turned each into `sum(row[:, :, None] * W.T[None], 1)` (the form on a GPU)."""
+    from torch._inductor import config as inductor_config
+    from torch._inductor.decomposition import select_decomp_table
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    traced = args if form == "mm" else [a.to("meta") for a in args]
+    with inductor_config.patch(coordinate_descent_tuning=form == "decomposed"):
+        return make_fx(layer, decomposition_table=select_decomp_table(), tracing_mode="fake")(*traced)
+
+
 @pytest.mark.parametrize("form", ["mm", "decomposed"])
 @pytest.mark.parametrize("kind", ["int8", "float"])
 def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, form, monkeypatch):
@@ -273,9 +283,6 @@ def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, for
     step compiles) has already turned each one-row `mm` into `sum(row[:, :, None] * W.T[None], 1)` in fp32; traced
     here on the meta device, which that decomposition treats as a GPU. The pass once matched only `mm` and so did
     nothing on GPUs."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor.decomposition import select_decomp_table
-    from torch.fx.experimental.proxy_tensor import make_fx
     from torch.nn import functional as F
 
     from llamaforge.core import generation
@@ -300,9 +307,7 @@ def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, for
     def calls(switched_on: bool) -> tuple[list, torch.fx.GraphModule]:
         # switched on for this kind of weights, or only for the other kind
         monkeypatch.setattr(row_gemv, "route_available", lambda int8: (int8 == (kind == "int8")) == switched_on)
-        traced = args if form == "mm" else [a.to("meta") for a in args]
-        with inductor_config.patch(coordinate_descent_tuning=form == "decomposed"):  # inductor's aten graph
-            gm = make_fx(layer, decomposition_table=select_decomp_table(), tracing_mode="fake")(*traced)
+        gm = _pass_input_graph(layer, args, form)
         assert sum(n.target is aten.mm.default for n in gm.graph.nodes) == (3 if form == "mm" else 0)
         before = generation._gemv_rewrites[0]
         generation._gemv_pass()(gm.graph)
@@ -329,9 +334,6 @@ def test_gemv_pass_reads_int8_weights_as_words_and_keeps_the_values(form, monkey
     """`_INT8_WORDS`: int8 weight-only products read each matrix as int32 words (an alias, one per matrix; the
     siblings stacked after the view) and unpack four signed bytes per word; the graph computes what it did before,
     including the extreme values -127/127 and a row whose product is exactly zero."""
-    from torch._inductor import config as inductor_config
-    from torch._inductor.decomposition import select_decomp_table
-    from torch.fx.experimental.proxy_tensor import make_fx
     from torch.nn import functional as F
 
     from llamaforge.core import generation
@@ -348,9 +350,7 @@ def test_gemv_pass_reads_int8_weights_as_words_and_keeps_the_values(form, monkey
         return tuple(F.linear(x, q.to(x.dtype)) * s.to(x.dtype) for q, s in ((q0, s0), (q1, s1), (q2, s2)))
 
     args = (x.reshape(1, 1, 40), *weights, *scales)
-    traced = args if form == "mm" else [a.to("meta") for a in args]
-    with inductor_config.patch(coordinate_descent_tuning=form == "decomposed"):
-        gm = make_fx(layer, decomposition_table=select_decomp_table(), tracing_mode="fake")(*traced)
+    gm = _pass_input_graph(layer, args, form)
     generation._gemv_pass()(gm.graph)
     gm.graph.lint()
     gm.recompile()
