@@ -218,14 +218,14 @@ def run_gpu(args: argparse.Namespace) -> dict[str, Any]:
     if args.int8_gemv:  # the same int8 model with its one-row products on llamaforge's Triton GEMV kernel
         from llamaforge.kernels import row_gemv
 
-        row_gemv.INT8 = True  # read when the decode step is traced: kept on for this variant's whole run
+        was, row_gemv.INT8 = row_gemv.INT8, True  # read when the decode step is traced: on for this whole variant
         try:
             attempt(
                 "int8_weight_only (row_gemv kernel)",
                 lambda: apply_transform(copy.deepcopy(base), "quantizer", "int8_weight_only"),
             )
         finally:
-            row_gemv.INT8 = False
+            row_gemv.INT8 = was
     if args.linears_only:
         attempt(
             "int8_weight_only (linears only, bf16 table)",
