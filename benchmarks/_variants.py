@@ -15,7 +15,9 @@ class VariantError(ValueError):
 
 def _convert(key: str, kind: str, raw: str) -> Any:
     try:
-        if kind == "bool":
+        if kind in ("bool", "bool_or_auto"):
+            if kind == "bool_or_auto" and raw.lower() == "auto":
+                return None
             if raw.lower() not in ("0", "1", "true", "false", "on", "off"):
                 raise ValueError(raw)
             return raw.lower() in ("1", "true", "on")
@@ -29,8 +31,8 @@ def _convert(key: str, kind: str, raw: str) -> Any:
 
 
 def parse_settings(text: str, known: dict[str, str]) -> dict[str, Any]:
-    """`known` maps each setting to its kind: bool, int, int_or_auto or str. Inductor options are always allowed;
-    their values are JSON where they parse (numbers, true/false, lists), else strings."""
+    """`known` maps each setting to its kind: bool, bool_or_auto, int, int_or_auto or str. Inductor options are
+    always allowed; their values are JSON where they parse (numbers, true/false, lists), else strings."""
     settings: dict[str, Any] = {}
     for item in text.split(","):
         key, sep, raw = item.strip().partition("=")

@@ -12,8 +12,9 @@ drift. Each variant is a comma-separated list of settings (`base` is none):
     switches of the decode step   buffer_row, siblings, pointwise_cat, greedy_step, argmax_blocks, int8_words (0/1),
                                   gemv_rows (int: products with at most this many rows become reductions; 0: off)
     flash-decoding kernel         splits (int or auto), block, warps
-    row GEMV kernel               gemv_int8, gemv_float (0/1: the graph pass hands int8 weight-only / plain
-                                  products of one row to llamaforge.kernels.row_gemv), gemv_block_n,
+    row GEMV kernel               gemv_int8, gemv_float (0/1/auto: the graph pass hands all / none / the products
+                                  measured faster on this GPU (the default) of int8 weight-only / plain weights
+                                  to llamaforge.kernels.row_gemv), gemv_block_n,
                                   gemv_block_k, gemv_warps
     model and call                attn (attention kernel plugin), quant (quantizer plugin), prefill_graph (0/1)
     any inductor option           inductor.NAME=VALUE, e.g. inductor.triton.enable_pdl=1 (Programmatic Dependent
@@ -54,8 +55,8 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "splits": (KERNEL, "_SPLITS", "int_or_auto"),
     "block": (KERNEL, "_BLOCK", "int"),
     "warps": (KERNEL, "_WARPS", "int"),
-    "gemv_int8": (GEMV, "INT8", "bool"),
-    "gemv_float": (GEMV, "FLOAT", "bool"),
+    "gemv_int8": (GEMV, "INT8", "bool_or_auto"),
+    "gemv_float": (GEMV, "FLOAT", "bool_or_auto"),
     "gemv_block_n": (GEMV, "_BLOCK_N", "int"),
     "gemv_block_k": (GEMV, "_BLOCK_K", "int"),
     "gemv_warps": (GEMV, "_WARPS", "int"),

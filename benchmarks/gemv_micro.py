@@ -130,8 +130,26 @@ def measure_shape(
         y = (xr.float()[:, None, :] * w.float()).sum(-1)  # the decode pass's form
         return (y * s if s is not None else y).to(xr.dtype)
 
-    compiled = torch.compile(reduction, options={"coordinate_descent_tuning": True}, dynamic=False)
+    def words(xr: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The decode pass's int8-words form (generation._INT8_WORDS): int8 rows read as int32 words, four values
+        per load, each byte sign-extended by shifts."""
+        word = w.view(torch.int32)
+        x4 = xr.float().view(xr.size(0), -1, 4)
+        total = sum(x4[:, None, :, b] * ((word << (24 - 8 * b)) >> 24).float() for b in range(4))
+        return (total.sum(-1) * s).to(xr.dtype)
+
+    torch._dynamo.reset()  # one compile per product: a shared cache would reach dynamo's recompile limit and fall
+    # back to eager, which materialises the whole product (the output head then "took" 1.7 ms)
+    options = {"coordinate_descent_tuning": True}
+    compiled = torch.compile(reduction, options=options, dynamic=False)
     record("inductor reduction", lambda i: compiled(x, stacked[i % len(stacked)], copies[i % len(copies)][1]))
+    if int8 and k % 4 == 0:
+        compiled_words = torch.compile(words, options=options, dynamic=False)
+        scales = [s for _, s in copies]
+        record("inductor int8 words", lambda i: compiled_words(x, stacked[i % len(stacked)], scales[i % len(scales)]))
+        want = reduction(x, stacked[0], copies[0][1]).float()
+        got = compiled_words(x, stacked[0], copies[0][1]).float()  # the same values, or its time means nothing
+        out["words_rel_err"] = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
     if device.type == "cuda":
         from llamaforge.kernels import row_gemv
 
@@ -141,6 +159,11 @@ def measure_shape(
                 return row_gemv.launch(x, copies[i % len(copies)][0], block_n=bn, block_k=bk, warps=warps)
 
             record(f"row_gemv {bn}:{bk}:{warps}", kernel)
+            want = row_gemv.reference(x, copies[0][0])  # and its values, so a fast wrong setting cannot win
+            err = float((kernel(0) - want).abs().max() / want.abs().max().clamp_min(1e-6))
+            out.setdefault("row_gemv_rel_err", {})[f"row_gemv {bn}:{bk}:{warps}"] = err
+            if err > 1e-3:
+                out["us"][f"row_gemv {bn}:{bk}:{warps}"] = f"error: wrong values (relative error {err:.2e})"
     timed = {label: us for label, us in out["us"].items() if isinstance(us, float)}
     out["tb_s"] = {label: round(nbytes / us / 1e6, 2) for label, us in timed.items()}
     gemv = {label: us for label, us in timed.items() if label.startswith("row_gemv")}
@@ -161,6 +184,7 @@ def main() -> None:
     ap.add_argument("--shapes", nargs="+", default=LLAMA_1B, help="N:K or N1+N2(+N3):K (default: Llama-3.2-1B's)")
     ap.add_argument("--sweep", nargs="+", default=SWEEP, help="row GEMV settings BLOCK_N:BLOCK_K:WARPS")
     ap.add_argument("--int8", action="store_true", help="also time int8 weight-only products")
+    ap.add_argument("--int8-only", action="store_true", help="time int8 weight-only products only")
     ap.add_argument("--copies", type=int, default=8, help="weight copies cycled through (to read from HBM)")
     ap.add_argument("--calls", type=int, default=20, help="calls per timing (per CUDA graph on a GPU)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -177,7 +201,7 @@ def main() -> None:
         ap.error("--device cuda: no CUDA GPU here (use --device cpu for a smoke run)")
     results = []
     for rows, k in shapes:
-        for int8 in (False, True) if args.int8 else (False,):
+        for int8 in (True,) if args.int8_only else (False, True) if args.int8 else (False,):
             row = measure_shape(rows, k, int8, args, settings)
             results.append(row)
             timed = sorted((us, label) for label, us in row["us"].items() if isinstance(us, float))

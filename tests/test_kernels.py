@@ -245,6 +245,47 @@ def test_row_gemv_launch_settings_come_from_the_measured_table_else_the_defaults
     assert row_gemv.settings_for([w.to(torch.bfloat16) for w in qkv], 64) == defaults  # bf16: another entry
 
 
+def test_row_gemv_route_is_per_product_from_the_measured_table_unless_forced(monkeypatch):
+    """By default (None) only the products measured faster on this GPU go to the kernel, with their measured
+    launch settings; True/False force every product of that weight kind on or off; hand-set settings win."""
+    from llamaforge.kernels import row_gemv
+
+    down_bf16 = [torch.zeros(96, 64, dtype=torch.bfloat16)]
+    gate_up_bf16 = [torch.zeros(128, 64, dtype=torch.bfloat16)] * 2
+    qkv_int8 = [torch.zeros(64, 64, dtype=torch.int8)] * 3
+    table = {(2, 96, 64): (4, 64, 4), (1, 192, 64): (8, 32, 2)}
+    monkeypatch.setattr(row_gemv, "_measured_here", lambda device: table)
+    monkeypatch.setattr(row_gemv, "INT8", None)
+    monkeypatch.setattr(row_gemv, "FLOAT", None)
+    triton = hasattr(torch.library, "triton_op") and importlib.util.find_spec("triton") is not None
+    assert row_gemv.route_available(down_bf16, 64) is triton
+    assert row_gemv.route_available(qkv_int8, 64) is triton
+    assert row_gemv.route_available(gate_up_bf16, 64) is False  # not measured faster: inductor keeps it
+    assert row_gemv.settings_for(down_bf16, 64) == (4, 64, 4)
+    assert row_gemv.settings_for(gate_up_bf16, 64) == (row_gemv._BLOCK_N, row_gemv._BLOCK_K, row_gemv._WARPS)
+    monkeypatch.setattr(row_gemv, "_SETTINGS", {(2, 96, 64): (16, 64, 8)})
+    assert row_gemv.settings_for(down_bf16, 64) == (16, 64, 8)
+    monkeypatch.setattr(row_gemv, "FLOAT", True)
+    assert row_gemv.route_available(gate_up_bf16, 64) is triton
+    monkeypatch.setattr(row_gemv, "FLOAT", False)
+    assert row_gemv.route_available(down_bf16, 64) is False
+    assert row_gemv.route_available(qkv_int8, 64) is triton  # the int8 switch is separate
+    monkeypatch.setattr(row_gemv, "INT8", False)
+    assert row_gemv.route_available(qkv_int8, 64) is False
+
+
+def test_row_gemv_measured_table_applies_only_to_its_gpu_architecture(monkeypatch):
+    from llamaforge.kernels import row_gemv
+
+    assert row_gemv._measured_here(torch.device("cpu")) == {}
+    assert row_gemv._measured_here(torch.device("meta")) == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    assert row_gemv._measured_here(torch.device("cuda")) == {}  # measured on an H200 (9.0), not an A100
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert row_gemv._measured_here(torch.device("cuda")) == row_gemv._MEASURED[(9, 0)]
+
+
 def test_gemv_pass_cache_key_follows_the_row_gemv_launch_settings(monkeypatch):
     """A graph compiled with one launch setting must not come back from inductor's cache under another."""
     from llamaforge.core import generation
@@ -256,6 +297,9 @@ def test_gemv_pass_cache_key_follows_the_row_gemv_launch_settings(monkeypatch):
     monkeypatch.setattr(row_gemv, "_BLOCK_K", block_k)
     assert generation._gemv_pass().uuid() == before
     monkeypatch.setattr(row_gemv, "_SETTINGS", {(2, 3072, 2048): (16, 512, 4)})
+    assert generation._gemv_pass().uuid() != before
+    monkeypatch.setattr(row_gemv, "_SETTINGS", {})
+    monkeypatch.setattr(row_gemv, "FLOAT", True)  # the routing, too
     assert generation._gemv_pass().uuid() != before
 
 
@@ -306,7 +350,10 @@ def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, for
 
     def calls(switched_on: bool) -> tuple[list, torch.fx.GraphModule]:
         # switched on for this kind of weights, or only for the other kind
-        monkeypatch.setattr(row_gemv, "route_available", lambda int8: (int8 == (kind == "int8")) == switched_on)
+        def route(ws, k):
+            return ((ws[0].dtype == torch.int8) == (kind == "int8")) == switched_on
+
+        monkeypatch.setattr(row_gemv, "route_available", route)
         gm = _pass_input_graph(layer, args, form)
         assert sum(n.target is aten.mm.default for n in gm.graph.nodes) == (3 if form == "mm" else 0)
         before = generation._gemv_rewrites[0]
@@ -340,7 +387,7 @@ def test_gemv_pass_reads_int8_weights_as_words_and_keeps_the_values(form, monkey
     from llamaforge.kernels import row_gemv
 
     monkeypatch.setattr(generation, "_INT8_WORDS", True)
-    monkeypatch.setattr(row_gemv, "route_available", lambda int8: False)
+    monkeypatch.setattr(row_gemv, "route_available", lambda ws, k: False)
     x, weights, scales = _int8_case(7, [32, 8, 8], 40)
     weights[0][0] = 127
     weights[0][1] = -127

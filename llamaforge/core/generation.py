@@ -397,7 +397,7 @@ def _gemv_pass() -> Any:
             return None
         if not int8 and (any(widened) or not vals[0].is_floating_point()):
             return None
-        return sources if row_gemv.route_available(int8) else None
+        return sources if row_gemv.route_available(vals, xv.shape[-1]) else None
 
     def _int8_words(weights: list[Any], xv: torch.Tensor) -> list[torch.fx.Node] | None:
         """With `_INT8_WORDS`: the int8 matrices behind weights widened in the graph, when each can be read as
@@ -499,8 +499,8 @@ def _gemv_pass() -> Any:
         def uuid(self) -> str:
             from llamaforge.kernels import row_gemv
 
-            flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{_INT8_WORDS}-{row_gemv.INT8}-{row_gemv.FLOAT}"
-            return f"llamaforge-row-times-weight-7-{flags}-{row_gemv.launch_tag()}"
+            flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{_INT8_WORDS}"
+            return f"llamaforge-row-times-weight-8-{flags}-{row_gemv.launch_tag()}"
 
     def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
         if node.users or node.op != "call_function" or node.is_impure():

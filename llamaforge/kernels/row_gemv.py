@@ -31,32 +31,59 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-INT8 = False  # the decode graph pass emits this kernel for int8 weight-only products (slower so far: see above)
-FLOAT = False  # ... and for products with bf16/fp16/fp32 weights
+# Which products the decode graph pass hands to this kernel: True every one-row product of that weight kind, False
+# none, None (the default) the products measured faster than inductor's reduction on this GPU (`_MEASURED` below).
+INT8: bool | None = None  # int8 weight-only products
+FLOAT: bool | None = None  # products with bf16/fp16/fp32 weights
 MAX_MATRICES = 3
 # Launch settings, module-level so a same-run A/B on the GPU can change them: output rows per program, int8 values
 # per row per loop step (a power of two), warps per program.
 _BLOCK_N = 8
 _BLOCK_K = 1024
 _WARPS = 8
-# Per-product settings where one measured better than the defaults: (weight bytes per value, rows of all matrices
-# together, K) -> (BLOCK_N, BLOCK_K, warps), e.g. from benchmarks/gemv_micro.py's `best_row_gemv` on the GPU the
-# decoding runs on. An entry wins over the defaults above (which decode_variants' gemv_* switches set). Empty until
-# measured with the vectorised kernel.
+# Per-product settings set by hand (benchmarks): (weight bytes per value, rows of all matrices together, K) ->
+# (BLOCK_N, BLOCK_K, warps). An entry wins over `_MEASURED` and the defaults.
 _SETTINGS: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+# Per GPU architecture (CUDA compute capability), the products for which benchmarks/gemv_micro.py timed this
+# kernel at least 3% faster than inductor's reduction, with the fastest launch setting. H200, torch 2.11,
+# 2026-12-02 (benchmarks/results/gemv_micro_h200.json; each product alone, weights read from HBM, CUDA graph):
+# bf16 down_proj 10.46 vs 12.41 us, o_proj 4.35 vs 4.79; int8 q/k/v stacked 4.83 vs 7.07, o_proj 3.41 vs 4.67,
+# down_proj 9.35 vs 9.68 (not listed: under 3%); inductor won the bf16 q/k/v (5.37 vs 5.73) and both gate/up
+# products. The output head (128,256 x 2,048) is not listed: its inductor figure was not valid in that run.
+_MEASURED: dict[tuple[int, int], dict[tuple[int, int, int], tuple[int, int, int]]] = {
+    (9, 0): {
+        (2, 2048, 8192): (4, 2048, 4),
+        (2, 2048, 2048): (4, 2048, 4),
+        (1, 3072, 2048): (4, 1024, 4),
+        (1, 2048, 2048): (4, 1024, 4),
+    },
+}
+
+
+def _product_key(weights: list[torch.Tensor], k: int) -> tuple[int, int, int]:
+    return (weights[0].element_size(), sum(w.size(0) for w in weights), k)
+
+
+def _measured_here(device: torch.device) -> dict[tuple[int, int, int], tuple[int, int, int]]:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return {}
+    return _MEASURED.get(torch.cuda.get_device_capability(device), {})
 
 
 def settings_for(weights: list[torch.Tensor], k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps) for one launch: the measured entry for this product, else the defaults."""
-    key = (weights[0].element_size(), sum(w.size(0) for w in weights), k)
-    return _SETTINGS.get(key, (_BLOCK_N, _BLOCK_K, _WARPS))
+    """(BLOCK_N, BLOCK_K, warps) for one launch: a hand-set entry, else the measured one for this GPU, else the
+    defaults."""
+    key = _product_key(weights, k)
+    if key in _SETTINGS:
+        return _SETTINGS[key]
+    return _measured_here(weights[0].device).get(key, (_BLOCK_N, _BLOCK_K, _WARPS))
 
 
 def launch_tag() -> str:
-    """The launch settings in force, for the decode graph pass's cache key: a compiled graph that calls the kernel
-    is only reused under the settings it was compiled with (inductor's on-disk cache outlives the process, and the
-    benchmarks change the settings between processes)."""
-    return f"{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{sorted(_SETTINGS.items())}"
+    """The routing and launch settings in force, for the decode graph pass's cache key: a compiled graph that calls
+    the kernel is only reused under the settings it was compiled with (inductor's on-disk cache outlives the
+    process, and the benchmarks change the settings between processes)."""
+    return f"{INT8}-{FLOAT}-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{sorted(_SETTINGS.items())}-{sorted(_MEASURED.items())}"
 
 
 def reference(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
@@ -163,10 +190,13 @@ else:  # older torch: no way to trace Triton launches into a compiled graph, so 
         return reference(x, weights)
 
 
-def route_available(int8: bool) -> bool:
-    """Whether the decode graph pass may emit the op for int8 (else floating-point) weights: switched on, Triton
-    installed, torch with triton_op."""
+def route_available(weights: list[torch.Tensor], k: int) -> bool:
+    """Whether the decode graph pass may emit the op for this product (fake tensors of the weights it would read):
+    switched on for its weight kind, or left to measurement (None) and listed in `_MEASURED` for this GPU; Triton
+    installed; torch with triton_op."""
     import importlib.util
 
-    on = INT8 if int8 else FLOAT
+    on = INT8 if weights[0].dtype == torch.int8 else FLOAT
+    if on is None:
+        on = _product_key(weights, k) in _measured_here(weights[0].device)
     return on and hasattr(torch.library, "triton_op") and importlib.util.find_spec("triton") is not None
