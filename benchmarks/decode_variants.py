@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import platform
 import subprocess
 import sys
@@ -104,6 +105,15 @@ def _kernel_table(session: Any, steps: int, top: int) -> dict[str, Any]:
         session._restore(saved)
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage()[:1000])
+
+
 def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     import torch
     from _timing import best_time, sync
@@ -135,6 +145,8 @@ def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
 
     out: list[list[int]] = []
     row: dict[str, Any] = {"settings": settings}
+    fallbacks = _Collect()  # generation's warnings (no compile, no CUDA graph): the reason a variant ran eagerly
+    logging.getLogger("llamaforge").addHandler(fallbacks)
     t0 = time.perf_counter()
     out[:] = generate(model, prompts, config(args.new_tokens))
     sync(dev)
@@ -165,6 +177,9 @@ def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     if dev.type == "cuda" and generation._GEMV_MAX_ROWS and compile is not False:
         if not row["rewrites"] and not row["cache_hits"]:  # a pass matching nothing went unnoticed for sessions
             row["warning"] = "the decode GEMV graph pass rewrote no product: its switches had no effect here"
+    if fallbacks.messages:
+        row["fallbacks"] = fallbacks.messages[:5]
+        row.setdefault("warning", "; ".join(fallbacks.messages[:2])[:400])
     options = generation._compile_options(dev)
     row["step_compile_options"] = {k: v for k, v in options.items() if isinstance(v, bool | int | float | str)}
     return row
