@@ -111,7 +111,8 @@ class _Collect(logging.Handler):
         self.messages: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage()[:1000])
+        text = record.getMessage()  # a compile error's cause is at its end: keep both ends
+        self.messages.append(text if len(text) <= 3000 else f"{text[:500]} [...] {text[-2500:]}")
 
 
 def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
@@ -179,7 +180,7 @@ def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
             row["warning"] = "the decode GEMV graph pass rewrote no product: its switches had no effect here"
     if fallbacks.messages:
         row["fallbacks"] = fallbacks.messages[:5]
-        row.setdefault("warning", "; ".join(fallbacks.messages[:2])[:400])
+        row.setdefault("warning", fallbacks.messages[0][:200] + " [...] " + fallbacks.messages[0][-300:])
     options = generation._compile_options(dev)
     row["step_compile_options"] = {k: v for k, v in options.items() if isinstance(v, bool | int | float | str)}
     return row
