@@ -12,14 +12,14 @@ at the end.
 
 `gemv_rows(x, [w0, w1, w2])` is a custom op (`torch.ops.llamaforge.gemv_rows`) returning the fp32 sums of all rows
 side by side, (1, N0 + N1 + N2) (for int8 weights unscaled). The decode graph pass
-(`llamaforge.core.generation._gemv_pass`) emits it for int8 weight-only products when `INT8` is set and for
-floating-point weights when `FLOAT` is set; the int8 per-row scales stay in the graph, where inductor fuses them
-into whatever consumes the product. Both are off: measured in the H200 decode step (2026-12-02, one run), the
-op's 65 launches per token took 1,068 us where inductor's reductions of the same products took ~700 us, a
-1.36 vs 0.99 ms step in bf16 and 1.24 vs 0.87 ms in int8 (benchmarks/results/decode_variants_h200.json run8/9).
-That kernel could not vectorise its loads (its row strides were excluded from Triton's specialisation: one
-2-byte or 1-byte load per value; a CPU test now compiles it for sm_90 and checks for 16-byte loads), so those
-figures say nothing yet about this form of it. torch.compile traces the op's Triton launch on CUDA
+(`llamaforge.core.generation._gemv_pass`) emits it for every int8 weight-only product when `INT8` is True, for
+every floating-point product when `FLOAT` is True, and, when they are None (the default), for the products listed
+in `_MEASURED` for the GPU at hand; the int8 per-row scales stay in the graph, where inductor fuses them into
+whatever consumes the product. Measured on an H200 (2026-12-02): the first build of the kernel could not vectorise
+its loads (its row strides were excluded from Triton's specialisation; a CPU test now compiles it for sm_90 and
+checks for 16-byte loads) and lost clearly (65 launches per token, 1,068 us against ~700 us of inductor's
+reductions). The vectorised build wins on some products timed alone but not in the step (see `_MEASURED`), so by
+default the decode step does not use it. torch.compile traces the op's Triton launch on CUDA
 (`torch.library.triton_op`); elsewhere it runs the PyTorch reference.
 """
 
@@ -44,20 +44,14 @@ _WARPS = 8
 # Per-product settings set by hand (benchmarks): (weight bytes per value, rows of all matrices together, K) ->
 # (BLOCK_N, BLOCK_K, warps). An entry wins over `_MEASURED` and the defaults.
 _SETTINGS: dict[tuple[int, int, int], tuple[int, int, int]] = {}
-# Per GPU architecture (CUDA compute capability), the products for which benchmarks/gemv_micro.py timed this
-# kernel at least 3% faster than inductor's reduction, with the fastest launch setting. H200, torch 2.11,
-# 2026-12-02 (benchmarks/results/gemv_micro_h200.json; each product alone, weights read from HBM, CUDA graph):
-# bf16 down_proj 10.46 vs 12.41 us, o_proj 4.35 vs 4.79; int8 q/k/v stacked 4.83 vs 7.07, o_proj 3.41 vs 4.67,
-# down_proj 9.35 vs 9.68 (not listed: under 3%); inductor won the bf16 q/k/v (5.37 vs 5.73) and both gate/up
-# products. The output head (128,256 x 2,048) is not listed: its inductor figure was not valid in that run.
-_MEASURED: dict[tuple[int, int], dict[tuple[int, int, int], tuple[int, int, int]]] = {
-    (9, 0): {
-        (2, 2048, 8192): (4, 2048, 4),
-        (2, 2048, 2048): (4, 2048, 4),
-        (1, 3072, 2048): (4, 1024, 4),
-        (1, 2048, 2048): (4, 1024, 4),
-    },
-}
+# Per GPU architecture (CUDA compute capability), the products to hand to this kernel by default, with their launch
+# settings: entries go here only when the kernel made the whole decode step faster on that GPU. None does yet. On
+# an H200 (torch 2.11, 2026-12-02) benchmarks/gemv_micro.py timed the kernel faster than inductor's reduction for
+# some products alone (bf16 down_proj 10.46 vs 12.41 us and o_proj 4.35 vs 4.79; int8 o_proj 3.51 vs 4.67;
+# benchmarks/results/gemv_micro_h200.json), but routing the bf16 pair to it in the decode step (decode_variants,
+# same run) gave 1.038 ms per step against 1.012 without (kernels 983 vs 994 us: the products themselves were not
+# the gap), so the table stays empty and the step keeps inductor's reductions.
+_MEASURED: dict[tuple[int, int], dict[tuple[int, int, int], tuple[int, int, int]]] = {}
 
 
 def _product_key(weights: list[torch.Tensor], k: int) -> tuple[int, int, int]:
