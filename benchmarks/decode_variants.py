@@ -9,7 +9,8 @@ Run-to-run spread on fresh H200 machines is ~5% for the same code, so the step t
 comparable with another measured in the same invocation; `--rounds 2` repeats the whole list (A B A B) to show the
 drift. Each variant is a comma-separated list of settings (`base` is none):
 
-    switches of the decode step   buffer_row, siblings, pointwise_cat, greedy_step, argmax_blocks, int8_words (0/1),
+    switches of the decode step   buffer_row, siblings, pointwise_cat, greedy_step, argmax_blocks, int8_words,
+                                  int8_bits (0/1),
                                   gemv_rows (int: products with at most this many rows become reductions; 0: off)
     flash-decoding kernel         splits (int or auto), block, warps
     row GEMV kernel               gemv_int8, gemv_float (0/1/auto: the graph pass hands all / none / the products
@@ -48,6 +49,7 @@ GEMV = "llamaforge.kernels.row_gemv"
 SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, kind)
     "buffer_row": (GEN, "_BUFFER_ROW", "bool"),
     "int8_words": (GEN, "_INT8_WORDS", "bool"),
+    "int8_bits": (GEN, "_INT8_BITS", "bool"),
     "siblings": (GEN, "_FUSE_SIBLINGS", "bool"),
     "pointwise_cat": (GEN, "_POINTWISE_CAT", "bool"),
     "greedy_step": (GEN, "_FUSE_GREEDY_STEP", "bool"),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -99,6 +100,18 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference():
     _in_the_interpreter(script, "ok 5")
 
 
+def test_flash_decode_route_check_traces_without_a_graph_break():
+    """The route check runs inside the compiled decode step: past the device test it must be plain tensor-metadata
+    logic that dynamo traces in one graph (no importlib lookup per call)."""
+    q, k, _, _ = _case(0, 1, 8, 4, 64, 64, torch.float32)
+
+    def routed(q, k):
+        return q * 2 if dec._ROUTE and dec.supported(q, k) else q - 1
+
+    out = torch.compile(routed, fullgraph=True, backend="eager")(q, k)  # fullgraph: a break would raise
+    assert torch.equal(out, routed(q, k))
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -167,12 +180,17 @@ def test_row_gemv_kernel_in_the_interpreter_matches_the_reference():
 
 
 def _sm90_global_loads(kernel, args: dict, constexprs: dict, num_warps: int) -> list[str]:
-    """The global-memory load instructions of a Triton kernel compiled for an H100/H200 (sm_90) without a GPU,
-    specialised as the launcher would be for `args` (pointer -> dtype string, integer -> value): 16-byte-aligned
-    pointers, integers divisible by 16 marked so unless the kernel excludes them from specialisation. Skips the
-    test where this Triton cannot compile for sm_90."""
+    """The global-memory load instructions of a Triton kernel compiled for an H100/H200 (sm_90) without a GPU."""
     import re
 
+    return re.findall(r"ld\.global(?:\.\w+)*", _sm90_ptx(kernel, args, constexprs, num_warps))
+
+
+def _sm90_ptx(kernel, args: dict, constexprs: dict, num_warps: int) -> str:
+    """PTX of a Triton kernel compiled for an H100/H200 (sm_90) without a GPU, specialised as the launcher would
+    be for `args` (pointer -> dtype string, integer -> value): 16-byte-aligned pointers, integers divisible by 16
+    marked so unless the kernel excludes them from specialisation. Skips the test where this Triton cannot compile
+    for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -197,7 +215,7 @@ def _sm90_global_loads(kernel, args: dict, constexprs: dict, num_warps: int) -> 
         raise
     except Exception as exc:  # e.g. a Triton build without the NVIDIA backend's tools
         pytest.skip(f"Triton could not compile for sm_90 here: {type(exc).__name__}: {str(exc)[:200]}")
-    return re.findall(r"ld\.global(?:\.\w+)*", ptx)
+    return ptx
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
@@ -213,10 +231,13 @@ def test_row_gemv_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype):
     args = {"x_ptr": "*bf16", "w0_ptr": f"*{dtype}", "w1_ptr": f"*{dtype}", "w2_ptr": f"*{dtype}", "y_ptr": "*fp32",
             "n0": 2048, "n1": 512, "n2": 512, "k_len": k, "sw0": k, "sw1": k, "sw2": k, "blocks0": 256,
             "blocks01": 320}  # fmt: skip
-    loads = _sm90_global_loads(row_gemv._kernel(), args, {"BLOCK_N": row_gemv._BLOCK_N, "BLOCK_K": 1024},
-                               row_gemv._WARPS)  # fmt: skip
+    constexprs = {"BLOCK_N": row_gemv._BLOCK_N, "BLOCK_K": 1024, "INT8": dtype == "i8"}
+    ptx = _sm90_ptx(row_gemv._kernel(), args, constexprs, row_gemv._WARPS)
+    loads = re.findall(r"ld\.global(?:\.\w+)*", ptx)
     assert any(".v4." in ld for ld in loads), loads
     assert not [ld for ld in loads if ld.endswith((".b8", ".b16", ".u8", ".u16", ".s8"))], loads
+    # int8 values become fp32 through their float bits, not one integer-to-float conversion (I2F) each
+    assert not re.findall(r"cvt\.rn\.f32\.[su]", ptx)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
@@ -433,6 +454,76 @@ def test_gemv_pass_reads_int8_weights_as_words_and_keeps_the_values(form, monkey
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def _every_int8_case(k: int = 256) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Three int8 matrices whose rows hold every int8 value (-128..127, rotated per row), and a one-hot row, so the
+    product is exactly one column of each (scaled): a widening that is off by anything shows."""
+    values = torch.arange(-128, 128, dtype=torch.int16)[:k].to(torch.int8)
+    weights = [torch.stack([values.roll(r + 7 * i) for r in range(n)]) for i, n in enumerate((24, 8, 8))]
+    scales = [torch.full((w.size(0),), 0.5) for w in weights]
+    x = torch.zeros(1, k)
+    x[0, 5] = 1.0
+    return x, weights, scales
+
+
+@pytest.mark.parametrize("form", ["mm", "decomposed"])
+def test_gemv_pass_widens_int8_through_float_bits_exactly(form, monkeypatch):
+    """`_INT8_BITS`: the int8 weights (stacked siblings, read in place) become fp32 as (int32(q) + 0x4B000080)
+    read as fp32 minus 8,388,736, with no int8 -> float cast left; the product is exact for every int8 value."""
+    from torch.nn import functional as F
+
+    from llamaforge.core import generation
+    from llamaforge.kernels import row_gemv
+
+    monkeypatch.setattr(generation, "_INT8_BITS", True)
+    monkeypatch.setattr(row_gemv, "route_available", lambda ws, k: False)
+    x, weights, scales = _every_int8_case()
+
+    def layer(x, q0, q1, q2, s0, s1, s2):
+        return tuple(F.linear(x, q.to(x.dtype)) * s.to(x.dtype) for q, s in ((q0, s0), (q1, s1), (q2, s2)))
+
+    args = (x.reshape(1, 1, -1), *weights, *scales)
+    gm = _pass_input_graph(layer, args, form)
+    generation._gemv_pass()(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    aten, prims = torch.ops.aten, torch.ops.prims
+    bitcasts = [n for n in gm.graph.nodes if n.target is aten.view.dtype]
+    assert len(bitcasts) == 1 and bitcasts[0].args[1] == torch.float32
+    widened = [n for n in gm.graph.nodes if n.target is prims.convert_element_type.default
+               and n.args[0].meta["val"].dtype == torch.int8]  # fmt: skip
+    assert [n.args[1] for n in widened] == [torch.int32]  # the only cast of int8 left: to int32, once (stacked)
+    for got, q, sc in zip(gm(*args), weights, scales, strict=True):
+        assert torch.equal(got.reshape(-1), q[:, 5].float() * sc)  # exact: column 5 of every row, scaled
+
+
+@pytest.mark.slow  # an inductor compilation on CPU (~10 s)
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_int8_bits_compile_through_inductor_to_the_exact_values(monkeypatch, counting_gemv_pass):
+    """Inductor lowers the float-bits widening (an integer add and a bitcast) to the same exact values."""
+    from torch.nn import functional as F
+
+    from llamaforge.core import generation
+
+    monkeypatch.setattr(generation, "_INT8_BITS", True)
+    x, (q0, q1, _), (s0, s1, _) = _every_int8_case()
+
+    def layer(x):
+        return F.linear(x, q0.to(x.dtype)) * s0, F.linear(x, q1.to(x.dtype)) * s1
+
+    spy, bitcasts = counting_gemv_pass(lambda graph: sum(n.target is torch.ops.aten.view.dtype for n in graph.nodes))
+    torch._dynamo.reset()
+    fn = torch.compile(layer, options={"post_grad_custom_pre_pass": spy})
+    with torch._inductor.config.patch(force_disable_caches=True):
+        got = fn(x.reshape(1, 1, -1))
+    assert bitcasts == [1]  # the siblings stacked, widened once
+    for a, q, sc in zip(got, (q0, q1), (s0, s1), strict=True):
+        assert torch.equal(a.reshape(-1), q[:, 5].float() * sc)
+    rand = torch.randn(1, 1, x.size(-1), generator=torch.Generator().manual_seed(3))
+    with torch._inductor.config.patch(force_disable_caches=True):
+        for a, b in zip(fn(rand), layer(rand), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow  # an inductor compilation on CPU (~10 s)
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_int8_words_compile_through_inductor_to_the_same_values(monkeypatch, counting_gemv_pass):
@@ -472,7 +563,7 @@ def test_row_gemv_on_cuda_matches_the_reference_at_llama_shapes():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("switch", ["row_gemv.INT8", "generation._INT8_WORDS"])
+@pytest.mark.parametrize("switch", ["row_gemv.INT8", "generation._INT8_WORDS", "generation._INT8_BITS"])
 def test_compiled_int8_decoding_through_the_gemv_kernel_gives_the_matmul_tokens(switch, monkeypatch):
     import llamaforge
     from llamaforge.core import generation
@@ -482,7 +573,8 @@ def test_compiled_int8_decoding_through_the_gemv_kernel_gives_the_matmul_tokens(
 
     spec = llamaforge.load_spec("tiny").with_updates(eos_token_id=None)
     config = GenerationConfig(max_new_tokens=16, eos_token_ids=[])
-    module, attr = {"row_gemv.INT8": (row_gemv, "INT8"), "generation._INT8_WORDS": (generation, "_INT8_WORDS")}[switch]
+    module, attr = switch.split(".")
+    module = {"row_gemv": row_gemv, "generation": generation}[module]
     out = {}
     for enabled in (False, True):
         monkeypatch.setattr(module, attr, enabled)

@@ -281,6 +281,13 @@ _BUFFER_ROW = True  # the product's row is a buffer, not recomputed per thread b
 # each thread as many elements per load for int8 as for bf16, so an int8 load moves half the bytes (the H200's
 # int8 products streamed ~2.4 TB/s against ~3.9 for bf16). Off until timed on a GPU (decode_variants int8_words=1).
 _INT8_WORDS = False
+# int8 weight-only products widen each weight to fp32 through its float bits instead of a conversion instruction:
+# (int32(q) + 0x4B000080) read as fp32 is 2**23 + 128 + q exactly, so subtracting 8,388,736 gives q (exact for
+# every int8). Why: the plain widening compiles to one I2F per weight value (SASS for sm_90, checked on the CPU),
+# a conversion issued at a fraction of the FP32 rate on NVIDIA GPUs, which can bound an int8 product below
+# the memory bandwidth that bf16 products reach; this form is an integer add and an FP32 add, both full rate. Off
+# until timed on a GPU (decode_variants int8_bits=1; benchmarks/gemv_micro.py times it alone).
+_INT8_BITS = False
 # inductor options laid over the decode step's own, e.g. {"triton.enable_pdl": True} for Programmatic Dependent
 # Launch on Hopper (benchmarks A/B them)
 _EXTRA_OPTIONS: dict[str, Any] = {}
@@ -413,6 +420,22 @@ def _gemv_pass() -> Any:
                 return None
         return sources
 
+    def _int8_bits_sources(weights: list[Any]) -> list[torch.fx.Node] | None:
+        """With `_INT8_BITS`: the int8 matrices behind weights widened in the graph (all of them), else None."""
+        if not _INT8_BITS:
+            return None
+        sources = [cast_source(w) for w in weights]
+        vals = [src.meta.get("val") if isinstance(src, torch.fx.Node) else None for src in sources]
+        if any(v is None or v.dtype != torch.int8 for v in vals):
+            return None
+        return sources
+
+    def _int8_bits_to_float(add: Any, w8: torch.fx.Node) -> torch.fx.Node:
+        """int8 -> fp32 through the float's bits (see `_INT8_BITS`): exact, no conversion instruction."""
+        wide = add(prims.convert_element_type.default, (w8, torch.int32))
+        bits = add(aten.add.Tensor, (wide, 0x4B000080))
+        return add(aten.sub.Tensor, (add(aten.view.dtype, (bits, torch.float32)), 8388736.0))
+
     def _words_product(add: Any, x: torch.fx.Node, sources: list[torch.fx.Node], xv: torch.Tensor) -> torch.fx.Node:
         """sum_k x[k] * W[n, k] for int8 W read as int32 words, four values per load (see `_INT8_WORDS`): byte b
         of word j is W[n, 4j + b] (little-endian, as on x86 and NVIDIA GPUs), sign-extended by shifting it to the
@@ -479,9 +502,14 @@ def _gemv_pass() -> Any:
                 elif (words := _int8_words(weights, xv)) is not None:
                     red = _words_product(add, x, words, xv)
                 else:
-                    w = weights[0] if len(weights) == 1 else add(aten.cat.default, (weights, 0))
+                    bits = _int8_bits_sources(weights)
+                    srcs = bits if bits is not None else weights
+                    w = srcs[0] if len(srcs) == 1 else add(aten.cat.default, (srcs, 0))
                     x32 = add(prims.convert_element_type.default, (x, torch.float32))
-                    w32 = add(prims.convert_element_type.default, (w, torch.float32))
+                    if bits is not None:
+                        w32 = _int8_bits_to_float(add, w)
+                    else:
+                        w32 = add(prims.convert_element_type.default, (w, torch.float32))
                     prod = add(aten.mul.Tensor, (add(aten.unsqueeze.default, (x32, 1)), w32))  # (M,1,K)*(N,K)
                     red = add(aten.sum.dim_IntList, (prod, [2]))
                 start = 0
@@ -499,7 +527,7 @@ def _gemv_pass() -> Any:
         def uuid(self) -> str:
             from llamaforge.kernels import row_gemv
 
-            flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{_INT8_WORDS}"
+            flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{_INT8_WORDS}-{_INT8_BITS}"
             return f"llamaforge-row-times-weight-8-{flags}-{row_gemv.launch_tag()}"
 
     def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:

@@ -111,7 +111,7 @@ def _kernel() -> Any:
     @triton.jit(do_not_specialize=["n0", "n1", "n2", "blocks0", "blocks01"])
     def rows_kernel(
         x_ptr, w0_ptr, w1_ptr, w2_ptr, y_ptr, n0, n1, n2, k_len, sw0, sw1, sw2, blocks0, blocks01,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         # each program serves rows of one matrix: the first blocks0 programs matrix 0, then matrix 1, then 2
@@ -129,7 +129,11 @@ def _kernel() -> Any:
             k_ok = k < k_len
             x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + n[:, None] * stride + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-            acc += w.to(tl.float32) * x[None, :]
+            if INT8:  # exact widening through the float's bits: no I2F (a slow conversion) per value
+                wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+            else:
+                wf = w.to(tl.float32)
+            acc += wf * x[None, :]
         tl.store(y_ptr + out0 + n, tl.sum(acc, axis=1), mask=n_ok)
 
     return rows_kernel
@@ -162,7 +166,7 @@ def launch(
     kernel[(sum(blocks),)](
         x, ws[0], ws[1], ws[2], y, rows[0], rows[1], rows[2], k_len,
         ws[0].stride(0), ws[1].stride(0), ws[2].stride(0), blocks[0], blocks[0] + blocks[1],
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, INT8=weights[0].dtype == torch.int8, num_warps=warps,
     )  # fmt: skip
     return y
 
