@@ -12,7 +12,7 @@ drift. Each variant is a comma-separated list of settings (`base` is none):
     switches of the decode step   buffer_row, siblings, pointwise_cat, greedy_step, argmax_blocks, int8_words,
                                   int8_bits (0/1),
                                   gemv_rows (int: products with at most this many rows become reductions; 0: off)
-    flash-decoding kernel         splits (int or auto), block, warps
+    flash-decoding kernel         splits (int or auto), block, warps, fd_dot (0/1: products on tensor cores)
     row GEMV kernel               gemv_int8, gemv_float (0/1/auto: the graph pass hands all / none / the products
                                   measured faster on this GPU (the default) of int8 weight-only / plain weights
                                   to llamaforge.kernels.row_gemv), gemv_block_n,
@@ -58,6 +58,7 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "splits": (KERNEL, "_SPLITS", "int_or_auto"),
     "block": (KERNEL, "_BLOCK", "int"),
     "warps": (KERNEL, "_WARPS", "int"),
+    "fd_dot": (KERNEL, "_DOT", "bool"),
     "gemv_int8": (GEMV, "INT8", "bool_or_auto"),
     "gemv_float": (GEMV, "FLOAT", "bool_or_auto"),
     "gemv_block_n": (GEMV, "_BLOCK_N", "int"),

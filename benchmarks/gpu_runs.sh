@@ -31,7 +31,8 @@ decode)
     # ~65-140 s per variant on an H200 (compilation with coordinate-descent tuning), ~80 s typical: five fit;
     # PHASES=1 adds generate() of 1/2/N tokens per variant (~30 s more each)
     variants=("$@")
-    [ ${#variants[@]} -gt 0 ] || variants=(base gemv_float=1 siblings=0 attn=flash_decode prefill_graph=1)
+    [ ${#variants[@]} -gt 0 ] || variants=(base "attn=flash_decode,fd_dot=1" "attn=flash_decode,fd_dot=1,splits=4"
+        prefill_graph=1 "quant=int8_weight_only,int8_bits=1")
     phases=()
     [ "${PHASES:-0}" = 1 ] && phases=(--phases)
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile "${phases[@]}" \

@@ -88,12 +88,16 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference():
             (3, 1, 1, 8, 300, 64, 4, torch.bfloat16),
             (4, 3, 3, 2, 17, 16, 8, torch.float32),  # splits that see no allowed position at all
         ]
-        for seed, b, kv, rep, length, d, splits, dtype in cases:
-            q, k, v, allowed = _case(seed, b, kv, rep, length, d, dtype)
-            got = dec.launch(q, k, v, allowed, 0.3, splits=splits)
-            want = dec.reference(q, k, v, allowed, 0.3)
-            tol = 2e-2 if dtype is torch.bfloat16 else 1e-5
-            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+        for dot in (False, True):  # broadcast products, then tensor-core products (dec._DOT)
+            dec._DOT = dot
+            for seed, b, kv, rep, length, d, splits, dtype in cases:
+                if dot and dtype is torch.bfloat16:  # the interpreter's tl.dot reads bf16 as raw bits (the GPU
+                    dtype = torch.float16  # test covers bf16); fp16 takes the same half-precision path
+                q, k, v, allowed = _case(seed, b, kv, rep, length, d, dtype)
+                got = dec.launch(q, k, v, allowed, 0.3, splits=splits)
+                want = dec.reference(q, k, v, allowed, 0.3)
+                tol = 2e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-5
+                torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
         print("ok", len(cases))
         """
     )
@@ -115,7 +119,9 @@ def test_flash_decode_route_check_traces_without_a_graph_break():
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_kernel_on_cuda_matches_the_reference(dtype):
+@pytest.mark.parametrize("dot", [False, True])
+def test_triton_kernel_on_cuda_matches_the_reference(dtype, dot, monkeypatch):
+    monkeypatch.setattr(dec, "_DOT", dot)
     for seed, b, kv, rep, length, d in [(0, 1, 8, 4, 512, 64), (1, 4, 2, 3, 129, 32), (2, 32, 8, 4, 384, 64)]:
         q, k, v, allowed = (t.cuda() for t in _case(seed, b, kv, rep, length, d, dtype))
         assert dec.available(q, k)
@@ -127,7 +133,8 @@ def test_triton_kernel_on_cuda_matches_the_reference(dtype):
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("shape", ["tiny", "1b-heads-bf16"])
-def test_compiled_decoding_with_flash_decode_gives_the_sdpa_tokens(shape, caplog):
+@pytest.mark.parametrize("dot", [False, True])
+def test_compiled_decoding_with_flash_decode_gives_the_sdpa_tokens(shape, dot, caplog, monkeypatch):
     """In one whole CUDA graph: no graph break, no fallback to eager decoding; in fp32 the sdpa tokens.
     `1b-heads-bf16` has the 1B model's attention layout (32 query heads of 64, 8 kv heads) in bf16, where the
     kernel once failed to compile inside the step (an fp64 scale) and decoding silently fell back to eager."""
@@ -139,6 +146,7 @@ def test_compiled_decoding_with_flash_decode_gives_the_sdpa_tokens(shape, caplog
     from llamaforge.core import generation
     from llamaforge.core.generation import GenerationConfig, clear_sessions, generate
 
+    monkeypatch.setattr(dec, "_DOT", dot)
     spec = llamaforge.load_spec("tiny").with_updates(eos_token_id=None)
     if shape != "tiny":
         spec = spec.with_updates(dim=2048, n_heads=32, n_kv_heads=8, n_layers=2, ffn_hidden=512, dtype="bfloat16")
@@ -262,7 +270,8 @@ def test_row_gemv_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype):
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.parametrize("scale", ["fp32", "fp64"])
-def test_flash_decode_kernel_compiles_whatever_float_type_the_scale_arrives_as(scale):
+@pytest.mark.parametrize("dot", [False, True])
+def test_flash_decode_kernel_compiles_whatever_float_type_the_scale_arrives_as(scale, dot):
     """Inside torch.compile (inductor's launch of the custom op, H200, 1B shape) the softmax scale reached the kernel
     as fp64, the scores were promoted to fp64, and Triton rejected the loop (the running maximum changed type), so
     decoding with `flash_decode` silently fell back to eager. The kernel casts the scaled query to fp32."""
@@ -273,8 +282,12 @@ def test_flash_decode_kernel_compiles_whatever_float_type_the_scale_arrives_as(s
             "acc_ptr": "*fp32", "o_ptr": "*bf16", "scale": scale, "length": 272, "chunk": 32, "sq_b": 2048,
             "sq_h": 64, "sk_b": 8 * t * 64, "sk_h": t * 64, "sk_l": 64, "sv_b": 8 * t * 64, "sv_h": t * 64, "sv_l": 64,
             "sok_b": t, "so_b": 2048, "so_h": 64}  # fmt: skip
-    constexprs = {"KV_HEADS": 8, "REP": 4, "REP_P": 4, "D": 64, "BLOCK": decode_attention._BLOCK, "SPLITS": 16}
-    assert _sm90_global_loads(decode_attention._kernels()[0], args, constexprs, decode_attention._WARPS)
+    constexprs = {"KV_HEADS": 8, "REP": 4, "REP_P": 16 if dot else 4, "D": 64, "BLOCK": decode_attention._BLOCK,
+                  "SPLITS": 16, "DOT": dot}  # fmt: skip
+    ptx = _sm90_ptx(decode_attention._kernels()[0], args, constexprs, decode_attention._WARPS)
+    assert re.findall(r"ld\.global(?:\.\w+)*", ptx)
+    if dot:  # the products run on tensor cores
+        assert "mma" in ptx
 
 
 def test_flash_decode_kernel_loads_keys_and_values_sixteen_bytes_at_a_time_on_hopper():
@@ -288,7 +301,8 @@ def test_flash_decode_kernel_loads_keys_and_values_sixteen_bytes_at_a_time_on_ho
             "acc_ptr": "*fp32", "o_ptr": "*bf16", "scale": "fp32", "length": 300, "chunk": 160, "sq_b": 2048,
             "sq_h": 64, "sk_b": 8 * t * 64, "sk_h": t * 64, "sk_l": 64, "sv_b": 8 * t * 64, "sv_h": t * 64, "sv_l": 64,
             "sok_b": t, "so_b": 2048, "so_h": 64}  # fmt: skip
-    constexprs = {"KV_HEADS": 8, "REP": 4, "REP_P": 4, "D": 64, "BLOCK": decode_attention._BLOCK, "SPLITS": 2}
+    constexprs = {"KV_HEADS": 8, "REP": 4, "REP_P": 4, "D": 64, "BLOCK": decode_attention._BLOCK, "SPLITS": 2,
+                  "DOT": False}  # fmt: skip
     loads = _sm90_global_loads(decode_attention._kernels()[0], args, constexprs, decode_attention._WARPS)
     assert sum(".v4." in ld for ld in loads) >= 2, loads  # keys and values
     assert not [ld for ld in loads if ld.endswith((".b16", ".u16"))], loads  # no bf16 read one value at a time
