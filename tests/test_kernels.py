@@ -533,28 +533,34 @@ def test_gemv_pass_widens_int8_through_float_bits_exactly(form, monkeypatch):
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_int8_bits_compile_through_inductor_to_the_exact_values(monkeypatch, counting_gemv_pass):
     """Inductor lowers the float-bits widening (an integer add and a bitcast) to the same exact values."""
-    from torch.nn import functional as F
-
     from llamaforge.core import generation
 
     monkeypatch.setattr(generation, "_INT8_BITS", True)
     x, (q0, q1, _), (s0, s1, _) = _every_int8_case()
-
-    def layer(x):
-        return F.linear(x, q0.to(x.dtype)) * s0, F.linear(x, q1.to(x.dtype)) * s1
-
-    spy, bitcasts = counting_gemv_pass(lambda graph: sum(n.target is torch.ops.aten.view.dtype for n in graph.nodes))
-    torch._dynamo.reset()
-    fn = torch.compile(layer, options={"post_grad_custom_pre_pass": spy})
-    with torch._inductor.config.patch(force_disable_caches=True):
-        got = fn(x.reshape(1, 1, -1))
+    rand = torch.randn(1, 1, x.size(-1), generator=torch.Generator().manual_seed(3))
+    (got, got_rand), (_, want_rand), bitcasts = _compile_int8_pair(
+        (q0, q1), (s0, s1), [x.reshape(1, 1, -1), rand], counting_gemv_pass)  # fmt: skip
     assert bitcasts == [1]  # the siblings stacked, widened once
     for a, q, sc in zip(got, (q0, q1), (s0, s1), strict=True):
         assert torch.equal(a.reshape(-1), q[:, 5].float() * sc)
-    rand = torch.randn(1, 1, x.size(-1), generator=torch.Generator().manual_seed(3))
+    for a, b in zip(got_rand, want_rand, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def _compile_int8_pair(qs, scales, inputs, counting_gemv_pass):
+    """Two int8 weight-only products of one row compiled by CPU inductor with the decode pass (the same lowering
+    serves CUDA): (compiled outputs per input, eager outputs per input, view.dtype nodes the pass left)."""
+    from torch.nn import functional as F
+
+    def layer(x):
+        return tuple(F.linear(x, q.to(x.dtype)) * sc for q, sc in zip(qs, scales, strict=True))
+
+    spy, views = counting_gemv_pass(lambda graph: sum(n.target is torch.ops.aten.view.dtype for n in graph.nodes))
+    torch._dynamo.reset()
+    fn = torch.compile(layer, options={"post_grad_custom_pre_pass": spy})
     with torch._inductor.config.patch(force_disable_caches=True):
-        for a, b in zip(fn(rand), layer(rand), strict=True):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        got = [fn(x) for x in inputs]
+    return got, [layer(x) for x in inputs], views
 
 
 @pytest.mark.slow  # an inductor compilation on CPU (~10 s)
@@ -562,23 +568,13 @@ def test_int8_bits_compile_through_inductor_to_the_exact_values(monkeypatch, cou
 def test_int8_words_compile_through_inductor_to_the_same_values(monkeypatch, counting_gemv_pass):
     """Inductor lowers the words form (an int32 alias of the int8 weights, shifts) to the values of the plain
     product: CPU inductor here; the same lowering serves CUDA."""
-    from torch.nn import functional as F
-
     from llamaforge.core import generation
 
     monkeypatch.setattr(generation, "_INT8_WORDS", True)
-    x, (q0, q1), (s0, s1) = _int8_case(8, [24, 16], 64)
-
-    def layer(x):
-        return F.linear(x, q0.to(x.dtype)) * s0, F.linear(x, q1.to(x.dtype)) * s1
-
-    spy, aliases = counting_gemv_pass(lambda graph: sum(n.target is torch.ops.aten.view.dtype for n in graph.nodes))
-    torch._dynamo.reset()
-    fn = torch.compile(layer, options={"post_grad_custom_pre_pass": spy})
-    with torch._inductor.config.patch(force_disable_caches=True):
-        got = fn(x.reshape(1, 1, 64))
+    x, qs, scales = _int8_case(8, [24, 16], 64)
+    (got,), (want,), aliases = _compile_int8_pair(qs, scales, [x.reshape(1, 1, 64)], counting_gemv_pass)
     assert aliases == [2]  # both products took the words form
-    for a, b in zip(got, layer(x.reshape(1, 1, 64)), strict=True):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
