@@ -126,6 +126,7 @@ def test_decode_variants_rejects_bad_settings_before_starting_anything():
     assert parse_variant("base") == {}
     assert parse_variant("quant=int8_weight_only,gemv_int8=1,gemv_float=0,gemv_block_k=2048") == {
         "quant": "int8_weight_only", "gemv_int8": True, "gemv_float": False, "gemv_block_k": 2048}  # fmt: skip
+    assert parse_variant("gemv_float=auto,gemv_int8=on") == {"gemv_float": None, "gemv_int8": True}
     assert parse_variant("splits=auto,block=64,inductor.triton.enable_pdl=1,attn=flash_decode") == {
         "splits": None, "block": 64, "inductor.triton.enable_pdl": 1, "attn": "flash_decode"}  # fmt: skip
     # torch.compile rejects an int for a boolean option: the 1 must reach it as True
@@ -135,7 +136,8 @@ def test_decode_variants_rejects_bad_settings_before_starting_anything():
     with pytest.raises(VariantError, match="no option 'no_such_option'"):
         inductor_options(parse_variant("inductor.no_such_option=1"))
     for bad, words in [("bufer_row=1", "unknown setting 'bufer_row'"), ("buffer_row=maybe", "buffer_row='maybe'"),
-                       ("splits=two", "splits='two'"), ("buffer_row", "expected NAME=VALUE")]:  # fmt: skip
+                       ("splits=two", "splits='two'"), ("buffer_row", "expected NAME=VALUE"),
+                       ("gemv_float=sometimes", "expected bool or auto")]:  # fmt: skip
         with pytest.raises(VariantError, match=words):
             parse_variant(bad)
     for bad, words in [("buffer_row=2", "buffer_row='2': expected bool"),
