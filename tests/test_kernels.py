@@ -157,9 +157,19 @@ def test_compiled_decoding_with_flash_decode_gives_the_sdpa_tokens(shape, dot, c
         torch._dynamo.reset()
         counters.clear()
         model = llamaforge.build_model(spec.with_updates(attention_kernel=kernel), device="cuda", seed=0).eval()
-        with caplog.at_level(logging.WARNING, logger="llamaforge"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
             out[kernel] = generate(model, prompts, config)
-        assert not caplog.records, [r.getMessage()[-500:] for r in caplog.records]  # no eager fallback
+            session = next(iter(generation._sessions[model].values()))
+            with torch.inference_mode():  # the session's buffers are inference tensors
+                saved = (session.ids.clone(), session.cur.clone(), session.pos.clone())
+                session.pos.fill_(session.plen)  # the step once more outside the graph, from the prompt's end (as
+                session._body()  # the benchmarks' kernel tables run it)
+                session._restore(saved)
+        # no eager fallback of generation, no recompile-limit fallback of dynamo (an H200 kernel table of the 1B
+        # step once showed eager RMSNorm kernels beside the compiled ones)
+        noted = [r.getMessage()[-300:] for r in caplog.records if r.name.startswith(("llamaforge", "torch._dynamo"))]
+        assert not noted, noted
         assert not counters["graph_break"], dict(counters["graph_break"])
         assert all(s.graph is not None for s in generation._sessions[model].values())
         clear_sessions(model)
