@@ -173,6 +173,35 @@ def test_eager_and_compiled_chunk_functions_agree():
             assert a[1] is None and e[1] is None
 
 
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_compiled_chunk_function_gives_the_reference_gradient():
+    """What CUDA runs: `_chunk_loss_and_grad` through inductor (here on CPU) equals autograd's gradient of the
+    summed cross-entropy with respect to the logits, ignored rows and bf16 output included."""
+    from llamaforge.core import losses
+
+    g = torch.Generator().manual_seed(2)
+    h, w = torch.randn(37, 16, generator=g), torch.randn(300, 16, generator=g)
+    t = torch.randint(0, 300, (37,), generator=g)
+    t[[0, 5, 36]] = losses.IGNORE_INDEX
+    t[1] = 299  # the last column
+    logits = (h @ w.T).requires_grad_()
+    ref = torch.nn.functional.cross_entropy(logits, t, reduction="sum", ignore_index=losses.IGNORE_INDEX)
+    ref.backward()
+    torch._dynamo.reset()
+    fn = torch.compile(losses._chunk_loss_and_grad, dynamic=False)
+    loss, grad = fn(h, w, None, t, True)
+    torch.testing.assert_close(loss, ref.detach())
+    torch.testing.assert_close(grad, logits.grad, atol=1e-6, rtol=1e-5)
+    _, grad16 = fn(h.bfloat16(), w.bfloat16(), None, t, True)
+    assert grad16.dtype == torch.bfloat16 and grad16[[0, 5, 36]].abs().sum() == 0
+    torch.testing.assert_close(grad16.float(), logits.grad, atol=2e-2, rtol=5e-2)
+    # the one-hot is pointwise: no scatter, which would make inductor write the fp32 softmax out and re-read it
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    traced = make_fx(lambda *a: losses._chunk_loss_and_grad(*a, True))(h, w, None, t)
+    assert not [n for n in traced.graph.nodes if "scatter" in str(n.target)]
+
+
 def test_mlp_head_loss_path_matches():
     model = build_model(load_spec("seed-feedforward").with_updates(vocab_size=64, pad_token_id=None, bos_token_id=None))
     ids = torch.randint(0, 64, (2, 12))
