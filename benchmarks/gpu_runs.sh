@@ -56,10 +56,10 @@ gemv)
     ;;
 train)
     extra=("$@")
-    # each contender compiles with coordinate-descent tuning (~100 s on an H200): two variants fit one call; pass
-    # others explicitly, e.g. --variant inductor.triton.enable_pdl=1
-    [ ${#extra[@]} -gt 0 ] || extra=(--variant compile_optimizer=1 --variant inductor.triton.cudagraphs=1)
-    (cd benchmarks && $py train_throughput.py --gpu --no-hf-eager --profile 3 "${extra[@]}" \
+    # llamaforge against transformers+compile; each contender compiles with coordinate-descent tuning (~100 s on an
+    # H200), so two extra variants fit one call, e.g. --variant inductor.triton.enable_pdl=1 (compile_optimizer=1
+    # and inductor.triton.cudagraphs=1 gave no gain on 2026-12-02)
+    (cd benchmarks && $py train_throughput.py --gpu --no-hf-eager --profile 3 ${extra[@]+"${extra[@]}"} \
         --json "$out/train.json") >"$out/train.log" 2>&1
     tail -n 40 "$out/train.log"
     ;;
