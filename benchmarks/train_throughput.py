@@ -92,9 +92,9 @@ def make_step(
     lr: float,
     compile_optimizer: bool = False,
 ):
-    """One training step. llamaforge's optimizer is the trainer's own (AdamW built as `Trainer` does it);
-    transformers gets a fused AdamW with weight decay on every parameter; both clip and step through the
-    trainer's update."""
+    """One training step. llamaforge's optimizer and update are the trainer's own (AdamW built as `Trainer` does
+    it; clipping folded into the fused update); transformers gets what its Trainer runs: a fused AdamW with weight
+    decay on every parameter after `clip_grad_norm_`."""
     from llamaforge.core.train import build_optimizer, make_update
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -103,7 +103,14 @@ def make_step(
                               compiled=compile_optimizer)  # fmt: skip
     else:
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    update = make_update(params, opt, 1.0, compiled=compile_optimizer and kind == "llamaforge")
+    if kind == "llamaforge":
+        update = make_update(params, opt, 1.0, compiled=compile_optimizer)
+    else:
+
+        def update() -> None:
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):

@@ -152,6 +152,41 @@ def test_compiled_training_follows_the_eager_losses(streams, tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+@pytest.mark.parametrize("scale", [3.0, 0.01])  # gradients clipped / left alone (norm under the limit)
+def test_fused_update_folds_clipping_into_the_step_with_the_same_result(scale):
+    """With a fused AdamW the update hands the clipping scale to the optimizer's kernel (`grad_scale`) instead of
+    rewriting the gradients first: the parameters follow `clip_grad_norm_` + step. CPU has the fused kernel too."""
+    from llamaforge.core.train import make_update
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(64, 32), (32,), (8, 8)]
+    ref = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    ours = [torch.nn.Parameter(p.detach().clone()) for p in ref]
+
+    def adamw(params):
+        groups = [{"params": params[::2], "weight_decay": 0.1}, {"params": params[1:2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=1e-2, fused=True)
+
+    opt_ref, opt = adamw(ref), adamw(ours)
+    update = make_update(ours, opt, 1.0, compiled=False)
+    for step in range(4):
+        grads = [torch.randn(*s, generator=g) * scale for s in shapes]
+        if step == 2:
+            grads[2] = None  # a parameter without a gradient this step
+        for p, q, gr in zip(ref, ours, grads, strict=True):
+            p.grad = None if gr is None else gr.clone()
+            q.grad = None if gr is None else gr.clone()
+        torch.nn.utils.clip_grad_norm_(ref, 1.0)
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+        update()
+        assert opt.grad_scale is not None and all(q.grad is None for q in ours)  # folded, then zeroed
+        assert (opt.grad_scale.item() > 1.0) == (scale > 1.0)
+    for p, q in zip(ref, ours, strict=True):
+        torch.testing.assert_close(q, p, atol=1e-6, rtol=1e-5)
+    assert "grad_scale" not in str(opt.state_dict().keys())  # nothing of it in checkpoints
+
+
 @pytest.mark.slow  # inductor compiles the clip + AdamW update on CPU, three times: ~40 s
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_compiled_update_follows_the_eager_losses_and_resumes_exactly(streams, tmp_path):

@@ -210,10 +210,27 @@ def make_update(
     params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, grad_clip: float | None, *, compiled: bool
 ) -> Callable[[], None]:
     """Clip, step and zero the gradients. Compiled, inductor can fold the clipping scale into the update's
-    single pass over parameters, gradients and moments instead of rewriting every gradient first."""
+    single pass over parameters, gradients and moments instead of rewriting every gradient first.
+
+    Eagerly with the fused AdamW kernel (CUDA) the scale is folded too: only the global norm is computed, and the
+    kernel divides each gradient by max(1, norm / grad_clip) as it reads it (its `grad_scale` input, which AMP's
+    GradScaler uses for loss scaling), the same update as `clip_grad_norm_` followed by the step. Why: clipping
+    first is a separate read-and-write pass over every gradient (0.28 ms of a 31 ms step for a 125M model on an
+    H200)."""
+    fold = (
+        grad_clip is not None
+        and not compiled
+        and bool(optimizer.defaults.get("fused"))
+        and all(type(p.data) is torch.Tensor for p in params)  # plain tensors (not FSDP's sharded DTensors)
+    )
 
     def clip_and_step() -> None:
-        if grad_clip is not None:
+        if fold:
+            grads = [p.grad for p in params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
+            # clip_grad_norm_'s coefficient is grad_clip / (norm + 1e-6), capped at 1: this is its inverse
+            optimizer.grad_scale = torch.clamp((norm + 1e-6) / grad_clip, min=1.0) if grads else None
+        elif grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True if compiled else None)
         optimizer.step()
 
