@@ -149,8 +149,11 @@ def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
 
     out: list[list[int]] = []
     row: dict[str, Any] = {"settings": settings}
-    fallbacks = _Collect()  # generation's warnings (no compile, no CUDA graph): the reason a variant ran eagerly
-    logging.getLogger("llamaforge").addHandler(fallbacks)
+    # generation's warnings (no compile, no CUDA graph) and dynamo's (a recompile limit reached runs the frame
+    # eagerly, silently as far as generation can tell): the reasons a variant ran eagerly
+    fallbacks = _Collect()
+    for name in ("llamaforge", "torch._dynamo"):
+        logging.getLogger(name).addHandler(fallbacks)
     t0 = time.perf_counter()
     out[:] = generate(model, prompts, config(args.new_tokens))
     sync(dev)
