@@ -110,7 +110,7 @@ def test_flash_decode_route_check_traces_without_a_graph_break():
     q, k, _, _ = _case(0, 1, 8, 4, 64, 64, torch.float32)
 
     def routed(q, k):
-        return q * 2 if dec._ROUTE and dec.supported(q, k) else q - 1
+        return q * 2 if dec.TRITON_OPS and dec.supported(q, k) else q - 1
 
     out = torch.compile(routed, fullgraph=True, backend="eager")(q, k)  # fullgraph: a break would raise
     assert torch.equal(out, routed(q, k))

@@ -15,11 +15,12 @@ PyTorch reference elsewhere.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 from typing import Any
 
 import torch
+
+from llamaforge.kernels import TRITON_OPS
 
 # Launch settings, module-level so a same-run A/B on the GPU can change them (benchmarks/decode_variants.py): a
 # fixed number of cache-length splits instead of plan()'s, positions per loop step, warps per program.
@@ -229,14 +230,9 @@ else:  # older torch: no way to trace Triton launches into a compiled graph, so 
         return reference(q, k, v, allowed, scale)
 
 
-# decided once at import: `available` runs inside the traced decode step, where a module lookup would have dynamo
-# trace (or break the graph at) importlib machinery on every compile
-_ROUTE = hasattr(torch.library, "triton_op") and importlib.util.find_spec("triton") is not None
-
-
 def available(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether a call would run the Triton kernel: CUDA tensors, Triton installed, torch with triton_op."""
-    return q.is_cuda and _ROUTE and supported(q, k)
+    return q.is_cuda and TRITON_OPS and supported(q, k)
 
 
 def default_scale(q: torch.Tensor) -> float:

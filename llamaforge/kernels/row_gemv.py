@@ -31,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llamaforge.kernels import TRITON_OPS
+
 # Which products the decode graph pass hands to this kernel: True every one-row product of that weight kind, False
 # none, None (the default) the products measured faster than inductor's reduction on this GPU (`_MEASURED` below).
 INT8: bool | None = None  # int8 weight-only products
@@ -192,9 +194,7 @@ def route_available(weights: list[torch.Tensor], k: int) -> bool:
     """Whether the decode graph pass may emit the op for this product (fake tensors of the weights it would read):
     switched on for its weight kind, or left to measurement (None) and listed in `_MEASURED` for this GPU; Triton
     installed; torch with triton_op."""
-    import importlib.util
-
     on = INT8 if weights[0].dtype == torch.int8 else FLOAT
     if on is None:
         on = _product_key(weights, k) in _measured_here(weights[0].device)
-    return on and hasattr(torch.library, "triton_op") and importlib.util.find_spec("triton") is not None
+    return bool(on) and TRITON_OPS
