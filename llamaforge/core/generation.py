@@ -406,29 +406,26 @@ def _gemv_pass() -> Any:
             return None
         return sources if row_gemv.route_available(vals, xv.shape[-1]) else None
 
+    def _widened_int8(weights: list[Any]) -> list[torch.fx.Node] | None:
+        """The int8 matrices behind weights that are all widened in the graph (int8 weight-only layers), else
+        None."""
+        sources = [cast_source(w) for w in weights]
+        vals = [src.meta.get("val") if isinstance(src, torch.fx.Node) else None for src in sources]
+        return sources if all(v is not None and v.dtype == torch.int8 for v in vals) else None
+
     def _int8_words(weights: list[Any], xv: torch.Tensor) -> list[torch.fx.Node] | None:
         """With `_INT8_WORDS`: the int8 matrices behind weights widened in the graph, when each can be read as
         int32 words (row-major, K a multiple of 4); else None."""
-        if not _INT8_WORDS or xv.shape[-1] % 4:
+        if not _INT8_WORDS or xv.shape[-1] % 4 or (sources := _widened_int8(weights)) is None:
             return None
-        sources = [cast_source(w) for w in weights]
-        for src in sources:
-            val = src.meta.get("val") if isinstance(src, torch.fx.Node) else None
-            if val is None or val.dtype != torch.int8 or val.dim() != 2 or not val.is_contiguous():
-                return None
-            if val.storage_offset() % 4:  # an int32 view must start on a word
+        for val in (src.meta["val"] for src in sources):
+            if val.dim() != 2 or not val.is_contiguous() or val.storage_offset() % 4:  # a view must start on a word
                 return None
         return sources
 
-    def _int8_bits_sources(weights: list[Any]) -> list[torch.fx.Node] | None:
-        """With `_INT8_BITS`: the int8 matrices behind weights widened in the graph (all of them), else None."""
-        if not _INT8_BITS:
-            return None
-        sources = [cast_source(w) for w in weights]
-        vals = [src.meta.get("val") if isinstance(src, torch.fx.Node) else None for src in sources]
-        if any(v is None or v.dtype != torch.int8 for v in vals):
-            return None
-        return sources
+    def _stacked(add: Any, matrices: list[torch.fx.Node]) -> torch.fx.Node:
+        """Sibling matrices as one, along the output dimension (read in place under force_pointwise_cat)."""
+        return matrices[0] if len(matrices) == 1 else add(aten.cat.default, (matrices, 0))
 
     def _int8_bits_to_float(add: Any, w8: torch.fx.Node) -> torch.fx.Node:
         """int8 -> fp32 through the float's bits (see `_INT8_BITS`): exact, no conversion instruction."""
@@ -441,8 +438,7 @@ def _gemv_pass() -> Any:
         of word j is W[n, 4j + b] (little-endian, as on x86 and NVIDIA GPUs), sign-extended by shifting it to the
         top of the word and arithmetically back down."""
         m, k = xv.shape
-        words = [add(aten.view.dtype, (src, torch.int32)) for src in sources]  # (Ni, K/4) aliases, no copy
-        word = words[0] if len(words) == 1 else add(aten.cat.default, (words, 0))
+        word = _stacked(add, [add(aten.view.dtype, (src, torch.int32)) for src in sources])  # aliases, no copy
         x4 = add(aten.view.default, (add(prims.convert_element_type.default, (x, torch.float32)), [m, k // 4, 4]))
         total = None
         for b in range(4):
@@ -502,14 +498,11 @@ def _gemv_pass() -> Any:
                 elif (words := _int8_words(weights, xv)) is not None:
                     red = _words_product(add, x, words, xv)
                 else:
-                    bits = _int8_bits_sources(weights)
-                    srcs = bits if bits is not None else weights
-                    w = srcs[0] if len(srcs) == 1 else add(aten.cat.default, (srcs, 0))
                     x32 = add(prims.convert_element_type.default, (x, torch.float32))
-                    if bits is not None:
-                        w32 = _int8_bits_to_float(add, w)
+                    if _INT8_BITS and (int8 := _widened_int8(weights)) is not None:
+                        w32 = _int8_bits_to_float(add, _stacked(add, int8))
                     else:
-                        w32 = add(prims.convert_element_type.default, (w, torch.float32))
+                        w32 = add(prims.convert_element_type.default, (_stacked(add, weights), torch.float32))
                     prod = add(aten.mul.Tensor, (add(aten.unsqueeze.default, (x32, 1)), w32))  # (M,1,K)*(N,K)
                     red = add(aten.sum.dim_IntList, (prod, [2]))
                 start = 0
