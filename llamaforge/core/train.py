@@ -227,9 +227,10 @@ def make_update(
     def clip_and_step() -> None:
         if fold:
             grads = [p.grad for p in params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True) if grads else None
-            # clip_grad_norm_'s coefficient is grad_clip / (norm + 1e-6), capped at 1: this is its inverse
-            optimizer.grad_scale = torch.clamp((norm + 1e-6) / grad_clip, min=1.0) if grads else None
+            optimizer.grad_scale = None
+            if grads:  # clip_grad_norm_'s coefficient is grad_clip / (norm + 1e-6), capped at 1: this is its inverse
+                norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+                optimizer.grad_scale = torch.clamp((norm + 1e-6) / grad_clip, min=1.0)
         elif grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True if compiled else None)
         optimizer.step()
