@@ -141,13 +141,10 @@ def flash_decode(
     the static KV cache makes, run the Triton flash-decoding kernel of `llamaforge.kernels.decode_attention`:
     query heads sharing a key/value head read it once, and the cache length is split over the GPU."""
     allowed = mask.mask
-    if q.is_cuda:
-        # imported on CUDA only (registering the Triton op costs ~0.5 s), and by the first CUDA call whatever its
-        # shape: that is the eager prefill, so the compiled decode step never meets a first import while tracing
-        from llamaforge.kernels import decode_attention as dec
+    if q.is_cuda and allowed is not None and not dropout_p and allowed.shape == (q.size(0), 1, 1, k.size(2)):
+        from llamaforge.kernels import decode_attention as dec  # imported on CUDA only: it registers a Triton op
 
-        one_query = allowed is not None and allowed.shape == (q.size(0), 1, 1, k.size(2))
-        if one_query and not dropout_p and dec.available(q, k):
+        if dec.available(q, k):
             scale = scale if scale is not None else dec.default_scale(q)
             return dec.decode_attention(q, k, v, allowed.reshape(q.size(0), k.size(2)), scale)
     return sdpa(q, k, v, mask=mask, dropout_p=dropout_p, scale=scale)
