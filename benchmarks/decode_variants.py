@@ -13,7 +13,6 @@ drift. Each variant is a comma-separated list of settings (`base` is none):
                                   int8_bits (0/1),
                                   gemv_rows (int: products with at most this many rows become reductions; 0: off)
     flash-decoding kernel         splits (int or auto), block, warps, fd_dot (0/1: products on tensor cores)
-    SDPA                          add_mask (0/1: one-query calls get the mask as 0/-inf, converted once per forward)
     row GEMV kernel               gemv_int8, gemv_float (0/1/auto: the graph pass hands all / none / the products
                                   measured faster on this GPU (the default) of int8 weight-only / plain weights
                                   to llamaforge.kernels.row_gemv), gemv_block_n,
@@ -60,7 +59,6 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "block": (KERNEL, "_BLOCK", "int"),
     "warps": (KERNEL, "_WARPS", "int"),
     "fd_dot": (KERNEL, "_DOT", "bool"),
-    "add_mask": ("llamaforge.plugins.attention", "_ADDITIVE_ONE_QUERY", "bool"),
     "gemv_int8": (GEMV, "INT8", "bool_or_auto"),
     "gemv_float": (GEMV, "FLOAT", "bool_or_auto"),
     "gemv_block_n": (GEMV, "_BLOCK_N", "int"),

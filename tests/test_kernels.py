@@ -53,30 +53,6 @@ def test_reference_is_the_models_attention_for_one_query(seed, b, kv, rep, lengt
     torch.testing.assert_close(flash_decode(q, k, v, mask=mask), sdpa(q, k, v, mask=mask), atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=30, deadline=None)
-@given(
-    seed=st.integers(0, 2**16),
-    b=st.integers(1, 3),
-    kv=st.integers(1, 4),
-    rep=st.sampled_from([1, 2, 4]),
-    length=st.integers(1, 70),
-    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
-)
-def test_sdpa_given_the_additive_mask_for_one_query_attends_as_with_booleans(seed, b, kv, rep, length, dtype):
-    q, k, v, allowed = _case(seed, b, kv, rep, length, 16, dtype)
-    mask = AttentionMask(causal=False, mask=allowed[:, None, None, :])
-    bias = mask.additive(dtype)
-    assert bias.dtype == dtype and bool((bias == 0).eq(allowed[:, None, None, :]).all())
-    assert bool(torch.isneginf(bias[~allowed[:, None, None, :].expand_as(bias)]).all())
-    assert mask.additive(dtype) is bias  # built once per mask, whatever the number of layers asking
-    want = sdpa(q, k, v, mask=mask)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("llamaforge.plugins.attention._ADDITIVE_ONE_QUERY", True)
-        got = sdpa(q, k, v, mask=AttentionMask(causal=False, mask=allowed[:, None, None, :]))
-    torch.testing.assert_close(got, want, atol=0, rtol=0)  # SDPA turns booleans into this same form itself
-    assert AttentionMask(causal=True).additive(dtype) is None
-
-
 @settings(max_examples=60, deadline=None)
 @given(b=st.integers(1, 64), kv=st.integers(1, 32), length=st.integers(1, 8192), block=st.sampled_from([16, 32, 64]))
 def test_split_plan_covers_the_cache_in_whole_blocks(b, kv, length, block):

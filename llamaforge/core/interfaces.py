@@ -27,7 +27,7 @@ importer               () -> Importer
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -74,19 +74,6 @@ class AttentionMask:
 
     causal: bool = True
     mask: torch.Tensor | None = None
-    # additive forms of `mask` by dtype, built on first use: every layer of a forward shares one mask, so a kernel
-    # that wants 0 / -inf (cuDNN attention does) gets it converted once per forward rather than once per layer
-    _additive: dict[torch.dtype, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
-
-    def additive(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """`mask` as 0 where allowed and -inf elsewhere, in `dtype` (None when there is no explicit mask)."""
-        if self.mask is None:
-            return None
-        bias = self._additive.get(dtype)
-        if bias is None:
-            bias = torch.zeros(self.mask.shape, dtype=dtype, device=self.mask.device)
-            bias = self._additive[dtype] = bias.masked_fill(~self.mask, float("-inf"))
-        return bias
 
 
 class Norm(nn.Module, abc.ABC):

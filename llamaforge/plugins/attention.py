@@ -77,12 +77,6 @@ def _kname(kernel: Any) -> str:
     return getattr(kernel, "__name__", None) or getattr(getattr(kernel, "func", None), "__name__", repr(kernel))
 
 
-# One-query calls (decoding) hand SDPA the mask in its additive form, built once per forward and shared by every
-# layer. Why: given booleans, SDPA converts them in each call, and on the H200 that conversion showed as ~1 us per
-# layer next to cuDNN's 5.8 us attention in the compiled 1B decode step. Off until timed (decode_variants add_mask=1).
-_ADDITIVE_ONE_QUERY = False
-
-
 def sdpa(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -94,14 +88,11 @@ def sdpa(
 ) -> torch.Tensor:
     """torch scaled_dot_product_attention (flash / memory-efficient kernels where the hardware has them)."""
     gqa = q.size(1) != k.size(1)
-    attn_mask = mask.mask
-    if _ADDITIVE_ONE_QUERY and attn_mask is not None and q.size(2) == 1:
-        attn_mask = mask.additive(q.dtype)
     return F.scaled_dot_product_attention(
         q,
         k,
         v,
-        attn_mask=attn_mask,
+        attn_mask=mask.mask,
         is_causal=mask.causal and mask.mask is None and q.size(2) > 1,
         dropout_p=dropout_p,
         scale=scale,
