@@ -17,7 +17,8 @@ drift. Each variant is a comma-separated list of settings (`base` is none):
                                   measured faster on this GPU (the default) of int8 weight-only / plain weights
                                   to llamaforge.kernels.row_gemv), gemv_block_n,
                                   gemv_block_k, gemv_warps
-    model and call                attn (attention kernel plugin), quant (quantizer plugin), prefill_graph (0/1)
+    model and call                attn (attention kernel plugin), quant (quantizer plugin), prefill_graph (0/1;
+                                  unset: the default, on with CUDA graphs)
     any inductor option           inductor.NAME=VALUE, e.g. inductor.triton.enable_pdl=1 (Programmatic Dependent
                                   Launch); also laid over the decode step's own compile options
 
@@ -144,7 +145,7 @@ def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
 
     def config(n: int) -> GenerationConfig:
         return GenerationConfig(
-            max_new_tokens=n, eos_token_ids=[], compile=compile, prefill_graph=settings.get("prefill_graph", False)
+            max_new_tokens=n, eos_token_ids=[], compile=compile, prefill_graph=settings.get("prefill_graph")
         )
 
     out: list[list[int]] = []

@@ -74,7 +74,7 @@ def bench(
     hf_static: bool,
     skip_hf: bool,
     compile: bool | None,
-    prefill_graph: bool = False,
+    prefill_graph: bool | None = None,
     attention_kernel: str | None = None,
 ) -> dict[str, Any]:
     spec = llamaforge.load_spec(SPECS.get(spec_name, spec_name))
@@ -193,7 +193,12 @@ def main() -> None:
     ap.add_argument("--hf-static", action="store_true", help="also time transformers with static cache + compile")
     ap.add_argument("--skip-hf", action="store_true", help="only llamaforge (e.g. large batches)")
     ap.add_argument("--compile", choices=["auto", "on", "off"], default="auto", help="llamaforge's decode step")
-    ap.add_argument("--prefill-graph", action="store_true", help="GenerationConfig(prefill_graph=True)")
+    ap.add_argument(
+        "--prefill-graph",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="GenerationConfig.prefill_graph (auto: where the decode step replays a CUDA graph)",
+    )
     ap.add_argument("--attention-kernel", default=None, help="override the spec's, e.g. flash_decode")
     ap.add_argument("--clock", choices=["wall", "process"], default="wall", help="process: CPU time, 1 thread")
     ap.add_argument("--json", default=None, help="write the rows here too")
@@ -229,7 +234,7 @@ def main() -> None:
                 hf_static=args.hf_static,
                 skip_hf=args.skip_hf,
                 compile={"auto": None, "on": True, "off": False}[args.compile],
-                prefill_graph=args.prefill_graph,
+                prefill_graph={"auto": None, "on": True, "off": False}[args.prefill_graph],
                 attention_kernel=args.attention_kernel,
             )
             rows.append(row)

@@ -44,7 +44,7 @@ def test_quant_speed_cpu_compiled(tmp_path):
 
 def test_generate_throughput_cpu(tmp_path):
     res = _run("generate_throughput.py", "--spec", "tiny", "--new-tokens", "4", "--repeats", "1",
-               "--compile", "off", "--prompt-len", "11", "--prefill-graph", "--attention-kernel", "flash_decode",
+               "--compile", "off", "--prompt-len", "11", "--prefill-graph", "on", "--attention-kernel", "flash_decode",
                tmp_path=tmp_path)  # fmt: skip
     (row,) = res["rows"]
     assert row["same_tokens"] is True and row["llamaforge_tok_s"] > 0 and row["hf_tok_s"] > 0

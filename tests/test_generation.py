@@ -401,25 +401,26 @@ def _lowered_nodes(fn, x, buffer_row: bool, monkeypatch) -> tuple[int, torch.Ten
     return metrics.ir_nodes_pre_fusion, out
 
 
-def _normed_head(device: str):
+def _normed_head(device: str, dtype: torch.dtype = torch.bfloat16):
     g = torch.Generator().manual_seed(3)
-    norm_w = torch.randn(64, generator=g).to(device, torch.bfloat16)
-    head = torch.randn(200, 64, generator=g).to(device, torch.bfloat16)
+    norm_w = torch.randn(64, generator=g).to(device, dtype)
+    head = torch.randn(200, 64, generator=g).to(device, dtype)
 
     def fn(x):  # the model's last step: RMSNorm of the residual, then the output head
         x32 = x.float()
         h = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * norm_w
         return torch.nn.functional.linear(h, head)
 
-    return fn, torch.randn(1, 1, 64, generator=g).to(device, torch.bfloat16)
+    return fn, torch.randn(1, 1, 64, generator=g).to(device, dtype)
 
 
 @pytest.mark.slow  # two inductor compilations (~15 s)
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_gemv_pass_buffers_the_row_instead_of_recomputing_it_in_the_reduction(monkeypatch):
     """Without the buffer, inductor inlines the RMSNorm scaling into the head's reduction (every thread block
-    recomputes the row on a GPU); with it, the row is lowered as its own node and the values do not change."""
-    fn, x = _normed_head("cpu")
+    recomputes the row on a GPU); with it, the row is lowered as its own node and the values do not change. fp32:
+    on a CPU the pass leaves 16-bit products to oneDNN."""
+    fn, x = _normed_head("cpu", torch.float32)
     inlined, a = _lowered_nodes(fn, x, False, monkeypatch)
     buffered, b = _lowered_nodes(fn, x, True, monkeypatch)
     assert buffered == inlined + 1
@@ -594,9 +595,36 @@ def test_prefill_buckets_change_no_tokens(monkeypatch, prompts, new, layout, sam
     assert layouts == [layout]
 
 
-def test_prefill_graph_must_be_a_bool():
+def test_prefill_graph_must_be_a_bool_or_none():
     with pytest.raises(GenerationError, match="prefill_graph"):
         GenerationConfig(prefill_graph="yes")
+
+
+@pytest.mark.parametrize(
+    ("device", "options", "want"),
+    [
+        ("cuda", {}, (True, True)),  # auto: prefill graphs wherever the decode step replays one
+        ("cuda", {"cuda_graph": False}, (False, False)),
+        ("cuda", {"prefill_graph": False}, (True, False)),
+        ("cpu", {}, (False, False)),
+        ("cpu", {"prefill_graph": True}, (False, True)),  # the bucket layout still applies (tested above)
+    ],
+)
+def test_prefill_graphs_are_on_by_default_where_the_decode_step_is_a_cuda_graph(device, options, want):
+    from llamaforge.core import generation
+
+    config = GenerationConfig(max_new_tokens=4, **options)
+    assert generation._graphs(config, torch.device(device)) == want
+
+
+def test_cpu_decoding_lays_prompts_out_at_their_own_length_by_default(monkeypatch):
+    from llamaforge.core import generation
+
+    layouts = []
+    reset = generation._Session.reset
+    monkeypatch.setattr(generation._Session, "reset", lambda self, *a: layouts.append(reset(self, *a)) or layouts[-1])
+    generate(_model(seed=5), [[3, 4, 5]], GenerationConfig(max_new_tokens=3, compile=False))
+    assert layouts == [3]  # no padding to the 16-token bucket: nothing on a CPU would replay its graph
 
 
 @pytest.mark.gpu
@@ -606,8 +634,8 @@ def test_prefill_graph_on_cuda_gives_the_eager_prefill_tokens():
 
     model = _model(seed=11).cuda()
     for prompts in ([[5, 6], [9, 9, 9, 1]], [[7, 7, 7], [1, 2]]):  # the second call replays the captured graph
-        ref = generate(model, prompts, GenerationConfig(max_new_tokens=12, eos_token_ids=[]))
-        got = generate(model, prompts, GenerationConfig(max_new_tokens=12, eos_token_ids=[], prefill_graph=True))
+        ref = generate(model, prompts, GenerationConfig(max_new_tokens=12, eos_token_ids=[], prefill_graph=False))
+        got = generate(model, prompts, GenerationConfig(max_new_tokens=12, eos_token_ids=[]))  # on by default here
         assert got == ref
     session = next(reversed(generation._sessions[model].values()))
     assert session.prefill_graphs is not None and 16 in session.prefill_graphs
