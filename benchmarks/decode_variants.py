@@ -9,10 +9,9 @@ Run-to-run spread on fresh H200 machines is ~5% for the same code, so the step t
 comparable with another measured in the same invocation; `--rounds 2` repeats the whole list (A B A B) to show the
 drift. Each variant is a comma-separated list of settings (`base` is none):
 
-    switches of the decode step   buffer_row, siblings, pointwise_cat, greedy_step, argmax_blocks, int8_words,
-                                  int8_bits (0/1),
+    switches of the decode step   buffer_row, siblings, pointwise_cat, greedy_step, argmax_blocks (0/1),
                                   gemv_rows (int: products with at most this many rows become reductions; 0: off)
-    flash-decoding kernel         splits (int or auto), block, warps, fd_dot (0/1: products on tensor cores)
+    flash-decoding kernel         splits (int or auto), block, warps
     row GEMV kernel               gemv_int8, gemv_float (0/1/auto: the graph pass hands all / none / the products
                                   measured faster on this GPU (the default) of int8 weight-only / plain weights
                                   to llamaforge.kernels.row_gemv), gemv_block_n,
@@ -49,8 +48,6 @@ KERNEL = "llamaforge.kernels.decode_attention"
 GEMV = "llamaforge.kernels.row_gemv"
 SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, kind)
     "buffer_row": (GEN, "_BUFFER_ROW", "bool"),
-    "int8_words": (GEN, "_INT8_WORDS", "bool"),
-    "int8_bits": (GEN, "_INT8_BITS", "bool"),
     "siblings": (GEN, "_FUSE_SIBLINGS", "bool"),
     "pointwise_cat": (GEN, "_POINTWISE_CAT", "bool"),
     "greedy_step": (GEN, "_FUSE_GREEDY_STEP", "bool"),
@@ -59,7 +56,6 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "splits": (KERNEL, "_SPLITS", "int_or_auto"),
     "block": (KERNEL, "_BLOCK", "int"),
     "warps": (KERNEL, "_WARPS", "int"),
-    "fd_dot": (KERNEL, "_DOT", "bool"),
     "gemv_int8": (GEMV, "INT8", "bool_or_auto"),
     "gemv_float": (GEMV, "FLOAT", "bool_or_auto"),
     "gemv_block_n": (GEMV, "_BLOCK_N", "int"),

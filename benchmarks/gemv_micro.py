@@ -130,35 +130,11 @@ def measure_shape(
         y = (xr.float()[:, None, :] * w.float()).sum(-1)  # the decode pass's form
         return (y * s if s is not None else y).to(xr.dtype)
 
-    def words(xr: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """The decode pass's int8-words form (generation._INT8_WORDS): int8 rows read as int32 words, four values
-        per load, each byte sign-extended by shifts."""
-        word = w.view(torch.int32)
-        x4 = xr.float().view(xr.size(0), -1, 4)
-        total = sum(x4[:, None, :, b] * ((word << (24 - 8 * b)) >> 24).float() for b in range(4))
-        return (total.sum(-1) * s).to(xr.dtype)
-
-    def bits(xr: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """The decode pass's float-bits widening (generation._INT8_BITS): int8 -> fp32 as (int32(q) + 0x4B000080)
-        read as fp32 minus 8,388,736, an integer add and a float add instead of a conversion instruction."""
-        wf = (w.to(torch.int32) + 0x4B000080).view(torch.float32) - 8388736.0
-        return ((xr.float()[:, None, :] * wf).sum(-1) * s).to(xr.dtype)
-
     torch._dynamo.reset()  # one compile per product: a shared cache would reach dynamo's recompile limit and fall
     # back to eager, which materialises the whole product (the output head then "took" 1.7 ms)
     options = {"coordinate_descent_tuning": True}
     compiled = torch.compile(reduction, options=options, dynamic=False)
     record("inductor reduction", lambda i: compiled(x, stacked[i % len(stacked)], copies[i % len(copies)][1]))
-    if int8 and k % 4 == 0:
-        compiled_words = torch.compile(words, options=options, dynamic=False)
-        scales = [s for _, s in copies]
-        record("inductor int8 words", lambda i: compiled_words(x, stacked[i % len(stacked)], scales[i % len(scales)]))
-        compiled_bits = torch.compile(bits, options=options, dynamic=False)
-        record("inductor int8 bits", lambda i: compiled_bits(x, stacked[i % len(stacked)], scales[i % len(scales)]))
-        want = reduction(x, stacked[0], copies[0][1]).float()
-        for name, fn in (("words", compiled_words), ("bits", compiled_bits)):  # the same values, or no timing counts
-            got = fn(x, stacked[0], copies[0][1]).float()
-            out[f"{name}_rel_err"] = float((got - want).abs().max() / want.abs().max().clamp_min(1e-6))
     if device.type == "cuda":
         from llamaforge.kernels import row_gemv
 

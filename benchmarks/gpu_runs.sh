@@ -6,7 +6,7 @@
 # Stages (each writes STAGE.json / STAGE.log files into OUT_DIR and never stops the next command on a failure):
 #   tests     the GPU-marked tests (CUDA graphs, prefill graphs, the Triton kernels, row buffering on CUDA)
 #   decode    decode-step variants of the 1B shape at batch 1, with kernel tables (benchmarks/decode_variants.py)
-#   int8      int8 weight-only decode variants (int8 widened through float bits; the row GEMV kernel), kernel tables
+#   int8      int8 weight-only decode variants (bf16 first; int8 through the row GEMV kernel), kernel tables
 #   gemv      each one-row product alone (benchmarks/gemv_micro.py): which kernel and launch setting is fastest
 #   train     training throughput against transformers+compile, with variants and the kernel table
 #   final     generate_throughput at batch 1/8/32 and quant_speed --gpu, with transformers in the same run
@@ -31,8 +31,8 @@ decode)
     # ~65-140 s per variant on an H200 (compilation with coordinate-descent tuning), ~80 s typical: five fit;
     # PHASES=1 adds generate() of 1/2/N tokens per variant (~30 s more each)
     variants=("$@")
-    [ ${#variants[@]} -gt 0 ] || variants=(base "attn=flash_decode,fd_dot=1" "attn=flash_decode,fd_dot=1,splits=4"
-        prefill_graph=1 "quant=int8_weight_only,int8_bits=1")
+    [ ${#variants[@]} -gt 0 ] || variants=(base prefill_graph=0 "attn=flash_decode,splits=4" quant=int8_weight_only
+        base)
     phases=()
     [ "${PHASES:-0}" = 1 ] && phases=(--phases)
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile "${phases[@]}" \
@@ -42,7 +42,7 @@ decode)
 int8)
     variants=("$@")
     # bf16 first: the int8/bf16 ratio comes from one run
-    [ ${#variants[@]} -gt 0 ] || variants=(base quant=int8_weight_only "quant=int8_weight_only,int8_bits=1"
+    [ ${#variants[@]} -gt 0 ] || variants=(base quant=int8_weight_only
         "quant=int8_weight_only,gemv_int8=1")
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile --json "$out/int8.json") \
         >"$out/int8.log" 2>&1

@@ -441,26 +441,19 @@ def test_gemv_pass_buffers_the_row_on_cuda(monkeypatch):
         torch.testing.assert_close(out, fn(x), atol=0.1, rtol=0.02)
 
 
-@pytest.mark.slow  # compiles the whole decode step of a small int8 model on CPU, twice (~60 s)
+@pytest.mark.slow  # compiles the whole decode step of a small model on CPU (~30 s each)
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
-@pytest.mark.parametrize("form", ["plain", "words", "bits"])
-def test_gemv_pass_over_a_whole_int8_decode_step_keeps_the_tokens(form, monkeypatch):
-    """The decode step's graph pass (on CUDA only in normal use) forced onto a CPU compile of a whole int8
-    weight-only model: every product of the step is rewritten (q/k/v and gate/up stacked, rows buffered, the
-    weights read as int32 words or widened through float bits when asked) and greedy decoding gives the eager
+@pytest.mark.parametrize("quantizer", [None, "int8_weight_only"])
+def test_gemv_pass_over_a_whole_cpu_decode_step_keeps_the_tokens(quantizer):
+    """The decode step's graph pass in a CPU compile (on by default there for fp32 and int8 weights): every product
+    of the step is rewritten (q/k/v and gate/up stacked, rows buffered) and greedy decoding gives the eager
     tokens."""
     from llamaforge.core import generation
     from llamaforge.core.loading import apply_transform
 
-    own = generation._compile_options
-
-    def with_the_pass(device):
-        return {**own(device), "post_grad_custom_pre_pass": generation._gemv_pass()}
-
-    monkeypatch.setattr(generation, "_INT8_WORDS", form == "words")
-    monkeypatch.setattr(generation, "_INT8_BITS", form == "bits")
-    monkeypatch.setattr(generation, "_compile_options", with_the_pass)
-    model = apply_transform(_model(seed=14), "quantizer", "int8_weight_only")
+    model = _model(seed=14)
+    if quantizer:
+        model = apply_transform(model, "quantizer", quantizer)
     prompts = [[3, 4, 5, 6]]
     eager = generate(model, prompts, GenerationConfig(max_new_tokens=8, compile=False))
     torch._dynamo.reset()

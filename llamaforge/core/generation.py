@@ -285,17 +285,9 @@ _POINTWISE_CAT = True  # stacked weights are read in place by the reduction inst
 _FUSE_GREEDY_STEP = True  # greedy decoding compiles forward + argmax + state advance as one step
 _ARGMAX_BLOCKS = True  # the greedy step's argmax in two stages (see argmax_rows)
 _BUFFER_ROW = True  # the product's row is a buffer, not recomputed per thread block (see _gemv_pass)
-# int8 weight-only products read their weights as int32 words, four values per load: inductor's reductions give
-# each thread as many elements per load for int8 as for bf16, so an int8 load moves half the bytes (the H200's
-# int8 products streamed ~2.4 TB/s against ~3.9 for bf16). Off until timed on a GPU (decode_variants int8_words=1).
-_INT8_WORDS = False
-# int8 weight-only products widen each weight to fp32 through its float bits instead of a conversion instruction:
-# (int32(q) + 0x4B000080) read as fp32 is 2**23 + 128 + q exactly, so subtracting 8,388,736 gives q (exact for
-# every int8). Why: the plain widening compiles to one I2F per weight value (SASS for sm_90, checked on the CPU),
-# a conversion issued at a fraction of the FP32 rate on NVIDIA GPUs, which can bound an int8 product below
-# the memory bandwidth that bf16 products reach; this form is an integer add and an FP32 add, both full rate. Off
-# until timed on a GPU (decode_variants int8_bits=1; benchmarks/gemv_micro.py times it alone).
-_INT8_BITS = False
+# Tried and timed slower on the H200 (1B, bf16, batch 1; benchmarks/results/decode_variants_h200.json), so gone:
+# int8 weights read as int32 words, four per load (2026-12-02), and widened to fp32 through their float bits
+# instead of a conversion instruction (1.134 vs 0.914 ms per step, run12).
 # inductor options laid over the decode step's own, e.g. {"triton.enable_pdl": True} for Programmatic Dependent
 # Launch on Hopper (benchmarks A/B them)
 _EXTRA_OPTIONS: dict[str, Any] = {}
@@ -417,49 +409,9 @@ def _gemv_pass() -> Any:
             return None
         return sources if row_gemv.route_available(vals, xv.shape[-1]) else None
 
-    def _widened_int8(weights: list[Any]) -> list[torch.fx.Node] | None:
-        """The int8 matrices behind weights that are all widened in the graph (int8 weight-only layers), else
-        None."""
-        sources = [cast_source(w) for w in weights]
-        vals = [src.meta.get("val") if isinstance(src, torch.fx.Node) else None for src in sources]
-        return sources if all(v is not None and v.dtype == torch.int8 for v in vals) else None
-
-    def _int8_words(weights: list[Any], xv: torch.Tensor) -> list[torch.fx.Node] | None:
-        """With `_INT8_WORDS`: the int8 matrices behind weights widened in the graph, when each can be read as
-        int32 words (row-major, K a multiple of 4); else None."""
-        if not _INT8_WORDS or xv.shape[-1] % 4 or (sources := _widened_int8(weights)) is None:
-            return None
-        for val in (src.meta["val"] for src in sources):
-            if val.dim() != 2 or not val.is_contiguous() or val.storage_offset() % 4:  # a view must start on a word
-                return None
-        return sources
-
     def _stacked(add: Any, matrices: list[torch.fx.Node]) -> torch.fx.Node:
         """Sibling matrices as one, along the output dimension (read in place under force_pointwise_cat)."""
         return matrices[0] if len(matrices) == 1 else add(aten.cat.default, (matrices, 0))
-
-    def _int8_bits_to_float(add: Any, w8: torch.fx.Node) -> torch.fx.Node:
-        """int8 -> fp32 through the float's bits (see `_INT8_BITS`): exact, no conversion instruction."""
-        wide = add(prims.convert_element_type.default, (w8, torch.int32))
-        bits = add(aten.add.Tensor, (wide, 0x4B000080))
-        return add(aten.sub.Tensor, (add(aten.view.dtype, (bits, torch.float32)), 8388736.0))
-
-    def _words_product(add: Any, x: torch.fx.Node, sources: list[torch.fx.Node], xv: torch.Tensor) -> torch.fx.Node:
-        """sum_k x[k] * W[n, k] for int8 W read as int32 words, four values per load (see `_INT8_WORDS`): byte b
-        of word j is W[n, 4j + b] (little-endian, as on x86 and NVIDIA GPUs), sign-extended by shifting it to the
-        top of the word and arithmetically back down."""
-        m, k = xv.shape
-        word = _stacked(add, [add(aten.view.dtype, (src, torch.int32)) for src in sources])  # aliases, no copy
-        x4 = add(aten.view.default, (add(prims.convert_element_type.default, (x, torch.float32)), [m, k // 4, 4]))
-        total = None
-        for b in range(4):
-            up = add(aten.bitwise_left_shift.Tensor_Scalar, (word, 24 - 8 * b))
-            value = add(prims.convert_element_type.default, (add(aten.bitwise_right_shift.Tensor_Scalar, (up, 24)),
-                                                             torch.float32))  # fmt: skip
-            row = add(aten.unsqueeze.default, (add(aten.select.int, (x4, 2, b)), 1))  # (M, 1, K/4)
-            term = add(aten.mul.Tensor, (row, value))  # (M, N, K/4)
-            total = term if total is None else add(aten.add.Tensor, (total, term))
-        return add(aten.sum.dim_IntList, (total, [2]))
 
     class RowTimesWeight(CustomGraphPass):
         def __call__(self, graph: torch.fx.Graph) -> None:
@@ -506,14 +458,9 @@ def _gemv_pass() -> Any:
                     with xv.fake_mode:  # its shape, without tracing the Triton launch
                         rows = sum(src.meta["val"].shape[0] for src in kernel)
                         red.meta["val"] = xv.new_empty((xv.shape[0], rows), dtype=torch.float32)
-                elif (words := _int8_words(weights, xv)) is not None:
-                    red = _words_product(add, x, words, xv)
                 else:
                     x32 = add(prims.convert_element_type.default, (x, torch.float32))
-                    if _INT8_BITS and (int8 := _widened_int8(weights)) is not None:
-                        w32 = _int8_bits_to_float(add, _stacked(add, int8))
-                    else:
-                        w32 = add(prims.convert_element_type.default, (_stacked(add, weights), torch.float32))
+                    w32 = add(prims.convert_element_type.default, (_stacked(add, weights), torch.float32))
                     prod = add(aten.mul.Tensor, (add(aten.unsqueeze.default, (x32, 1)), w32))  # (M,1,K)*(N,K)
                     red = add(aten.sum.dim_IntList, (prod, [2]))
                 start = 0
@@ -531,8 +478,8 @@ def _gemv_pass() -> Any:
         def uuid(self) -> str:
             from llamaforge.kernels import row_gemv
 
-            flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{_INT8_WORDS}-{_INT8_BITS}"
-            return f"llamaforge-row-times-weight-8-{flags}-{row_gemv.launch_tag()}"
+            flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}"
+            return f"llamaforge-row-times-weight-9-{flags}-{row_gemv.launch_tag()}"
 
     def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
         if node.users or node.op != "call_function" or node.is_impure():

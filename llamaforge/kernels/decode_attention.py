@@ -27,11 +27,9 @@ from llamaforge.kernels import TRITON_OPS
 _SPLITS: int | None = None
 _BLOCK = 32
 _WARPS = 4
-# The two products of each block (query group x keys, probabilities x values) on tensor cores (tl.dot, the group
-# padded to 16 rows) instead of broadcast multiply-and-sum. Why: on the H200 the broadcast form's partial kernel took
-# 9 us per layer for a 384-position cache (151 registers per thread; cuDNN: 5.8 us), whatever the split count, which
-# points at the in-register products rather than memory. Off until timed (decode_variants fd_dot=1).
-_DOT = False
+# Tried and timed slower on the H200, so gone: the block products on tensor cores (tl.dot, the query group padded
+# to 16 rows): 1.170 ms per 1B decode step vs 1.047 with cuDNN SDPA (benchmarks/results/decode_variants_h200.json
+# run12).
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
@@ -89,7 +87,7 @@ def _kernels() -> tuple[Any, Any]:
         scale, length, chunk,
         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sok_b, so_b, so_h,
         KV_HEADS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
-        BLOCK: tl.constexpr, SPLITS: tl.constexpr, DOT: tl.constexpr,
+        BLOCK: tl.constexpr, SPLITS: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)  # batch row x kv head
         split = tl.program_id(1)
@@ -111,10 +109,7 @@ def _kernels() -> tuple[Any, Any]:
             ok = tl.load(ok_ptr + b * sok_b + offs, mask=inside, other=0) != 0
             rows = offs[:, None]
             kt = tl.load(k_ptr + b * sk_b + g * sk_h + rows * sk_l + d[None, :], mask=inside[:, None], other=0.0)
-            if DOT:  # tensor cores: the query group padded to 16 rows, fp32 accumulation ("ieee": no TF32 for fp32)
-                s = (tl.dot(q_in, tl.trans(kt), input_precision="ieee") * scale).to(tl.float32)
-            else:
-                s = tl.sum(q[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)  # (REP_P, BLOCK)
+            s = tl.sum(q[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)  # (REP_P, BLOCK)
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep the sums at zero
@@ -122,10 +117,7 @@ def _kernels() -> tuple[Any, Any]:
             p = tl.exp(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             vt = tl.load(v_ptr + b * sv_b + g * sv_h + rows * sv_l + d[None, :], mask=inside[:, None], other=0.0)
-            if DOT:  # the probabilities in the cache's dtype, as flash attention does
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
             m_i = m_new
         if SPLITS == 1:  # the whole length in one program: normalise and write the output directly
             out = acc / l_i[:, None]
@@ -182,7 +174,7 @@ def launch(
     b, h, _, d = q.shape
     hk, length = k.size(1), k.size(2)
     rep = h // hk
-    rep_p = max(16, _pow2(rep)) if _DOT else _pow2(rep)  # tl.dot takes at least 16 rows
+    rep_p = _pow2(rep)
     block = block or _BLOCK
     splits, chunk = plan(b, hk, length, block, splits=splits if splits is not None else _SPLITS)
     out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
@@ -197,7 +189,7 @@ def launch(
         scale, length, chunk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         ok.stride(0), out.stride(0), out.stride(1),
-        KV_HEADS=hk, REP=rep, REP_P=rep_p, D=d, BLOCK=block, SPLITS=splits, DOT=_DOT, num_warps=_WARPS,
+        KV_HEADS=hk, REP=rep, REP_P=rep_p, D=d, BLOCK=block, SPLITS=splits, num_warps=_WARPS,
     )  # fmt: skip
     if splits > 1:
         combine_kernel[(b * hk,)](
