@@ -174,9 +174,8 @@ def test_gemv_micro_cpu_times_each_contender_and_rejects_bad_shapes(tmp_path):
     dense, int8 = res["rows"]
     assert dense["rows"] == [96, 32] and dense["k"] == 64 and dense["weights"] == "float32"
     assert dense["weight_bytes"] == 128 * 64 * 4 and int8["weight_bytes"] == 128 * 64
-    assert set(dense["us"]) == {"F.linear per matrix", "inductor reduction"} and set(int8["us"]) == {
-        "inductor reduction", "inductor int8 words", "inductor int8 bits"}  # fmt: skip
-    assert int8["words_rel_err"] < 1e-4 and int8["bits_rel_err"] < 1e-4  # the same product in every form
+    assert set(dense["us"]) == {"F.linear per matrix", "inductor reduction"}
+    assert set(int8["us"]) == {"inductor reduction"}  # the row GEMV kernel's settings are timed on a GPU only
     assert all(isinstance(v, float) and v > 0 for row in (dense, int8) for v in row["us"].values())
     for bad, words in [(["--shapes", "9:1"], "K >= 2"), (["--shapes", "1+2+3+4:8"], "one to three"),
                        (["--sweep", "3:1024:8"], "power of two"), (["--shapes", "a:b"], "integers")]:  # fmt: skip
