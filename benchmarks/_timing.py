@@ -31,6 +31,29 @@ def best_time(
     return best
 
 
+def best_times_interleaved(
+    fns: list[Callable[[], Any]],
+    device: torch.device,
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> list[float]:
+    """Best time of each of `fns` over `repeats` rounds that call them in turn (A B A B ...), after one untimed
+    warm-up call each. Why: on a shared machine the speed drifts over minutes (the 2-core CPU here has run the same
+    code 45% slower on one day than another), so timing one contender's repeats after the other's lets that drift
+    land on one side of a ratio; alternating spreads it over both."""
+    for fn in fns:
+        fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            sync(device)
+            t0 = clock()
+            fn()
+            sync(device)
+            best[i] = min(best[i], clock() - t0)
+    return best
+
+
 def stored_weight_bytes(model: Any) -> int:
     """Bytes of parameters and buffers (a quantized linear keeps its int8 weight and scales as buffers), each
     storage once (tied embeddings)."""

@@ -6,7 +6,8 @@
 
 Both sides decode greedily with the same random weights (transformers reads llamaforge's state dict: the names
 are the same), the same prompt and exactly `--new-tokens` new tokens (EOS disabled). Tokens/s counts generated
-tokens over wall time including prefill, best of `--repeats` after a warm-up (which includes compilation).
+tokens over wall time including prefill, best of `--repeats` after a warm-up (which includes compilation); the two
+sides' timed calls alternate (A B A B), so drift on a shared machine falls on both.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from _timing import best_time, streamed_weight_bytes, sync  # benchmarks/ is on sys.path when run as a script
+from _timing import best_time, best_times_interleaved, streamed_weight_bytes, sync  # benchmarks/ on sys.path
 
 import llamaforge
 from llamaforge.core.generation import GenerationConfig, generate
@@ -106,7 +107,22 @@ def bench(
     ours()  # first call: compilation and graph capture
     sync(dev)
     row["first_call_s"] = round(time.perf_counter() - t0, 2)
-    t = _timed(ours, dev, repeats)
+    if skip_hf:
+        t = _timed(ours, dev, repeats)
+    else:
+        hf = _hf_model(model)
+        ids = torch.tensor(prompts, device=dev)
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None
+        )
+        hf_out: list[torch.Tensor] = []
+
+        def theirs(**extra: Any) -> None:
+            with torch.inference_mode():
+                hf_out[:] = [hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs, **extra)]
+
+        t, t_hf = best_times_interleaved([ours, theirs], dev, repeats, clock=CLOCK)  # A B A B: drift hits both
+        row["hf_tok_s"] = batch * new_tokens / t_hf
     row["llamaforge_tok_s"] = batch * new_tokens / t
     try:
         with torch.inference_mode():
@@ -115,22 +131,9 @@ def bench(
         row["step_profile_error"] = f"{type(exc).__name__}: {exc}"
     if "graph_step_ms" in row:  # what a call costs beyond its decode steps: prefill, first token, host work
         row["fixed_ms_per_call"] = round(1000 * t - (new_tokens - 1) * row["graph_step_ms"], 2)
-    print(json.dumps(row), flush=True)
     if skip_hf:
+        print(json.dumps(row), flush=True)
         return row
-    hf = _hf_model(model)
-    ids = torch.tensor(prompts, device=dev)
-    kwargs: dict[str, Any] = dict(
-        max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, eos_token_id=None
-    )
-    hf_out: list[torch.Tensor] = []
-
-    def theirs(**extra: Any) -> None:
-        with torch.inference_mode():
-            hf_out[:] = [hf.generate(ids, attention_mask=torch.ones_like(ids), **kwargs, **extra)]
-
-    t = _timed(theirs, dev, repeats)
-    row["hf_tok_s"] = batch * new_tokens / t
     row["ratio"] = row["llamaforge_tok_s"] / row["hf_tok_s"]
     theirs_out = hf_out[0][:, prompt_len:].tolist()
     row["same_tokens"] = theirs_out == ours_out

@@ -101,6 +101,28 @@ def test_weight_byte_counts_cover_quantized_buffers_and_skip_an_untied_table(mon
     assert 0.25 < ratio < 0.3
 
 
+def test_interleaved_timing_alternates_the_contenders_and_keeps_each_ones_best(monkeypatch):
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from _timing import best_times_interleaved
+
+    calls: list[str] = []
+    now = [0.0]
+    cost = {"a": [5.0, 2.0, 3.0, 4.0], "b": [1.0, 7.0, 6.0, 9.0]}  # warm-up first: never counted
+
+    def contender(name):
+        def run():
+            calls.append(name)
+            now[0] += cost[name].pop(0)
+
+        return run
+
+    best = best_times_interleaved([contender("a"), contender("b")], torch.device("cpu"), 3, clock=lambda: now[0])
+    assert calls == ["a", "b", "a", "b", "a", "b", "a", "b"]
+    assert best == [2.0, 6.0]
+
+
 def test_decode_variants_cpu_applies_each_variants_settings_in_its_own_process(tmp_path):
     res = _run("decode_variants.py", "--new-tokens", "4", "--repeats", "1", "--phases", "base",
                "greedy_step=0,quant=int8_weight_only", "buffer_row=0,inductor.coordinate_descent_tuning=false",
