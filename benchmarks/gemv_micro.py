@@ -132,8 +132,7 @@ def measure_shape(
 
     torch._dynamo.reset()  # one compile per product: a shared cache would reach dynamo's recompile limit and fall
     # back to eager, which materialises the whole product (the output head then "took" 1.7 ms)
-    options = {"coordinate_descent_tuning": True}
-    compiled = torch.compile(reduction, options=options, dynamic=False)
+    compiled = torch.compile(reduction, options={"coordinate_descent_tuning": True}, dynamic=False)
     record("inductor reduction", lambda i: compiled(x, stacked[i % len(stacked)], copies[i % len(copies)][1]))
     if device.type == "cuda":
         from llamaforge.kernels import row_gemv

@@ -42,8 +42,7 @@ decode)
 int8)
     variants=("$@")
     # bf16 first: the int8/bf16 ratio comes from one run
-    [ ${#variants[@]} -gt 0 ] || variants=(base quant=int8_weight_only
-        "quant=int8_weight_only,gemv_int8=1")
+    [ ${#variants[@]} -gt 0 ] || variants=(base quant=int8_weight_only "quant=int8_weight_only,gemv_int8=1")
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile --json "$out/int8.json") \
         >"$out/int8.log" 2>&1
     tail -n 8 "$out/int8.log"

@@ -210,9 +210,11 @@ def test_row_gemv_kernel_in_the_interpreter_matches_the_reference():
 
 def _sm90_global_loads(kernel, args: dict, constexprs: dict, num_warps: int) -> list[str]:
     """The global-memory load instructions of a Triton kernel compiled for an H100/H200 (sm_90) without a GPU."""
-    import re
+    return _global_loads(_sm90_ptx(kernel, args, constexprs, num_warps))
 
-    return re.findall(r"ld\.global(?:\.\w+)*", _sm90_ptx(kernel, args, constexprs, num_warps))
+
+def _global_loads(ptx: str) -> list[str]:
+    return re.findall(r"ld\.global(?:\.\w+)*", ptx)
 
 
 def _sm90_ptx(kernel, args: dict, constexprs: dict, num_warps: int) -> str:
@@ -262,7 +264,7 @@ def test_row_gemv_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype):
             "blocks01": 320}  # fmt: skip
     constexprs = {"BLOCK_N": row_gemv._BLOCK_N, "BLOCK_K": 1024, "INT8": dtype == "i8"}
     ptx = _sm90_ptx(row_gemv._kernel(), args, constexprs, row_gemv._WARPS)
-    loads = re.findall(r"ld\.global(?:\.\w+)*", ptx)
+    loads = _global_loads(ptx)
     assert any(".v4." in ld for ld in loads), loads
     assert not [ld for ld in loads if ld.endswith((".b8", ".b16", ".u8", ".u16", ".s8"))], loads
     # int8 values become fp32 through their float bits, not one integer-to-float conversion (I2F) each
@@ -283,8 +285,7 @@ def test_flash_decode_kernel_compiles_whatever_float_type_the_scale_arrives_as(s
             "sq_h": 64, "sk_b": 8 * t * 64, "sk_h": t * 64, "sk_l": 64, "sv_b": 8 * t * 64, "sv_h": t * 64, "sv_l": 64,
             "sok_b": t, "so_b": 2048, "so_h": 64}  # fmt: skip
     constexprs = {"KV_HEADS": 8, "REP": 4, "REP_P": 4, "D": 64, "BLOCK": decode_attention._BLOCK, "SPLITS": 16}
-    ptx = _sm90_ptx(decode_attention._kernels()[0], args, constexprs, decode_attention._WARPS)
-    assert re.findall(r"ld\.global(?:\.\w+)*", ptx)
+    assert _sm90_global_loads(decode_attention._kernels()[0], args, constexprs, decode_attention._WARPS)
 
 
 def test_flash_decode_kernel_loads_keys_and_values_sixteen_bytes_at_a_time_on_hopper():

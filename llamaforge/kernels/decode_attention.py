@@ -96,8 +96,8 @@ def _kernels() -> tuple[Any, Any]:
         r = tl.arange(0, REP_P)
         d = tl.arange(0, D)
         heads = g * REP + r
-        q_in = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(r < REP)[:, None], other=0.0)
-        q = (q_in.to(tl.float32) * scale).to(tl.float32)  # scale may arrive as fp64 (inductor): keep fp32
+        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(r < REP)[:, None], other=0.0)
+        q = (q.to(tl.float32) * scale).to(tl.float32)  # scale may arrive as fp64 (inductor): keep fp32
         m_i = tl.full((REP_P,), float("-inf"), tl.float32)
         l_i = tl.zeros((REP_P,), tl.float32)
         acc = tl.zeros((REP_P, D), tl.float32)
