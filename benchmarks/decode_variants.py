@@ -10,6 +10,7 @@ comparable with another measured in the same invocation; `--rounds 2` repeats th
 drift. Each variant is a comma-separated list of settings (`base` is none):
 
     switches of the decode step   buffer_row, siblings, pointwise_cat, greedy_step, argmax_blocks (0/1),
+                                  fold_norm, unstack_equal (0/1/auto: auto = on CPUs only, the default),
                                   gemv_rows (int: products with at most this many rows become reductions; 0: off)
     flash-decoding kernel         splits (int or auto), block, warps
     row GEMV kernel               gemv_int8, gemv_float (0/1/auto: the graph pass hands all / none / the products
@@ -48,6 +49,8 @@ KERNEL = "llamaforge.kernels.decode_attention"
 GEMV = "llamaforge.kernels.row_gemv"
 SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, kind)
     "buffer_row": (GEN, "_BUFFER_ROW", "bool"),
+    "fold_norm": (GEN, "_FOLD_NORM", "bool_or_auto"),
+    "unstack_equal": (GEN, "_UNSTACK_EQUAL", "bool_or_auto"),
     "siblings": (GEN, "_FUSE_SIBLINGS", "bool"),
     "pointwise_cat": (GEN, "_POINTWISE_CAT", "bool"),
     "greedy_step": (GEN, "_FUSE_GREEDY_STEP", "bool"),

@@ -426,6 +426,73 @@ def test_gemv_pass_on_a_cpu_rewrites_fp32_and_int8_products_only(dtype, int8, re
         torch.testing.assert_close(got, want, atol=1e-2 if dtype != torch.float32 else 1e-5, rtol=1e-2)
 
 
+def _count(gm: torch.fx.GraphModule, target: object) -> int:
+    return sum(n.target is target for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize(
+    ("form", "flag", "folded"),
+    [("mm", None, True), ("mm", False, False), ("decomposed", None, False), ("decomposed", True, True)],
+)
+def test_gemv_pass_folds_an_rmsnorm_into_its_products_on_cpus(form, flag, folded, monkeypatch):
+    """By default on a CPU (`mm`, the CPU's form) the RMSNorm before one-row products is applied after them, in
+    their reduction: no mean is left for inductor, and in fp32 the values are eager's. The GPU form keeps the
+    norm unless the switch is on (the H200 measured no gain; see generation._gemv_pass)."""
+    from torch.nn import functional as F
+
+    from llamaforge.core import generation
+
+    g = torch.Generator().manual_seed(4)
+    args = (torch.randn(1, 1, 40, generator=g), torch.rand(40, generator=g) + 0.5, torch.randn(24, 40, generator=g),
+            torch.randn(8, 40, generator=g))  # fmt: skip
+
+    def layer(x, norm_w, wq, wk):  # RMSNorm as the model writes it, then two products of its row (q and k)
+        x32 = x.float()
+        h = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * norm_w
+        return F.linear(h, wq), F.linear(h, wk)
+
+    monkeypatch.setattr(generation, "_FOLD_NORM", flag)
+    gm = _pass_input_graph(layer, args, form)
+    assert _count(gm, torch.ops.aten.mean.dim) == 1
+    generation._gemv_pass()(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    assert _count(gm, torch.ops.aten.mean.dim) == (0 if folded else 1)
+    assert _count(gm, torch.ops.aten.cat.default) == 1  # q and k (different widths) still one stacked reduction
+    if form == "mm":
+        for got, want in zip(gm(*args), layer(*args), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("form", "flag", "stacked"),
+    [("mm", None, False), ("mm", False, True), ("decomposed", None, True), ("decomposed", True, False)],
+)
+def test_gemv_pass_keeps_equal_width_siblings_apart_on_cpus(form, flag, stacked, monkeypatch):
+    """gate/up-like products (one row, equal widths) stay two reductions on a CPU by default, which inductor fuses
+    with SiLU(gate)*up; on the GPU form they are stacked into one, unless the switch says otherwise."""
+    from torch.nn import functional as F
+
+    from llamaforge.core import generation
+
+    g = torch.Generator().manual_seed(6)
+    args = (torch.randn(1, 1, 40, generator=g), torch.randn(24, 40, generator=g), torch.randn(24, 40, generator=g))
+
+    def mlp(x, wg, wu):
+        return F.silu(F.linear(x, wg)) * F.linear(x, wu)
+
+    monkeypatch.setattr(generation, "_UNSTACK_EQUAL", flag)
+    gm = _pass_input_graph(mlp, args, form)
+    before = generation._gemv_rewrites[0]
+    generation._gemv_pass()(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    assert generation._gemv_rewrites[0] == before + 2
+    assert _count(gm, torch.ops.aten.cat.default) == (1 if stacked else 0)
+    if form == "mm":
+        torch.testing.assert_close(gm(*args), mlp(*args), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("form", ["mm", "decomposed"])
 @pytest.mark.parametrize("kind", ["int8", "float"])
 def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, form, monkeypatch):

@@ -285,6 +285,10 @@ _POINTWISE_CAT = True  # stacked weights are read in place by the reduction inst
 _FUSE_GREEDY_STEP = True  # greedy decoding compiles forward + argmax + state advance as one step
 _ARGMAX_BLOCKS = True  # the greedy step's argmax in two stages (see argmax_rows)
 _BUFFER_ROW = True  # the product's row is a buffer, not recomputed per thread block (see _gemv_pass)
+# Per device kind: True / False everywhere, None (the default) on CPUs only, where they were measured faster (see
+# _gemv_pass); on the H200 they were not.
+_FOLD_NORM: bool | None = None  # an RMSNorm's row scale applied after the product, in the product's reduction
+_UNSTACK_EQUAL: bool | None = None  # sibling products of equal width (gate/up) as separate reductions, not stacked
 # Tried and timed slower on the H200 (1B, bf16, batch 1; benchmarks/results/decode_variants_h200.json), so gone:
 # int8 weights read as int32 words, four per load (2026-12-02), and widened to fp32 through their float bits
 # instead of a conversion instruction (1.134 vs 0.914 ms per step, run12).
@@ -310,6 +314,10 @@ def _compile_options(device: torch.device) -> dict[str, Any]:
     return {**options, **_EXTRA_OPTIONS}
 
 
+def _on_cpu_by_default(flag: bool | None, device_type: str) -> bool:
+    return device_type == "cpu" if flag is None else flag
+
+
 def _gemv_pass() -> Any:
     """An inductor graph pass for decoding: `mm(x, W.T)` where x has a single row becomes `sum(x * W, -1)` in fp32.
 
@@ -324,6 +332,18 @@ def _gemv_pass() -> Any:
     thread block recomputes the whole row (2,048 blocks x 64 KB per down_proj call): on an H200 (1B, batch 1) the
     step took 0.99 ms with the buffered row and 1.10 ms without, in one run (`_BUFFER_ROW` is the switch
     benchmarks/decode_variants.py A/Bs).
+
+    Two more rewrites apply on CPUs by default (`_FOLD_NORM`, `_UNSTACK_EQUAL`). A product whose row is an RMSNorm
+    of one row r becomes `sum(r * g * W, -1) * rsqrt(mean(r ** 2) + eps)`, the sum of squares taken beside the
+    weight streaming (once per output row), so the norm needs no pass of its own; and siblings of equal width
+    (gate/up) stay separate reductions, which inductor fuses into one loop with SiLU(gate)*up as its epilogue. On
+    a 2-core CPU (~100M spec, fp32, batch 1; benchmarks/decode_variants.py, three rounds in one invocation) the two
+    together took decoding from 59-64 to 77-89 tok/s (int8 weight-only 93-118 -> 118-144), with the same tokens.
+    On an H200 (1B, bf16) they did not pay: the norm fold alone 0.997 and 1.050 ms per step in two runs against
+    1.001-1.016 for the default, with int8 weights 1.085 against 0.866 ms (the int8 reductions are bound by
+    instructions, and the fold adds some per weight), unstacked gate/up 1.012 ms (decode_variants_h200.json run14).
+    The rewrite changes rounding where the norm's bf16 output was rounded before the product (as inductor's own
+    fusions do); in fp32 it only reorders the sums.
 
     On CUDA the pass gets each product in the form inductor's decomposition gives a one-row `mm` under
     coordinate-descent tuning, `sum(row[:, :, None] * W.T[None], 1)` in fp32, and rewrites that form too."""
@@ -412,6 +432,59 @@ def _gemv_pass() -> Any:
             return None
         return sources if row_gemv.route_available(vals, xv.shape[-1]) else None
 
+    def rms_normed(x: torch.fx.Node) -> tuple[torch.fx.Node, torch.fx.Node, float] | None:
+        """(row before the norm, norm weight, eps) when the product's row is an RMSNorm of one row,
+        `g * cast(r * rsqrt(mean(r ** 2, -1, keepdim) + eps))` (the cast optional), else None."""
+        node = x.args[0] if x.target in (aten.view.default, aten.reshape.default) else x
+        if node.op != "call_function" or node.target is not aten.mul.Tensor:
+            return None
+        width = x.meta["val"].shape[-1]
+        for scaled, weight in (node.args, node.args[::-1]):
+            wv = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+            if wv is None or tuple(wv.shape) != (width,) or not isinstance(scaled, torch.fx.Node):
+                continue
+            core = cast_source(scaled) or scaled
+            if not isinstance(core, torch.fx.Node) or core.target is not aten.mul.Tensor:
+                continue
+            for row, rs in (core.args, core.args[::-1]):
+                if not (isinstance(rs, torch.fx.Node) and rs.target is aten.rsqrt.default):
+                    continue
+                plus = rs.args[0]
+                if not (isinstance(plus, torch.fx.Node) and plus.target is aten.add.Tensor):
+                    continue
+                mean, eps = plus.args
+                if not (isinstance(mean, torch.fx.Node) and mean.target is aten.mean.dim and isinstance(eps, float)):
+                    continue
+                square = mean.args[0]
+                if list(mean.args[1]) not in ([-1], [row.meta["val"].dim() - 1]) or not mean.args[2:3] == (True,):
+                    continue
+                if square.target is aten.pow.Tensor_Scalar and square.args == (row, 2):
+                    if row.meta["val"].numel() == width:  # one row (batch 1, one token)
+                        return row, weight, eps
+        return None
+
+    def _folded_product(add: Any, row: Any, weight: Any, eps: float, matrix: Any, width: int) -> torch.fx.Node:
+        """`sum(r * g * W, -1) * rsqrt(mean(r ** 2) + eps)` for the row r before its RMSNorm (fp32): the weight
+        streaming and the sum of squares share one pass over r, with one sum of squares per output row, so
+        inductor emits one reduction and the norm needs no kernel of its own."""
+        source = cast_source(row, torch.float32) or row
+        rv = source.meta["val"]
+        if _BUFFER_ROW:
+            source = add(aten.as_strided.default, (source, list(rv.shape), list(rv.stride())))
+        r32 = add(aten.reshape.default, (source, [1, width]))
+        if rv.dtype != torch.float32:
+            r32 = add(prims.convert_element_type.default, (r32, torch.float32))
+        g32 = weight
+        if weight.meta["val"].dtype != torch.float32:
+            g32 = add(prims.convert_element_type.default, (weight, torch.float32))
+        w32 = add(prims.convert_element_type.default, (matrix, torch.float32))
+        scaled = add(aten.unsqueeze.default, (add(aten.mul.Tensor, (r32, g32)), 1))
+        prod = add(aten.sum.dim_IntList, (add(aten.mul.Tensor, (scaled, w32)), [2]))
+        squares = add(aten.unsqueeze.default, (add(aten.mul.Tensor, (r32, r32)), 1))
+        wide = add(aten.expand.default, (squares, [1, w32.meta["val"].shape[0], width]))
+        mean = add(aten.div.Tensor, (add(aten.sum.dim_IntList, (wide, [2])), float(width)))
+        return add(aten.mul.Tensor, (prod, add(aten.rsqrt.default, (add(aten.add.Tensor, (mean, eps)),))))
+
     def _stacked(add: Any, matrices: list[torch.fx.Node]) -> torch.fx.Node:
         """Sibling matrices as one, along the output dimension (read in place under force_pointwise_cat)."""
         return matrices[0] if len(matrices) == 1 else add(aten.cat.default, (matrices, 0))
@@ -424,7 +497,10 @@ def _gemv_pass() -> Any:
                 if found is not None:
                     groups.setdefault(found[0], []).append((node, found[1], found[2]))
             for members in groups.values():
-                if not _FUSE_SIBLINGS or len({n.meta["val"].dtype for n, _, _ in members}) > 1:
+                device = members[0][2].meta["val"].device.type
+                widths = {n.meta["val"].shape[-1] for n, _, _ in members}
+                equal = len(widths) == 1 and _on_cpu_by_default(_UNSTACK_EQUAL, device)
+                if not _FUSE_SIBLINGS or equal or len({n.meta["val"].dtype for n, _, _ in members}) > 1:
                     for member in members:
                         self.rewrite(graph, [member])
                 else:
@@ -453,19 +529,24 @@ def _gemv_pass() -> Any:
                     RowTimesWeight.rewrite(graph, [member])
                 return
             kernel = _kernel_sources(weights, xv)
+            fold = _on_cpu_by_default(_FOLD_NORM, xv.device.type) and not kernel
+            normed = rms_normed(x) if fold else None
             with graph.inserting_before(first):
-                if _BUFFER_ROW or kernel:  # see the docstring: the row is computed once, not inside every thread block
-                    x = add(aten.as_strided.default, (x, list(xv.shape), list(xv.stride())))  # offset: x's own
-                if kernel:  # llamaforge's row GEMV kernel: all the matrices in one launch, fp32 sums
-                    red = graph.call_function(torch.ops.llamaforge.gemv_rows.default, (x, kernel), {})
-                    with xv.fake_mode:  # its shape, without tracing the Triton launch
-                        rows = sum(src.meta["val"].shape[0] for src in kernel)
-                        red.meta["val"] = xv.new_empty((xv.shape[0], rows), dtype=torch.float32)
+                if normed is not None:  # see the docstring: the norm's row scale after the product
+                    red = _folded_product(add, *normed, _stacked(add, weights), xv.shape[-1])
                 else:
-                    x32 = add(prims.convert_element_type.default, (x, torch.float32))
-                    w32 = add(prims.convert_element_type.default, (_stacked(add, weights), torch.float32))
-                    prod = add(aten.mul.Tensor, (add(aten.unsqueeze.default, (x32, 1)), w32))  # (M,1,K)*(N,K)
-                    red = add(aten.sum.dim_IntList, (prod, [2]))
+                    if _BUFFER_ROW or kernel:  # see the docstring: the row is computed once, not in every block
+                        x = add(aten.as_strided.default, (x, list(xv.shape), list(xv.stride())))  # offset: x's own
+                    if kernel:  # llamaforge's row GEMV kernel: all the matrices in one launch, fp32 sums
+                        red = graph.call_function(torch.ops.llamaforge.gemv_rows.default, (x, kernel), {})
+                        with xv.fake_mode:  # its shape, without tracing the Triton launch
+                            rows = sum(src.meta["val"].shape[0] for src in kernel)
+                            red.meta["val"] = xv.new_empty((xv.shape[0], rows), dtype=torch.float32)
+                    else:
+                        x32 = add(prims.convert_element_type.default, (x, torch.float32))
+                        w32 = add(prims.convert_element_type.default, (_stacked(add, weights), torch.float32))
+                        prod = add(aten.mul.Tensor, (add(aten.unsqueeze.default, (x32, 1)), w32))  # (M,1,K)*(N,K)
+                        red = add(aten.sum.dim_IntList, (prod, [2]))
                 start = 0
                 for node, _, _ in members:
                     width = node.meta["val"].shape[1]
@@ -481,7 +562,7 @@ def _gemv_pass() -> Any:
         def uuid(self) -> str:
             from llamaforge.kernels import row_gemv
 
-            flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}"
+            flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{_FOLD_NORM}-{_UNSTACK_EQUAL}"
             return f"llamaforge-row-times-weight-9-{flags}-{row_gemv.launch_tag()}"
 
     def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
