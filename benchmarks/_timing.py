@@ -78,7 +78,12 @@ def streamed_weight_bytes(model: Any) -> int:
 
 def kernel_table(fn: Callable[[], Any], device: torch.device, steps: int, top: int = 25) -> dict[str, Any]:
     """Time per call of `fn` by GPU kernel (CUDA) or top-level operator (CPU), from the profiler over `steps` calls
-    after one untimed call: where a step's time goes, which is what a change shows even when totals drift."""
+    after one untimed call: where a step's time goes, which is what a change shows even when totals drift.
+
+    On CUDA also where the GPU sat idle between kernels (`idle_us_per_step`, the largest gaps with the kernels on
+    either side, a histogram of gap sizes) and which operators launched the device time (`ops`, with input
+    shapes): a step can be slower than its kernels add up to, and a kernel name alone (ATen's `reduce_kernel`)
+    does not say what ran it."""
     from collections import defaultdict
 
     from torch.profiler import ProfilerActivity, profile
@@ -86,22 +91,60 @@ def kernel_table(fn: Callable[[], Any], device: torch.device, steps: int, top: i
     cuda = device.type == "cuda"
     fn()
     sync(device)
-    with profile(activities=[ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    with profile(activities=activities, record_shapes=cuda) as prof:
         for _ in range(steps):
             fn()
         sync(device)
     per: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    spans: list[tuple[float, float, str]] = []
     for event in prof.events():
-        if cuda and event.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+        if cuda and (event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", 0)):
+            continue  # a user annotation ("## Call CompiledFxGraph", "Optimizer.step") spans kernels on the GPU
         if not cuda and (event.cpu_parent is not None or event.device_type != torch.autograd.DeviceType.CPU):
             continue
         per[event.name][0] += event.time_range.elapsed_us() / steps  # a kernel's span on the GPU; an op's on the host
         per[event.name][1] += 1 / steps
+        spans.append((event.time_range.start, event.time_range.end, event.name))
     rows = sorted(per.items(), key=lambda kv: -kv[1][0])
-    return {
+    table: dict[str, Any] = {
         "kernel_us_per_step": round(sum(v[0] for v in per.values()), 1),
         "kernels_per_step": round(sum(v[1] for v in per.values()), 1),
         "kernels": [{"name": k[:160], "us_per_step": round(v[0], 2), "calls_per_step": round(v[1], 2)} for k, v in
                     rows[:top]],
     }  # fmt: skip
+    if cuda and spans:
+        table.update(idle_between_kernels(spans, steps, top))
+        ops = [e for e in prof.key_averages(group_by_input_shape=True) if e.self_device_time_total > 0
+               and not e.key.startswith("##") and e.device_type == torch.autograd.DeviceType.CPU]  # fmt: skip
+        ops.sort(key=lambda e: -e.self_device_time_total)
+        table["ops"] = [
+            {"op": e.key[:80], "shapes": str(e.input_shapes)[:160], "us_per_step": round(e.self_device_time_total /
+             steps, 1), "calls_per_step": round(e.count / steps, 2)} for e in ops[:top]
+        ]  # fmt: skip
+    return table
+
+
+def idle_between_kernels(spans: list[tuple[float, float, str]], steps: int, top: int = 25) -> dict[str, Any]:
+    """From (start, end, name) of GPU kernels (us): time per step the GPU ran no kernel between the first and the
+    last, the largest such gaps with their neighbours, and gap sizes in buckets (count and us per step)."""
+    spans = sorted(spans)
+    gaps, reach, last = [], spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start > reach:
+            gaps.append((start - reach, last, name))
+        if end >= reach:
+            reach, last = end, name
+    buckets = {"<2us": (0, 2), "2-5us": (2, 5), "5-20us": (5, 20), "20-100us": (20, 100), ">=100us": (100, 1e18)}
+    histogram = {
+        label: {"count_per_step": round(sum(lo <= g < hi for g, _, _ in gaps) / steps, 1),
+                "us_per_step": round(sum(g for g, _, _ in gaps if lo <= g < hi) / steps, 1)}
+        for label, (lo, hi) in buckets.items()
+    }  # fmt: skip
+    largest = sorted(gaps, key=lambda g: -g[0])[:top]
+    return {
+        "span_us_per_step": round((reach - spans[0][0]) / steps, 1),
+        "idle_us_per_step": round(sum(g for g, _, _ in gaps) / steps, 1),
+        "gaps": histogram,
+        "largest_gaps": [{"us": round(g, 1), "after": a[:90], "before": b[:90]} for g, a, b in largest],
+    }

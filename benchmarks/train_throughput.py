@@ -125,14 +125,20 @@ def make_step(
     return step
 
 
+HOST_S: dict[int, list[float]] = {}  # per step function: seconds the host took to issue each CUDA window
+
+
 def window(step: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], n: int, device: torch.device) -> float:
     sync(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
         start.record()
         for i in range(n):
             step(*batches[i % len(batches)])
         end.record()
+        # the host's own time for the window: when it is close to the GPU's, the step is bound by launching work
+        HOST_S.setdefault(id(step), []).append(time.perf_counter() - t0)
         end.synchronize()
         return start.elapsed_time(end) / 1000.0
     t0 = time.perf_counter()
@@ -268,6 +274,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "warmup_s": compile_s[label],
             "first_loss": first_loss[label],
         }
+        host = HOST_S.get(id(contenders[label]))
+        if host:
+            results[label]["host_ms_per_step"] = 1000 * statistics.median(host) / steps
     if gpu:
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     ref = hf_label if hf_label in contenders else next(k for k in contenders if not k.startswith("llamaforge"))
@@ -299,7 +308,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for label in contenders:
         r = results[label]
         mfu = f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ""
-        extra = f"(first loss {r['first_loss']:.4f}, warm-up {r['warmup_s']:.1f} s, {r['ratio_vs_reference']:.3f}x)"
+        host = f", host {r['host_ms_per_step']:.1f} ms/step" if "host_ms_per_step" in r else ""
+        ratio_txt = f"{r['ratio_vs_reference']:.3f}x"
+        extra = f"(first loss {r['first_loss']:.4f}, warm-up {r['warmup_s']:.1f} s, {ratio_txt}{host})"
         print(f"  {label:<22} {r['tokens_per_s']:>12,.0f} tokens/s  {r['step_ms']:8.1f} ms/step  "
               f"{r['tflops']:7.2f} TFLOP/s{mfu}  {extra}")  # fmt: skip
     for label, table in profiles.items():
@@ -307,6 +318,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"({table['kernels_per_step']:.0f} kernels); the largest:")  # fmt: skip
         for row in table["kernels"][:12]:
             print(f"    {row['us_per_step']:9.1f} us  x{row['calls_per_step']:<5g} {row['name'][:100]}")
+        if "idle_us_per_step" in table:
+            print(f"  idle between kernels: {table['idle_us_per_step']:.1f} us per step of a "
+                  f"{table['span_us_per_step']:.1f} us span; gaps {table['gaps']}")  # fmt: skip
+            for gap in table["largest_gaps"][:8]:
+                print(f"    gap {gap['us']:8.1f} us after {gap['after'][:50]} before {gap['before'][:50]}")
+            for op in table["ops"][:15]:
+                calls = op["calls_per_step"]
+                print(f"    {op['us_per_step']:9.1f} us  x{calls:<5g} {op['op'][:40]} {op['shapes'][:70]}")
     ours_r = results["llamaforge"]
     mfu_txt = f", MFU {100 * ours_r['mfu']:.1f}% vs {100 * results[ref]['mfu']:.1f}%" if ours_r["mfu"] else ""
     print(f"SUMMARY train_throughput: llamaforge {ours_r['tokens_per_s']:,.0f} tokens/s vs {ref} "

@@ -152,6 +152,32 @@ def test_compiled_training_follows_the_eager_losses(streams, tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+def test_cuda_graphs_need_compile():
+    with pytest.raises(ValueError, match="cuda_graphs replays the compiled step"):
+        spec_(cuda_graphs=True)
+    assert spec_(cuda_graphs=True, compile=True).cuda_graphs  # on a CPU the option is accepted and does nothing
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_cuda_graphs_train_like_the_compiled_step_with_accumulation_and_evals(streams, tmp_path):
+    """Replaying the compiled forward and backward as CUDA graphs gives the losses of the plain compiled step, also
+    with two micro-batches per step (the first one's gradients must survive the second replay) and evals between
+    steps."""
+    train, val = streams
+    losses = {}
+    for graphs in (False, True):
+        spec = spec_(steps=6, warmup_steps=1, grad_accum=2, compile=True, cuda_graphs=graphs, eval_every=3,
+                     device="cuda")  # fmt: skip
+        result = Trainer(tiny(), spec, train, val, tmp_path / str(graphs), progress=False).fit()
+        losses[graphs] = [r["loss"] for r in result.history if "loss" in r]
+        losses[graphs, "val"] = [r["val_loss"] for r in result.history if "val_loss" in r]
+    assert len(losses[True]) == 6 and len(losses[True, "val"]) == 2
+    assert losses[True] == pytest.approx(losses[False], rel=1e-3)
+    assert losses[True, "val"] == pytest.approx(losses[False, "val"], rel=1e-3)
+
+
 @pytest.mark.parametrize("scale", [3.0, 0.01])  # gradients clipped / left alone (norm under the limit)
 def test_fused_update_folds_clipping_into_the_step_with_the_same_result(scale):
     """With a fused AdamW the update hands the clipping scale to the optimizer's kernel (`grad_scale`) instead of

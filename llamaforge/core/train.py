@@ -64,11 +64,17 @@ class TrainSpec(BaseModel):
     compile_optimizer: bool = Field(
         default=False, description="compile gradient clipping and the AdamW update as one graph (off until measured)"
     )
+    cuda_graphs: bool = Field(
+        default=False,
+        description="with compile on CUDA, replay the compiled forward and backward as CUDA graphs (single process)",
+    )
     device: str = "auto"
     activation_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
+        if self.cuda_graphs and not self.compile:
+            raise ValueError("cuda_graphs replays the compiled step: it needs compile: true")
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         if self.warmup_steps >= self.total_steps and self.total_steps > 1:
@@ -305,8 +311,11 @@ class Trainer:
         self._window_steps = 0
         self.extra_metadata = extra_metadata or {}
         self._forward: Callable[..., Any] = self.model
+        self._graphed = spec.cuda_graphs and self.device.type == "cuda"
+        if self._graphed and self.world_size > 1:
+            raise LlamaforgeError("cuda_graphs is for single-process training: FSDP's collectives are not captured")
         if spec.compile:
-            self._forward = compile_for_training(self.model)
+            self._forward = compile_for_training(self.model, {"triton.cudagraphs": True} if self._graphed else None)
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
     def save(self) -> None:
@@ -462,6 +471,8 @@ class Trainer:
                 lr = lr_at(spec, self.step)
                 set_lr(self.optimizer, lr)
                 step_loss = torch.zeros((), device=self.device)
+                if self._graphed:  # a new iteration: the graphs' outputs from the last one are no longer needed
+                    torch.compiler.cudagraph_mark_step_begin()
                 for _ in range(spec.grad_accum):
                     inputs, targets = next(batches)
                     self.data_digest = hashlib.blake2b(
