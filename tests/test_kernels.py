@@ -464,6 +464,33 @@ def test_gemv_pass_folds_an_rmsnorm_into_its_products_on_cpus(form, flag, folded
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_gemv_pass_folds_a_bf16_rmsnorm_through_its_casts(monkeypatch):
+    """bf16 (the GPU form, with the fold switched on): the norm's casts are looked through, and the folded product
+    reads the bf16 row itself, before its fp32 cast."""
+    from torch.nn import functional as F
+
+    from llamaforge.core import generation
+
+    aten = torch.ops.aten
+    g = torch.Generator().manual_seed(8)
+    x, norm_w = torch.randn(1, 1, 40, generator=g).bfloat16(), (torch.rand(40, generator=g) + 0.5).bfloat16()
+    args = (x, norm_w, torch.randn(24, 40, generator=g).bfloat16())
+
+    def layer(x, norm_w, w):
+        x32 = x.float()
+        h = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * norm_w
+        return F.linear(h, w)
+
+    monkeypatch.setattr(generation, "_FOLD_NORM", True)
+    gm = _pass_input_graph(layer, args, "decomposed")
+    before = generation._gemv_rewrites[0]
+    generation._gemv_pass()(gm.graph)
+    gm.graph.lint()
+    assert generation._gemv_rewrites[0] == before + 1 and _count(gm, aten.mean.dim) == 0
+    rows = [n for n in gm.graph.nodes if n.target is aten.as_strided.default]
+    assert len(rows) == 1 and rows[0].args[0].op == "placeholder"  # the bf16 input row, buffered as it is
+
+
 @pytest.mark.parametrize(
     ("form", "flag", "stacked"),
     [("mm", None, False), ("mm", False, True), ("decomposed", None, True), ("decomposed", True, False)],

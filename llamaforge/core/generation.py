@@ -456,11 +456,11 @@ def _gemv_pass() -> Any:
                 if not (isinstance(mean, torch.fx.Node) and mean.target is aten.mean.dim and isinstance(eps, float)):
                     continue
                 square = mean.args[0]
-                if list(mean.args[1]) not in ([-1], [row.meta["val"].dim() - 1]) or not mean.args[2:3] == (True,):
+                if not (square.target is aten.pow.Tensor_Scalar and square.args == (row, 2)):
                     continue
-                if square.target is aten.pow.Tensor_Scalar and square.args == (row, 2):
-                    if row.meta["val"].numel() == width:  # one row (batch 1, one token)
-                        return row, weight, eps
+                rv = row.meta["val"]
+                if list(mean.args[1]) in ([-1], [rv.dim() - 1]) and mean.args[2:3] == (True,) and rv.numel() == width:
+                    return row, weight, eps  # over the last dimension of one row (batch 1, one token)
         return None
 
     def _folded_product(add: Any, row: Any, weight: Any, eps: float, matrix: Any, width: int) -> torch.fx.Node:
