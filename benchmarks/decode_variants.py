@@ -16,7 +16,7 @@ drift. Each variant is a comma-separated list of settings (`base` is none):
     row GEMV kernel               gemv_int8, gemv_float (0/1/auto: the graph pass hands all / none / the products
                                   measured faster on this GPU (the default) of int8 weight-only / plain weights
                                   to llamaforge.kernels.row_gemv), gemv_block_n,
-                                  gemv_block_k, gemv_warps
+                                  gemv_block_k, gemv_warps, gemv_split (split-K)
     model and call                attn (attention kernel plugin), quant (quantizer plugin), prefill_graph (0/1;
                                   unset: the default, on with CUDA graphs)
     any inductor option           inductor.NAME=VALUE, e.g. inductor.triton.enable_pdl=1 (Programmatic Dependent
@@ -64,6 +64,7 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "gemv_block_n": (GEMV, "_BLOCK_N", "int"),
     "gemv_block_k": (GEMV, "_BLOCK_K", "int"),
     "gemv_warps": (GEMV, "_WARPS", "int"),
+    "gemv_split": (GEMV, "_SPLIT_K", "int"),
 }
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool"}
 

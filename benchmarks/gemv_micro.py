@@ -29,7 +29,9 @@ import torch
 from _timing import best_time  # benchmarks/ is on sys.path when run as a script
 
 LLAMA_1B = ["2048+512+512:2048", "8192+8192:2048", "2048:8192", "2048:2048", "128256:2048"]
-SWEEP = ["8:1024:8", "4:1024:4", "16:1024:8", "8:2048:8", "16:2048:8", "32:512:8", "4:2048:4", "8:512:4"]
+# the last four split each row's length over 2-8 programs (split-K)
+SWEEP = ["8:1024:8", "4:1024:4", "16:1024:8", "8:2048:8", "16:2048:8", "32:512:8", "4:2048:4", "8:512:4",
+         "4:1024:4:2", "4:1024:4:4", "2:2048:4:2", "8:512:4:8"]  # fmt: skip
 
 
 def parse_shape(text: str) -> tuple[list[int], int]:
@@ -44,15 +46,21 @@ def parse_shape(text: str) -> tuple[list[int], int]:
     return parts, width
 
 
-def parse_setting(text: str) -> tuple[int, int, int]:
+def parse_setting(text: str) -> tuple[int, int, int, int]:
+    """`BLOCK_N:BLOCK_K:WARPS[:SPLIT_K]` -> the four (split-K 1 when left out)."""
     try:
-        bn, bk, warps = (int(v) for v in text.split(":"))
+        values = [int(v) for v in text.split(":")]
     except ValueError:
-        raise ValueError(f"setting {text!r}: expected BLOCK_N:BLOCK_K:WARPS") from None
+        values = []
+    if len(values) not in (3, 4):
+        raise ValueError(f"setting {text!r}: expected BLOCK_N:BLOCK_K:WARPS or BLOCK_N:BLOCK_K:WARPS:SPLIT_K")
+    bn, bk, warps, split = (*values, 1)[:4]
     for name, v in (("BLOCK_N", bn), ("BLOCK_K", bk), ("WARPS", warps)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"setting {text!r}: {name} must be a power of two")
-    return bn, bk, warps
+    if split < 1:
+        raise ValueError(f"setting {text!r}: SPLIT_K must be at least 1")
+    return bn, bk, warps, split
 
 
 def _timer(device: torch.device, calls: int, repeats: int) -> Callable[[Callable[[int], Any]], float]:
@@ -88,7 +96,7 @@ def _timer(device: torch.device, calls: int, repeats: int) -> Callable[[Callable
 
 
 def measure_shape(
-    rows: list[int], k: int, int8: bool, args: argparse.Namespace, settings: list[tuple[int, int, int]]
+    rows: list[int], k: int, int8: bool, args: argparse.Namespace, settings: list[tuple[int, int, int, int]]
 ) -> dict[str, Any]:
     from torch.nn import functional as F
 
@@ -137,17 +145,19 @@ def measure_shape(
     if device.type == "cuda":
         from llamaforge.kernels import row_gemv
 
-        for bn, bk, warps in settings:
+        for bn, bk, warps, split in settings:
 
-            def kernel(i: int, bn=bn, bk=bk, warps=warps) -> torch.Tensor:
-                return row_gemv.launch(x, copies[i % len(copies)][0], block_n=bn, block_k=bk, warps=warps)
+            def kernel(i: int, bn=bn, bk=bk, warps=warps, split=split) -> torch.Tensor:
+                ws = copies[i % len(copies)][0]
+                return row_gemv.launch(x, ws, block_n=bn, block_k=bk, warps=warps, split=split)
 
-            record(f"row_gemv {bn}:{bk}:{warps}", kernel)
+            label = f"row_gemv {bn}:{bk}:{warps}" + (f":{split}" if split > 1 else "")
+            record(label, kernel)
             want = row_gemv.reference(x, copies[0][0])  # and its values, so a fast wrong setting cannot win
             err = float((kernel(0) - want).abs().max() / want.abs().max().clamp_min(1e-6))
-            out.setdefault("row_gemv_rel_err", {})[f"row_gemv {bn}:{bk}:{warps}"] = err
+            out.setdefault("row_gemv_rel_err", {})[label] = err
             if err > 1e-3:
-                out["us"][f"row_gemv {bn}:{bk}:{warps}"] = f"error: wrong values (relative error {err:.2e})"
+                out["us"][label] = f"error: wrong values (relative error {err:.2e})"
     timed = {label: us for label, us in out["us"].items() if isinstance(us, float)}
     out["tb_s"] = {label: round(nbytes / us / 1e6, 2) for label, us in timed.items()}
     gemv = {label: us for label, us in timed.items() if label.startswith("row_gemv")}
@@ -166,7 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", nargs="+", default=LLAMA_1B, help="N:K or N1+N2(+N3):K (default: Llama-3.2-1B's)")
-    ap.add_argument("--sweep", nargs="+", default=SWEEP, help="row GEMV settings BLOCK_N:BLOCK_K:WARPS")
+    ap.add_argument("--sweep", nargs="+", default=SWEEP, help="row GEMV settings BLOCK_N:BLOCK_K:WARPS[:SPLIT_K]")
     ap.add_argument("--int8", action="store_true", help="also time int8 weight-only products")
     ap.add_argument("--int8-only", action="store_true", help="time int8 weight-only products only")
     ap.add_argument("--copies", type=int, default=8, help="weight copies cycled through (to read from HBM)")

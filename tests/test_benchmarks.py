@@ -199,8 +199,10 @@ def test_gemv_micro_cpu_times_each_contender_and_rejects_bad_shapes(tmp_path):
     assert set(dense["us"]) == {"F.linear per matrix", "inductor reduction"}
     assert set(int8["us"]) == {"inductor reduction"}  # the row GEMV kernel's settings are timed on a GPU only
     assert all(isinstance(v, float) and v > 0 for row in (dense, int8) for v in row["us"].values())
-    for bad, words in [(["--shapes", "9:1"], "K >= 2"), (["--shapes", "1+2+3+4:8"], "one to three"),
-                       (["--sweep", "3:1024:8"], "power of two"), (["--shapes", "a:b"], "integers")]:  # fmt: skip
+    bad_args = [(["--shapes", "9:1"], "K >= 2"), (["--shapes", "1+2+3+4:8"], "one to three"),
+                (["--sweep", "3:1024:8"], "power of two"), (["--shapes", "a:b"], "integers"),
+                (["--sweep", "4:1024:4:0"], "SPLIT_K must be"), (["--sweep", "4:1024"], "BLOCK_K:WARPS")]  # fmt: skip
+    for bad, words in bad_args:
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gemv_micro.py"), "--device", "cpu", *bad],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr

@@ -190,22 +190,25 @@ def test_row_gemv_kernel_in_the_interpreter_matches_the_reference():
         import torch
         from llamaforge.kernels import row_gemv
         from tests.test_kernels import _close_to, _int8_case
-        cases = [  # (seed, rows of each matrix, columns, block_n, block_k, dtype)
-            (0, [37], 100, 8, 64, torch.float32),  # ragged rows and columns, two column steps
-            (1, [64, 16, 16], 300, 16, 128, torch.bfloat16),  # q/k/v-like: three matrices in one launch
-            (2, [5, 3], 3, 4, 1024, torch.float32),  # block_k clipped to the row length; partial blocks
-            (3, [24, 8, 1], 256, 8, 256, torch.float32),  # exact tiles, a one-row matrix last
+        cases = [  # (seed, rows of each matrix, columns, block_n, block_k, split-K, dtype)
+            (0, [37], 100, 8, 64, 1, torch.float32),  # ragged rows and columns, two column steps
+            (1, [64, 16, 16], 300, 16, 128, 1, torch.bfloat16),  # q/k/v-like: three matrices in one launch
+            (2, [5, 3], 3, 4, 1024, 1, torch.float32),  # block_k clipped to the row length; partial blocks
+            (3, [24, 8, 1], 256, 8, 256, 1, torch.float32),  # exact tiles, a one-row matrix last
+            (4, [40], 512, 8, 64, 4, torch.float32),  # split-K: four slices of two tiles each
+            (5, [24, 8, 8], 300, 8, 64, 3, torch.bfloat16),  # slices of whole tiles, the last one ragged
+            (6, [16], 100, 8, 64, 8, torch.float32),  # more slices asked than tiles: two, none left empty
         ]
-        for seed, rows, k, bn, bk, dtype in cases:
+        for seed, rows, k, bn, bk, split, dtype in cases:
             x, weights, _ = _int8_case(seed, rows, k, dtype)
             for ws in (weights, [w.to(dtype) for w in weights]):  # int8 weights, and floating-point ones
-                got = row_gemv.launch(x, ws, block_n=bn, block_k=bk)
+                got = row_gemv.launch(x, ws, block_n=bn, block_k=bk, split=split)
                 assert got.shape == (1, sum(rows)) and got.dtype == torch.float32
                 _close_to(got, row_gemv.reference(x, ws), 1e-2 if dtype is torch.bfloat16 else 1e-5)
         print("ok", len(cases))
         """
     )
-    _in_the_interpreter(script, "ok 4")
+    _in_the_interpreter(script, "ok 7")
 
 
 def _sm90_global_loads(kernel, args: dict, constexprs: dict, num_warps: int) -> list[str]:
@@ -258,10 +261,10 @@ def test_row_gemv_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype):
 
     from llamaforge.kernels import row_gemv
 
-    k = 2048  # Llama-3.2-1B's width; q/k/v rows
+    k = 2048  # Llama-3.2-1B's width; q/k/v rows; k_chunk: a split-K of two
     args = {"x_ptr": "*bf16", "w0_ptr": f"*{dtype}", "w1_ptr": f"*{dtype}", "w2_ptr": f"*{dtype}", "y_ptr": "*fp32",
             "n0": 2048, "n1": 512, "n2": 512, "k_len": k, "sw0": k, "sw1": k, "sw2": k, "blocks0": 256,
-            "blocks01": 320}  # fmt: skip
+            "blocks01": 320, "k_chunk": k // 2, "sy": 3072}  # fmt: skip
     constexprs = {"BLOCK_N": row_gemv._BLOCK_N, "BLOCK_K": 1024, "INT8": dtype == "i8"}
     ptx = _sm90_ptx(row_gemv._kernel(), args, constexprs, row_gemv._WARPS)
     loads = _global_loads(ptx)
@@ -582,14 +585,19 @@ def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, for
 
 @pytest.mark.gpu
 @cuda
-def test_row_gemv_on_cuda_matches_the_reference_at_llama_shapes():
+@pytest.mark.parametrize("split", [1, 4])
+def test_row_gemv_on_cuda_matches_the_reference_at_llama_shapes(split, monkeypatch):
+    """Also with split-K (four slices of each row's length, summed by the op), through the custom op."""
     from llamaforge.kernels import row_gemv
 
+    monkeypatch.setattr(row_gemv, "_SPLIT_K", split)
     cases = [([2048, 512, 512], 2048), ([8192, 8192], 2048), ([2048], 8192), ([128256], 2048), ([1000], 300)]
     for seed, (rows, k) in enumerate(cases):
         x, weights, _ = _int8_case(seed, rows, k, torch.bfloat16)
         x, weights = x.cuda(), [w.cuda() for w in weights]
         _close_to(row_gemv.gemv_rows(x, weights), row_gemv.reference(x, weights), 1e-2)
+        compiled = torch.compile(row_gemv.gemv_rows)  # traced into a graph: the slices' sum included
+        _close_to(compiled(x, weights), row_gemv.reference(x, weights), 1e-2)
 
 
 @pytest.mark.gpu

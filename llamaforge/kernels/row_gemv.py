@@ -8,7 +8,10 @@ bf16. Inductor's reduction loads int8 with the same element counts per thread as
 bytes. For bf16, a standalone microbenchmark had a hand-written Triton GEMV at 4.0 TB/s for the stacked gate/up
 matrix against inductor's 2.7 (3.6 inside the step) and 2.2-2.6 against 1.5-1.8 for o_proj and q/k/v. Here each
 program streams `BLOCK_N` rows of one matrix `BLOCK_K` values at a time into a 2-D fp32 accumulator, reduced once
-at the end.
+at the end; with split-K each row's length is cut into slices of whole tiles that separate programs sum, and the
+op adds the slices (an addition inductor fuses into the consumer). Why split-K: in the H200 micro-benchmark the
+int8 down_proj (2,048 rows of 8,192) streamed only ~1.8 TB/s with every setting tried, inductor's reduction too,
+against ~2.5 for gate/up: few long rows leave the GPU short of programs (not yet timed on a GPU).
 
 `gemv_rows(x, [w0, w1, w2])` is a custom op (`torch.ops.llamaforge.gemv_rows`) returning the fp32 sums of all rows
 side by side, (1, N0 + N1 + N2) (for int8 weights unscaled). The decode graph pass
@@ -43,9 +46,13 @@ MAX_MATRICES = 3
 _BLOCK_N = 8
 _BLOCK_K = 1024
 _WARPS = 8
+# Split-K: slices of each row's length that separate programs sum (the slices' sums then added in the graph, where
+# inductor fuses the addition into the product's consumer). More programs for products with few, long rows
+# (down_proj: 2,048 rows of 8,192), which otherwise leave much of the GPU without work.
+_SPLIT_K = 1
 # Per-product settings set by hand (benchmarks): (weight bytes per value, rows of all matrices together, K) ->
-# (BLOCK_N, BLOCK_K, warps). An entry wins over `_MEASURED` and the defaults.
-_SETTINGS: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+# (BLOCK_N, BLOCK_K, warps) or (BLOCK_N, BLOCK_K, warps, split-K). An entry wins over `_MEASURED` and the defaults.
+_SETTINGS: dict[tuple[int, int, int], tuple[int, ...]] = {}
 # Per GPU architecture (CUDA compute capability), the products to hand to this kernel by default, with their launch
 # settings: entries go here only when the kernel made the whole decode step faster on that GPU. None does yet. On
 # an H200 (torch 2.11, 2026-12-02) benchmarks/gemv_micro.py timed the kernel faster than inductor's reduction for
@@ -53,22 +60,22 @@ _SETTINGS: dict[tuple[int, int, int], tuple[int, int, int]] = {}
 # benchmarks/results/gemv_micro_h200.json), but routing the bf16 pair to it in the decode step (decode_variants,
 # same run) gave 1.038 ms per step against 1.012 without (kernels 983 vs 994 us: the products themselves were not
 # the gap), so the table stays empty and the step keeps inductor's reductions.
-_MEASURED: dict[tuple[int, int], dict[tuple[int, int, int], tuple[int, int, int]]] = {}
+_MEASURED: dict[tuple[int, int], dict[tuple[int, int, int], tuple[int, ...]]] = {}
 
 
 def _product_key(weights: list[torch.Tensor], k: int) -> tuple[int, int, int]:
     return (weights[0].element_size(), sum(w.size(0) for w in weights), k)
 
 
-def _measured_here(device: torch.device) -> dict[tuple[int, int, int], tuple[int, int, int]]:
+def _measured_here(device: torch.device) -> dict[tuple[int, int, int], tuple[int, ...]]:
     if device.type != "cuda" or not torch.cuda.is_available():
         return {}
     return _MEASURED.get(torch.cuda.get_device_capability(device), {})
 
 
-def settings_for(weights: list[torch.Tensor], k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, warps) for one launch: a hand-set entry, else the measured one for this GPU, else the
-    defaults."""
+def settings_for(weights: list[torch.Tensor], k: int) -> tuple[int, ...]:
+    """(BLOCK_N, BLOCK_K, warps[, split-K]) for one launch: a hand-set entry, else the measured one for this GPU,
+    else the defaults (split-K, when an entry leaves it out: `_SPLIT_K`)."""
     key = _product_key(weights, k)
     if key in _SETTINGS:
         return _SETTINGS[key]
@@ -79,7 +86,10 @@ def launch_tag() -> str:
     """The routing and launch settings in force, for the decode graph pass's cache key: a compiled graph that calls
     the kernel is only reused under the settings it was compiled with (inductor's on-disk cache outlives the
     process, and the benchmarks change the settings between processes)."""
-    return f"{INT8}-{FLOAT}-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{sorted(_SETTINGS.items())}-{sorted(_MEASURED.items())}"
+    return (
+        f"{INT8}-{FLOAT}-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{_SPLIT_K}-{sorted(_SETTINGS.items())}-"
+        f"{sorted(_MEASURED.items())}"
+    )
 
 
 def reference(x: torch.Tensor, weights: list[torch.Tensor]) -> torch.Tensor:
@@ -112,10 +122,11 @@ def _kernel() -> Any:
     # slower than inductor's reductions in the H200 decode step; `supported` keeps both above 1.
     @triton.jit(do_not_specialize=["n0", "n1", "n2", "blocks0", "blocks01"])
     def rows_kernel(
-        x_ptr, w0_ptr, w1_ptr, w2_ptr, y_ptr, n0, n1, n2, k_len, sw0, sw1, sw2, blocks0, blocks01,
+        x_ptr, w0_ptr, w1_ptr, w2_ptr, y_ptr, n0, n1, n2, k_len, sw0, sw1, sw2, blocks0, blocks01, k_chunk, sy,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
+        part = tl.program_id(1)  # which slice of the row length (split-K); its sums go to row `part` of y
         # each program serves rows of one matrix: the first blocks0 programs matrix 0, then matrix 1, then 2
         if pid < blocks0:
             w_ptr, stride, rows, local, out0 = w0_ptr, sw0, n0, pid, n0 * 0
@@ -126,9 +137,11 @@ def _kernel() -> Any:
         n = local * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = n < rows
         acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in range(0, k_len, BLOCK_K):
+        k_start = part * k_chunk  # k_chunk is a multiple of BLOCK_K: the tiles stay aligned
+        k_end = tl.minimum(k_start + k_chunk, k_len)
+        for k0 in range(k_start, k_end, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < k_len
+            k_ok = k < k_end
             x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
             w = tl.load(w_ptr + n[:, None] * stride + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
             if INT8:  # exact widening through the float's bits: no I2F (a slow conversion) per value
@@ -136,7 +149,7 @@ def _kernel() -> Any:
             else:
                 wf = w.to(tl.float32)
             acc += wf * x[None, :]
-        tl.store(y_ptr + out0 + n, tl.sum(acc, axis=1), mask=n_ok)
+        tl.store(y_ptr + part * sy + out0 + n, tl.sum(acc, axis=1), mask=n_ok)
 
     return rows_kernel
 
@@ -148,6 +161,7 @@ def launch(
     block_n: int | None = None,
     block_k: int | None = None,
     warps: int | None = None,
+    split: int | None = None,
     wrap: Any = None,
 ) -> torch.Tensor:
     """Run the Triton kernel (on CUDA, or on CPU tensors under TRITON_INTERPRET=1). `wrap` is
@@ -158,19 +172,22 @@ def launch(
     if wrap is not None:
         kernel = wrap(kernel)
     k_len = x.size(1)
-    chosen_n, chosen_k, chosen_warps = settings_for(list(weights), k_len)  # explicit arguments win
+    chosen_n, chosen_k, chosen_warps, *chosen_split = settings_for(list(weights), k_len)  # explicit arguments win
     block_n, warps = block_n or chosen_n, warps or chosen_warps
     block_k = min(block_k or chosen_k, triton.next_power_of_2(k_len))
+    split = split or (chosen_split[0] if chosen_split else _SPLIT_K)
+    k_chunk = triton.cdiv(triton.cdiv(k_len, split), block_k) * block_k  # whole tiles per slice
+    split = triton.cdiv(k_len, k_chunk)  # no slice left empty
     ws = list(weights) + [weights[0]] * (MAX_MATRICES - len(weights))  # unused slots: no program reads them
     rows = [w.size(0) for w in weights] + [0] * (MAX_MATRICES - len(weights))
     blocks = [triton.cdiv(r, block_n) for r in rows]
-    y = torch.empty(1, sum(rows), dtype=torch.float32, device=x.device)
-    kernel[(sum(blocks),)](
+    y = torch.empty(split, sum(rows), dtype=torch.float32, device=x.device)
+    kernel[(sum(blocks), split)](
         x, ws[0], ws[1], ws[2], y, rows[0], rows[1], rows[2], k_len,
-        ws[0].stride(0), ws[1].stride(0), ws[2].stride(0), blocks[0], blocks[0] + blocks[1],
+        ws[0].stride(0), ws[1].stride(0), ws[2].stride(0), blocks[0], blocks[0] + blocks[1], k_chunk, y.stride(0),
         BLOCK_N=block_n, BLOCK_K=block_k, INT8=weights[0].dtype == torch.int8, num_warps=warps,
     )  # fmt: skip
-    return y
+    return y if split == 1 else y.sum(0, keepdim=True)
 
 
 if hasattr(torch.library, "triton_op"):  # torch >= 2.6
