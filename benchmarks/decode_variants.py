@@ -18,7 +18,8 @@ drift. Each variant is a comma-separated list of settings (`base` is none):
                                   to llamaforge.kernels.row_gemv), gemv_block_n,
                                   gemv_block_k, gemv_warps, gemv_split (split-K)
     model and call                attn (attention kernel plugin), quant (quantizer plugin), prefill_graph (0/1;
-                                  unset: the default, on with CUDA graphs)
+                                  unset: the default, on with CUDA graphs), gemv_route (per-product routing to the
+                                  row GEMV kernel, see parse_route)
     any inductor option           inductor.NAME=VALUE, e.g. inductor.triton.enable_pdl=1 (Programmatic Dependent
                                   Launch); also laid over the decode step's own compile options
 
@@ -66,14 +67,34 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "gemv_warps": (GEMV, "_WARPS", "int"),
     "gemv_split": (GEMV, "_SPLIT_K", "int"),
 }
-CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool"}
+CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool", "gemv_route": "str"}
+
+
+def parse_route(text: str) -> dict[tuple[int, int, int], tuple[int, int, int, int]]:
+    """`gemv_route`: products handed to the row GEMV kernel on this GPU, as `_MEASURED` entries written
+    BYTES/ROWS/K/BLOCK_N/BLOCK_K/WARPS/SPLIT_K joined by `+`, e.g. `1/2048/8192/4/1024/4/4+1/3072/2048/4/1024/4/1`
+    (int8 down_proj with split-K 4, int8 q/k/v): an A/B of a routing table without editing the code."""
+    table = {}
+    for entry in text.split("+"):
+        try:
+            values = [int(v) for v in entry.split("/")]
+        except ValueError:
+            values = []
+        if len(values) != 7 or min(values) < 1 or values[0] not in (1, 2, 4):
+            raise VariantError(f"gemv_route entry {entry!r}: expected BYTES/ROWS/K/BLOCK_N/BLOCK_K/WARPS/SPLIT_K "
+                               "with positive integers and 1, 2 or 4 bytes per weight")  # fmt: skip
+        table[tuple(values[:3])] = tuple(values[3:])
+    return table
 
 
 def parse_variant(text: str) -> dict[str, Any]:
     """`buffer_row=0,attn=flash_decode` -> settings (`base`: none); checked before any process is started."""
     if text.strip() in ("", "base"):
         return {}
-    return parse_settings(text, {**{k: kind for k, (_, _, kind) in SWITCHES.items()}, **CALL_SETTINGS})
+    settings = parse_settings(text, {**{k: kind for k, (_, _, kind) in SWITCHES.items()}, **CALL_SETTINGS})
+    if "gemv_route" in settings:
+        parse_route(settings["gemv_route"])
+    return settings
 
 
 # ----- in the child process -------------------------------------------------------------------------------------
@@ -89,6 +110,13 @@ def _apply(settings: dict[str, Any]) -> None:
             if not hasattr(mod, attr):
                 raise VariantError(f"{module}.{attr} does not exist in this checkout")
             setattr(mod, attr, value)
+    if "gemv_route" in settings:
+        import torch
+
+        from llamaforge.kernels import row_gemv
+
+        if torch.cuda.is_available():  # the table is per GPU architecture; on a CPU it routes nothing
+            row_gemv._MEASURED = {torch.cuda.get_device_capability(): parse_route(settings["gemv_route"])}
     extra = inductor_options(settings)
     for name, value in extra.items():
         setattr(inductor_config, name, value)  # for every compile in the process (the prefill's kernels too)

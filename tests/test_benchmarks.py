@@ -149,6 +149,11 @@ def test_decode_variants_rejects_bad_settings_before_starting_anything():
     assert parse_variant("quant=int8_weight_only,gemv_int8=1,gemv_float=0,gemv_block_k=2048") == {
         "quant": "int8_weight_only", "gemv_int8": True, "gemv_float": False, "gemv_block_k": 2048}  # fmt: skip
     assert parse_variant("gemv_float=auto,gemv_int8=on") == {"gemv_float": None, "gemv_int8": True}
+    route = "1/2048/8192/4/1024/4/4+1/3072/2048/4/1024/4/1"
+    assert parse_variant(f"quant=int8_weight_only,gemv_route={route}")["gemv_route"] == route
+    for bad in ("1/2048/8192/4/1024/4", "3/2048/8192/4/1024/4/1", "1/2048/8192/4/1024/4/x"):
+        with pytest.raises(VariantError, match="BYTES/ROWS/K"):
+            parse_variant(f"gemv_route={bad}")
     assert parse_variant("splits=auto,block=64,inductor.triton.enable_pdl=1,attn=flash_decode") == {
         "splits": None, "block": 64, "inductor.triton.enable_pdl": 1, "attn": "flash_decode"}  # fmt: skip
     # torch.compile rejects an int for a boolean option: the 1 must reach it as True
