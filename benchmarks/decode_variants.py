@@ -9,7 +9,7 @@ Run-to-run spread on fresh H200 machines is ~5% for the same code, so the step t
 comparable with another measured in the same invocation; `--rounds 2` repeats the whole list (A B A B) to show the
 drift. Each variant is a comma-separated list of settings (`base` is none):
 
-    switches of the decode step   buffer_row, siblings, pointwise_cat, greedy_step, argmax_blocks (0/1),
+    switches of the decode step   buffer_row, siblings, pointwise_cat, greedy_step, argmax_blocks, kv_one_write (0/1),
                                   fold_norm, unstack_equal (0/1/auto: auto = on CPUs only, the default),
                                   gemv_rows (int: products with at most this many rows become reductions; 0: off)
     flash-decoding kernel         splits (int or auto), block, warps
@@ -66,6 +66,7 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "gemv_block_k": (GEMV, "_BLOCK_K", "int"),
     "gemv_warps": (GEMV, "_WARPS", "int"),
     "gemv_split": (GEMV, "_SPLIT_K", "int"),
+    "kv_one_write": ("llamaforge.core.cache", "_ONE_WRITE", "bool"),
 }
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool", "gemv_route": "str"}
 

@@ -467,6 +467,31 @@ def test_gemv_pass_over_a_whole_cpu_decode_step_keeps_the_tokens(quantizer):
     generation.clear_sessions(model)
 
 
+@pytest.mark.slow  # compiles the whole decode step of a small model on CPU (~20 s)
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_compiled_decoding_with_the_one_write_cache_gives_the_eager_tokens(monkeypatch, counting_gemv_pass):
+    """The cache layout with keys and values in one buffer per layer (`cache._ONE_WRITE`) under the compiled step:
+    one indexed write per layer in the step's graph, and the eager tokens."""
+    from llamaforge.core import cache as cache_mod
+    from llamaforge.core import generation
+
+    monkeypatch.setattr(cache_mod, "_ONE_WRITE", True)
+    spy, writes = counting_gemv_pass(lambda g: sum(n.target is torch.ops.aten.index_put.default for n in g.nodes))
+    monkeypatch.setattr(generation, "_gemv_pass", lambda: spy)
+    model = _model(seed=15)
+    prompts = [[3, 4, 5], [7, 8, 9, 10, 11]]
+    eager = generate(model, prompts, GenerationConfig(max_new_tokens=8, compile=False))
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        compiled = generate(model, prompts, GenerationConfig(max_new_tokens=8, compile=True))
+    assert compiled == eager
+    session = next(reversed(generation._sessions[model].values()))
+    assert session.cache.kv is not None
+    # one write per layer (two with separate buffers), and the step's write of the new token into the context
+    assert writes and set(writes) == {model.spec.n_layers + 1}
+    generation.clear_sessions(model)
+
+
 @pytest.mark.slow  # compiles the whole decode step of a small model on CPU (~30 s)
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 def test_compiled_greedy_step_gives_the_eager_tokens():

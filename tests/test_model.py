@@ -41,6 +41,31 @@ def test_kv_cache_matches_full_forward(spec, seq, prefill):
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
 
 
+def test_kv_cache_in_one_buffer_per_layer_stores_and_serves_the_same(monkeypatch):
+    """`cache._ONE_WRITE`: keys and values of a layer in one buffer, written by one assignment; the same logits, the
+    same stored keys and values, the same size, and reset clears it."""
+    from llamaforge.core import cache as cache_mod
+
+    model = build_model("tiny", seed=1).eval()
+    ids = torch.randint(0, 4096, (2, 9))
+    caches, logits = {}, {}
+    for one in (False, True):
+        monkeypatch.setattr(cache_mod, "_ONE_WRITE", one)
+        cache = caches[one] = model.new_cache(2, 12)
+        with torch.no_grad():
+            parts = [model(ids[:, :5], cache=cache, cache_position=torch.arange(5)).logits]
+            for t in range(5, 9):
+                parts.append(model(ids[:, t : t + 1], cache=cache, cache_position=torch.tensor([t])).logits)
+        logits[one] = torch.cat(parts, 1)
+    assert caches[True].kv is not None and caches[False].kv is None
+    torch.testing.assert_close(logits[True], logits[False], atol=0, rtol=0)
+    for a, b in zip([*caches[True].keys, *caches[True].values], [*caches[False].keys, *caches[False].values]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert caches[True].nbytes() == caches[False].nbytes()
+    caches[True].reset()
+    assert all(float(t.abs().sum()) == 0 for t in caches[True].kv)
+
+
 def test_left_padding_matches_unpadded():
     model = build_model("tiny", seed=0).eval()
     ids = torch.randint(0, 4096, (1, 7))
