@@ -20,15 +20,7 @@ def best_time(
     fn: Callable[[], Any], device: torch.device, repeats: int, clock: Callable[[], float] = time.perf_counter
 ) -> float:
     """Best of `repeats` timed calls after one untimed warm-up call (which absorbs compilation and caches)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = clock()
-        fn()
-        sync(device)
-        best = min(best, clock() - t0)
-    return best
+    return best_times_interleaved([fn], device, repeats, clock)[0]
 
 
 def best_times_interleaved(

@@ -125,10 +125,11 @@ def make_step(
     return step
 
 
-HOST_S: dict[int, list[float]] = {}  # per step function: seconds the host took to issue each CUDA window
-
-
-def window(step: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], n: int, device: torch.device) -> float:
+def window(
+    step: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], n: int, device: torch.device
+) -> tuple[float, float | None]:
+    """Seconds for `n` steps and, on CUDA, the host's own seconds to issue them (None on a CPU, where the two are
+    one): when the host's time is close to the GPU's, the step is bound by launching work."""
     sync(device)
     if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -137,14 +138,13 @@ def window(step: Any, batches: list[tuple[torch.Tensor, torch.Tensor]], n: int, 
         for i in range(n):
             step(*batches[i % len(batches)])
         end.record()
-        # the host's own time for the window: when it is close to the GPU's, the step is bound by launching work
-        HOST_S.setdefault(id(step), []).append(time.perf_counter() - t0)
+        host = time.perf_counter() - t0
         end.synchronize()
-        return start.elapsed_time(end) / 1000.0
+        return start.elapsed_time(end) / 1000.0, host
     t0 = time.perf_counter()
     for i in range(n):
         step(*batches[i % len(batches)])
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -252,9 +252,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "llamaforge" not in contenders or not any(not k.startswith("llamaforge") for k in contenders):
         raise SystemExit(f"SUMMARY train_throughput: FAILED {failed}")
     times: dict[str, list[float]] = {k: [] for k in contenders}
+    host_times: dict[str, list[float]] = {k: [] for k in contenders}
     for _ in range(args.rounds):
         for label, step in contenders.items():
-            times[label].append(window(step, batches, steps, device))
+            secs, host = window(step, batches, steps, device)
+            times[label].append(secs)
+            if host is not None:
+                host_times[label].append(host)
 
     profiles = {}
     for label, step in contenders.items():
@@ -274,9 +278,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "warmup_s": compile_s[label],
             "first_loss": first_loss[label],
         }
-        host = HOST_S.get(id(contenders[label]))
-        if host:
-            results[label]["host_ms_per_step"] = 1000 * statistics.median(host) / steps
+        if host_times[label]:
+            results[label]["host_ms_per_step"] = 1000 * statistics.median(host_times[label]) / steps
     if gpu:
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     ref = hf_label if hf_label in contenders else next(k for k in contenders if not k.startswith("llamaforge"))

@@ -433,6 +433,12 @@ def _count(gm: torch.fx.GraphModule, target: object) -> int:
     return sum(n.target is target for n in gm.graph.nodes)
 
 
+def _rms_normed(x: torch.Tensor, norm_w: torch.Tensor) -> torch.Tensor:
+    """RMSNorm as the model writes it (fp32 statistics, cast back, then the weight)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * norm_w
+
+
 @pytest.mark.parametrize(
     ("form", "flag", "folded"),
     [("mm", None, True), ("mm", False, False), ("decomposed", None, False), ("decomposed", True, True)],
@@ -449,9 +455,8 @@ def test_gemv_pass_folds_an_rmsnorm_into_its_products_on_cpus(form, flag, folded
     args = (torch.randn(1, 1, 40, generator=g), torch.rand(40, generator=g) + 0.5, torch.randn(24, 40, generator=g),
             torch.randn(8, 40, generator=g))  # fmt: skip
 
-    def layer(x, norm_w, wq, wk):  # RMSNorm as the model writes it, then two products of its row (q and k)
-        x32 = x.float()
-        h = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * norm_w
+    def layer(x, norm_w, wq, wk):  # RMSNorm, then two products of its row (q and k)
+        h = _rms_normed(x, norm_w)
         return F.linear(h, wq), F.linear(h, wk)
 
     monkeypatch.setattr(generation, "_FOLD_NORM", flag)
@@ -480,9 +485,7 @@ def test_gemv_pass_folds_a_bf16_rmsnorm_through_its_casts(monkeypatch):
     args = (x, norm_w, torch.randn(24, 40, generator=g).bfloat16())
 
     def layer(x, norm_w, w):
-        x32 = x.float()
-        h = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype) * norm_w
-        return F.linear(h, w)
+        return F.linear(_rms_normed(x, norm_w), w)
 
     monkeypatch.setattr(generation, "_FOLD_NORM", True)
     gm = _pass_input_graph(layer, args, "decomposed")
@@ -562,7 +565,7 @@ def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, for
 
         monkeypatch.setattr(row_gemv, "route_available", route)
         gm = _pass_input_graph(layer, args, form)
-        assert sum(n.target is aten.mm.default for n in gm.graph.nodes) == (3 if form == "mm" else 0)
+        assert _count(gm, aten.mm.default) == (3 if form == "mm" else 0)
         before = generation._gemv_rewrites[0]
         generation._gemv_pass()(gm.graph)
         assert generation._gemv_rewrites[0] == before + 3
@@ -578,7 +581,7 @@ def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, for
         if switched_on:
             assert len(found) == 1 and len(found[0].args[1]) == 3
         else:
-            assert found == [] and sum(n.target is aten.cat.default for n in gm.graph.nodes) == 1  # stacked
+            assert found == [] and _count(gm, aten.cat.default) == 1  # stacked
         for got, want in zip(gm(*args), layer(*args), strict=True):  # the op's CPU kernel is the reference
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 

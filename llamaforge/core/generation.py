@@ -463,20 +463,21 @@ def _gemv_pass() -> Any:
                     return row, weight, eps  # over the last dimension of one row (batch 1, one token)
         return None
 
+    def _buffered(add: Any, node: torch.fx.Node) -> torch.fx.Node:
+        """`node` read through an identity `as_strided`, which inductor lowers only from a buffer (see the docstring:
+        the row is computed once, not inside every thread block); the offset is the node's own."""
+        val = node.meta["val"]
+        return add(aten.as_strided.default, (node, list(val.shape), list(val.stride())))
+
     def _folded_product(add: Any, row: Any, weight: Any, eps: float, matrix: Any, width: int) -> torch.fx.Node:
         """`sum(r * g * W, -1) * rsqrt(mean(r ** 2) + eps)` for the row r before its RMSNorm (fp32): the weight
         streaming and the sum of squares share one pass over r, with one sum of squares per output row, so
         inductor emits one reduction and the norm needs no kernel of its own."""
         source = cast_source(row, torch.float32) or row
-        rv = source.meta["val"]
         if _BUFFER_ROW:
-            source = add(aten.as_strided.default, (source, list(rv.shape), list(rv.stride())))
-        r32 = add(aten.reshape.default, (source, [1, width]))
-        if rv.dtype != torch.float32:
-            r32 = add(prims.convert_element_type.default, (r32, torch.float32))
-        g32 = weight
-        if weight.meta["val"].dtype != torch.float32:
-            g32 = add(prims.convert_element_type.default, (weight, torch.float32))
+            source = _buffered(add, source)
+        r32 = add(prims.convert_element_type.default, (add(aten.reshape.default, (source, [1, width])), torch.float32))
+        g32 = add(prims.convert_element_type.default, (weight, torch.float32))
         w32 = add(prims.convert_element_type.default, (matrix, torch.float32))
         scaled = add(aten.unsqueeze.default, (add(aten.mul.Tensor, (r32, g32)), 1))
         prod = add(aten.sum.dim_IntList, (add(aten.mul.Tensor, (scaled, w32)), [2]))
@@ -535,8 +536,8 @@ def _gemv_pass() -> Any:
                 if normed is not None:  # see the docstring: the norm's row scale after the product
                     red = _folded_product(add, *normed, _stacked(add, weights), xv.shape[-1])
                 else:
-                    if _BUFFER_ROW or kernel:  # see the docstring: the row is computed once, not in every block
-                        x = add(aten.as_strided.default, (x, list(xv.shape), list(xv.stride())))  # offset: x's own
+                    if _BUFFER_ROW or kernel:
+                        x = _buffered(add, x)
                     if kernel:  # llamaforge's row GEMV kernel: all the matrices in one launch, fp32 sums
                         red = graph.call_function(torch.ops.llamaforge.gemv_rows.default, (x, kernel), {})
                         with xv.fake_mode:  # its shape, without tracing the Triton launch
