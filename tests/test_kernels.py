@@ -586,6 +586,25 @@ def test_gemv_pass_hands_sibling_products_to_the_kernel_op_in_one_call(kind, for
             torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_row_gemv_settings_specialise_symbolic_sizes(monkeypatch):
+    """Compiled with dynamic shapes (a second call with other sizes), the op sees SymInt sizes: the launch setting
+    is still found, by specialising on them (a guard) rather than failing to hash them (H200, 2026-12-02)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    from llamaforge.kernels import row_gemv
+
+    monkeypatch.setitem(row_gemv._SETTINGS, (1, 2048 + 512, 2048), (4, 2048, 4, 2))
+    env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=env)
+    dynamic_rows = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+    weights = [mode.from_tensor(torch.zeros(n, 2048, dtype=torch.int8), symbolic_context=dynamic_rows)
+               for n in (2048, 512)]  # fmt: skip
+    assert all(isinstance(w.size(0), torch.SymInt) for w in weights)
+    assert row_gemv.settings_for(weights, 2048) == (4, 2048, 4, 2)
+    assert len(env.guards) == 2  # one per row count: the graph is only reused at these sizes
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("split", [1, 4])

@@ -64,7 +64,9 @@ _MEASURED: dict[tuple[int, int], dict[tuple[int, int, int], tuple[int, ...]]] = 
 
 
 def _product_key(weights: list[torch.Tensor], k: int) -> tuple[int, int, int]:
-    return (weights[0].element_size(), sum(w.size(0) for w in weights), k)
+    # int(): under torch.compile with dynamic shapes the sizes are SymInts, which neither hash nor pick a launch
+    # setting; int() specialises the graph on them (a guard), as the constexpr tile sizes need anyway
+    return (weights[0].element_size(), sum(int(w.size(0)) for w in weights), int(k))
 
 
 def _measured_here(device: torch.device) -> dict[tuple[int, int, int], tuple[int, ...]]:
@@ -171,7 +173,7 @@ def launch(
     kernel = _kernel()
     if wrap is not None:
         kernel = wrap(kernel)
-    k_len = x.size(1)
+    k_len = int(x.size(1))  # concrete even when traced with dynamic shapes (see _product_key)
     chosen_n, chosen_k, chosen_warps, *chosen_split = settings_for(list(weights), k_len)  # explicit arguments win
     block_n, warps = block_n or chosen_n, warps or chosen_warps
     block_k = min(block_k or chosen_k, triton.next_power_of_2(k_len))
@@ -179,7 +181,7 @@ def launch(
     k_chunk = triton.cdiv(triton.cdiv(k_len, split), block_k) * block_k  # whole tiles per slice
     split = triton.cdiv(k_len, k_chunk)  # no slice left empty
     ws = list(weights) + [weights[0]] * (MAX_MATRICES - len(weights))  # unused slots: no program reads them
-    rows = [w.size(0) for w in weights] + [0] * (MAX_MATRICES - len(weights))
+    rows = [int(w.size(0)) for w in weights] + [0] * (MAX_MATRICES - len(weights))
     blocks = [triton.cdiv(r, block_n) for r in rows]
     y = torch.empty(split, sum(rows), dtype=torch.float32, device=x.device)
     kernel[(sum(blocks), split)](
