@@ -91,6 +91,7 @@ def make_step(
     amp: torch.dtype | None,
     lr: float,
     compile_optimizer: bool = False,
+    graphed: bool = False,
 ):
     """One training step. llamaforge's optimizer and update are the trainer's own (AdamW built as `Trainer` does
     it; clipping folded into the fused update); transformers gets what its Trainer runs: a fused AdamW with weight
@@ -113,6 +114,8 @@ def make_step(
             opt.zero_grad(set_to_none=True)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if graphed:  # as the trainer does: the last step's graph outputs may be overwritten from here on
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             if kind == "llamaforge":
                 loss = forward(x, y, return_logits=False).loss
@@ -218,15 +221,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     contenders: dict[str, Any] = {}
     from llamaforge.core.train import compile_for_training  # the trainer's own torch.compile settings
 
-    contenders["llamaforge"] = make_step(ours, compile_for_training(ours) if compile_ else ours, "llamaforge",
-                                         device, amp, 3e-4)  # fmt: skip
+    # the trainer's default (TrainSpec.cuda_graphs unset): compiled steps on CUDA replay as CUDA graphs; a variant
+    # with inductor.triton.cudagraphs=0 times the step without them
+    graphs = {"triton.cudagraphs": True} if compile_ and device.type == "cuda" else {}
+    contenders["llamaforge"] = make_step(ours, compile_for_training(ours, graphs) if compile_ else ours, "llamaforge",
+                                         device, amp, 3e-4, graphed=bool(graphs))  # fmt: skip
     for label, (settings, options) in variants.items():
         twin = llamaforge.build_model(spec, device=device, dtype="float32", seed=0).train()
         if options and not compile_:
             ap.error(f"--variant {label}: inductor options need --compile")
+        options = {**graphs, **options}
         forward = compile_for_training(twin, options) if compile_ else twin
         contenders[label] = make_step(twin, forward, "llamaforge", device, amp, 3e-4,
-                                      compile_optimizer=settings.get("compile_optimizer", False))  # fmt: skip
+                                      compile_optimizer=settings.get("compile_optimizer", False),
+                                      graphed=bool(options.get("triton.cudagraphs")))  # fmt: skip
     hf_label = "transformers" + ("+compile" if compile_ else "")
     contenders[hf_label] = make_step(hf, torch.compile(hf) if compile_ else hf, "hf", device, amp, 3e-4)
     if gpu and compile_ and not args.no_hf_eager:

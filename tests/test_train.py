@@ -156,6 +156,30 @@ def test_cuda_graphs_need_compile():
     with pytest.raises(ValueError, match="cuda_graphs replays the compiled step"):
         spec_(cuda_graphs=True)
     assert spec_(cuda_graphs=True, compile=True).cuda_graphs  # on a CPU the option is accepted and does nothing
+    assert spec_().cuda_graphs is None  # unset: decided by the trainer
+
+
+def test_cuda_graphs_by_default_only_where_they_apply(streams, tmp_path):
+    """Unset, the compiled step replays as CUDA graphs on a single CUDA process without activation checkpointing
+    (host-bound steps otherwise); never on a CPU, never without compile; an explicit choice wins."""
+    train, val = streams
+    cuda = torch.device("cuda")
+
+    def decided(device, world_size=1, **fields):
+        trainer = Trainer.__new__(Trainer)  # only the decision: no model, no compilation
+        trainer.device, trainer.world_size = device, world_size
+        return trainer._cuda_graphs(spec_(**fields))
+
+    assert decided(cuda, compile=True)
+    assert not decided(cuda, compile=False)
+    assert not decided(torch.device("cpu"), compile=True, cuda_graphs=True)
+    assert not decided(torch.device("cpu"), compile=True)
+    assert not decided(cuda, world_size=2, compile=True)  # FSDP: left out by default (explicit True is an error)
+    assert not decided(cuda, compile=True, activation_checkpointing=True)
+    assert decided(cuda, compile=True, activation_checkpointing=True, cuda_graphs=True)
+    assert not decided(cuda, compile=True, cuda_graphs=False)
+    trainer = Trainer(tiny(), spec_(steps=1, compile=True), train, val, tmp_path, progress=False)
+    assert not trainer._graphed  # a CPU trainer
 
 
 @pytest.mark.gpu
@@ -167,10 +191,13 @@ def test_cuda_graphs_train_like_the_compiled_step_with_accumulation_and_evals(st
     steps."""
     train, val = streams
     losses = {}
-    for graphs in (False, True):
+    for graphs in (False, None):  # None: the default, graphs on here
         spec = spec_(steps=6, warmup_steps=1, grad_accum=2, compile=True, cuda_graphs=graphs, eval_every=3,
                      device="cuda")  # fmt: skip
-        result = Trainer(tiny(), spec, train, val, tmp_path / str(graphs), progress=False).fit()
+        trainer = Trainer(tiny(), spec, train, val, tmp_path / str(graphs), progress=False)
+        assert trainer._graphed is (graphs is None)
+        result = trainer.fit()
+        graphs = graphs is None  # the key: whether the step was graphed
         losses[graphs] = [r["loss"] for r in result.history if "loss" in r]
         losses[graphs, "val"] = [r["val_loss"] for r in result.history if "val_loss" in r]
     assert len(losses[True]) == 6 and len(losses[True, "val"]) == 2

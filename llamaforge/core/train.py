@@ -64,9 +64,10 @@ class TrainSpec(BaseModel):
     compile_optimizer: bool = Field(
         default=False, description="compile gradient clipping and the AdamW update as one graph (off until measured)"
     )
-    cuda_graphs: bool = Field(
-        default=False,
-        description="with compile on CUDA, replay the compiled forward and backward as CUDA graphs (single process)",
+    cuda_graphs: bool | None = Field(
+        default=None,
+        description="with compile on CUDA, replay the compiled forward and backward as CUDA graphs (single process); "
+        "null: on wherever that holds, except with activation checkpointing",
     )
     device: str = "auto"
     activation_checkpointing: bool = False
@@ -311,11 +312,22 @@ class Trainer:
         self._window_steps = 0
         self.extra_metadata = extra_metadata or {}
         self._forward: Callable[..., Any] = self.model
-        self._graphed = spec.cuda_graphs and self.device.type == "cuda"
+        self._graphed = self._cuda_graphs(spec)
         if self._graphed and self.world_size > 1:
             raise LlamaforgeError("cuda_graphs is for single-process training: FSDP's collectives are not captured")
         if spec.compile:
             self._forward = compile_for_training(self.model, {"triton.cudagraphs": True} if self._graphed else None)
+
+    def _cuda_graphs(self, spec: TrainSpec) -> bool:
+        """Whether the compiled step is replayed as CUDA graphs. By default wherever it can be: a step that is
+        launched kernel by kernel is bound by the host on a fast GPU (H200, 125M Llama-3 shape, batch 16 x 1024: the
+        host took 28.4 and 32.6 ms to issue a 29.8 / 32.6 ms step on two machines; with graphs 25.0-25.5 ms of host
+        for a 28.8-29.4 ms step, 1.252-1.268x transformers+compile against 1.118-1.249x without). Left out by default
+        under FSDP (collectives are not captured) and with activation checkpointing (not measured with graphs)."""
+        if spec.cuda_graphs is not None:
+            return spec.cuda_graphs and spec.compile and self.device.type == "cuda"
+        single = self.world_size == 1 and not spec.activation_checkpointing
+        return spec.compile and self.device.type == "cuda" and single
 
     # ----- checkpoints ----------------------------------------------------------------------------------------
     def save(self) -> None:
