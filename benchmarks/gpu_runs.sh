@@ -57,9 +57,10 @@ gemv)
     ;;
 train)
     extra=("$@")
-    # llamaforge against transformers+compile; each contender compiles with coordinate-descent tuning (~100 s on an
-    # H200), so two extra variants fit one call, e.g. --variant inductor.triton.enable_pdl=1 (compile_optimizer=1
-    # and inductor.triton.cudagraphs=1 gave no gain on 2026-12-02)
+    # llamaforge against transformers+compile; each contender compiles with coordinate-descent tuning (~70-190 s on
+    # an H200), so one or two extra variants fit one call, e.g. --variant inductor.triton.enable_pdl=1;
+    # llamaforge's step replays CUDA graphs as the trainer does by default: --variant inductor.triton.cudagraphs=0
+    # times it without them
     (cd benchmarks && $py train_throughput.py --gpu --no-hf-eager --profile 3 ${extra[@]+"${extra[@]}"} \
         --json "$out/train.json") >"$out/train.log" 2>&1
     tail -n 40 "$out/train.log"

@@ -59,7 +59,11 @@ _SETTINGS: dict[tuple[int, int, int], tuple[int, ...]] = {}
 # some products alone (bf16 down_proj 10.46 vs 12.41 us and o_proj 4.35 vs 4.79; int8 o_proj 3.51 vs 4.67;
 # benchmarks/results/gemv_micro_h200.json), but routing the bf16 pair to it in the decode step (decode_variants,
 # same run) gave 1.038 ms per step against 1.012 without (kernels 983 vs 994 us: the products themselves were not
-# the gap), so the table stays empty and the step keeps inductor's reductions.
+# the gap), so the table stays empty and the step keeps inductor's reductions. Int8 likewise (2026-12-02, sixth
+# session): alone the kernel beat inductor for q/k/v (4.36 vs 6.08 us), gate/up (13.01 vs 14.24) and o_proj (3.14
+# vs 6.33), and split-K helped no product; routing those three in the int8 decode step gave 0.888 ms per step and
+# q/k/v + o_proj 0.936, against 0.850 and 0.952 for the unrouted step timed first and last in the same run
+# (kernels 827 / 887 vs 831 / 934 us): no gain beyond the drift (benchmarks/results/int8_route_h200.json).
 _MEASURED: dict[tuple[int, int], dict[tuple[int, int, int], tuple[int, ...]]] = {}
 
 
