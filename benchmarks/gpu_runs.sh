@@ -5,7 +5,7 @@
 #
 # Stages (each writes STAGE.json / STAGE.log files into OUT_DIR and never stops the next command on a failure):
 #   tests     the GPU-marked tests (CUDA graphs, prefill graphs, the Triton kernels, row buffering on CUDA, the
-#             trainer's cuda_graphs option)
+#             trainer's CUDA graphs, a compiled ablation on CUDA)
 #   decode    decode-step variants of the 1B shape at batch 1, with kernel tables (benchmarks/decode_variants.py)
 #   int8      int8 weight-only decode variants (bf16 first; int8 through the row GEMV kernel), kernel tables
 #   gemv      each one-row product alone (benchmarks/gemv_micro.py): which kernel and launch setting is fastest
@@ -26,7 +26,7 @@ spec=(--device "${DEVICE:-cuda}" --spec "${SPEC:-llama3.2-1b}" --dtype "${DTYPE:
 case "$stage" in
 tests)
     $py -m pytest -q -m gpu --continue-on-collection-errors tests/test_generation.py tests/test_kernels.py \
-        tests/test_train.py "$@" >"$out/tests.log" 2>&1
+        tests/test_train.py tests/test_ablate.py "$@" >"$out/tests.log" 2>&1
     tail -n 25 "$out/tests.log"
     ;;
 decode)

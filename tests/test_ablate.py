@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 
@@ -163,3 +165,24 @@ def test_seed_chapter_file_resolves(shared_data):
 
         params.append(spec_summary(fitted)["params"])
     assert params[0] == 18_547_809  # the chapter's printed count for its feed-forward model
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_compiled_ablation_on_cuda_releases_each_variants_graphs(corpus):
+    """Compiled variants on CUDA replay CUDA graphs (the trainer's default); their memory pools are dropped after
+    each variant, so a long ablation does not hold every earlier variant's activations."""
+    before = torch.cuda.memory_reserved()
+    out = corpus / "out-cuda"
+    res = CliRunner().invoke(
+        cli,
+        ["ablate", "--spec", str(corpus / "small.yaml"), "--vary", "norm=rmsnorm,layernorm", "--data",
+         str(corpus / "stories.txt"), "--out", str(out), "--vocab-size", "300", *TRAIN_ARGS, "--set", "compile=true",
+         "--set", "device=cuda", "--json"],
+        catch_exceptions=False,
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout)
+    assert len(rows) == 2 and all(math.isfinite(r["val_loss"]) for r in rows)
+    assert torch.cuda.memory_reserved() - before < 64 * 2**20

@@ -774,7 +774,11 @@ def run_ablation(
                 "curve": [(r["step"], r["val_loss"]) for r in result.history if "val_loss" in r],
             }
         )
+        graphed = trainer._graphed
         del trainer, model
+        if graphed:  # each variant's CUDA graphs hold a memory pool until inductor's graph trees are dropped
+            torch._dynamo.reset()
+            torch.cuda.empty_cache()
     write_ablation_report(rows, out, axes=axes, base_train=base_train)
     return rows
 
