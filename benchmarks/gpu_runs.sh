@@ -22,6 +22,9 @@ cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
 # DEVICE / SPEC / DTYPE override the decode stages' model (the tests run them on the CPU with the tiny spec)
 spec=(--device "${DEVICE:-cuda}" --spec "${SPEC:-llama3.2-1b}" --dtype "${DTYPE:-bfloat16}")
+# FRESH=1: decode and int8 variants each compile into an empty inductor cache (decode_variants --fresh-cache)
+fresh=()
+[ "${FRESH:-0}" = 1 ] && fresh=(--fresh-cache)
 
 case "$stage" in
 tests)
@@ -37,15 +40,16 @@ decode)
         base)
     phases=()
     [ "${PHASES:-0}" = 1 ] && phases=(--phases)
-    (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile "${phases[@]}" \
-        --json "$out/decode.json") >"$out/decode.log" 2>&1
+    (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile ${phases[@]+"${phases[@]}"} \
+        ${fresh[@]+"${fresh[@]}"} --json "$out/decode.json") >"$out/decode.log" 2>&1
     tail -n 12 "$out/decode.log"
     ;;
 int8)
     variants=("$@")
     # bf16 first: the int8/bf16 ratio comes from one run
     [ ${#variants[@]} -gt 0 ] || variants=(base quant=int8_weight_only "quant=int8_weight_only,gemv_int8=1")
-    (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile --json "$out/int8.json") \
+    (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile ${fresh[@]+"${fresh[@]}"} \
+        --json "$out/int8.json") \
         >"$out/int8.log" 2>&1
     tail -n 8 "$out/int8.log"
     ;;
