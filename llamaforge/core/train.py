@@ -321,9 +321,10 @@ class Trainer:
     def _cuda_graphs(self, spec: TrainSpec) -> bool:
         """Whether the compiled step is replayed as CUDA graphs. By default wherever it can be: a step that is
         launched kernel by kernel is bound by the host on a fast GPU (H200, 125M Llama-3 shape, batch 16 x 1024: the
-        host took 28.4 and 32.6 ms to issue a 29.8 / 32.6 ms step on two machines; with graphs 25.0-25.5 ms of host
-        for a 28.8-29.4 ms step, 1.252-1.268x transformers+compile against 1.118-1.249x without). Left out by default
-        under FSDP (collectives are not captured) and with activation checkpointing (not measured with graphs)."""
+        host took 28.4 and 32.6 ms to issue a 29.8 / 32.6 ms step on two machines; with graphs 25.0-25.7 ms of host
+        for a 28.8-29.6 ms step, 1.246-1.268x transformers+compile in four runs against 1.118-1.249x without). Left
+        out by default under FSDP (collectives are not captured) and with activation checkpointing (not measured with
+        graphs)."""
         if spec.cuda_graphs is not None:
             return spec.cuda_graphs and spec.compile and self.device.type == "cuda"
         single = self.world_size == 1 and not spec.activation_checkpointing
