@@ -157,6 +157,9 @@ def test_cuda_graphs_need_compile():
         spec_(cuda_graphs=True)
     assert spec_(cuda_graphs=True, compile=True).cuda_graphs  # on a CPU the option is accepted and does nothing
     assert spec_().cuda_graphs is None  # unset: decided by the trainer
+    assert spec_(cuda_graphs="auto").cuda_graphs is None
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        spec_(cuda_graphs="sometimes")
 
 
 def test_cuda_graphs_by_default_only_where_they_apply(streams, tmp_path):

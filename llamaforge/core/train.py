@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llamaforge.core.data import BlockLoader
 from llamaforge.core.evaluate import autocast, evaluate
@@ -71,6 +71,12 @@ class TrainSpec(BaseModel):
     )
     device: str = "auto"
     activation_checkpointing: bool = False
+
+    @field_validator("cuda_graphs", mode="before")
+    @classmethod
+    def _auto_graphs(cls, value: Any) -> Any:
+        # "auto", like device and precision: the trainer decides (YAML's null means the same)
+        return None if isinstance(value, str) and value.strip().lower() == "auto" else value
 
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
