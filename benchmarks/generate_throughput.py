@@ -154,22 +154,41 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def graph_window(model: Any, steps: int) -> tuple[Any, int, int] | None:
+    """(a function replaying the model's last captured decode step `n` times from the prompt's end, n, its batch
+    size), or None when no step was captured (not CUDA, or decoding ran without a graph). The replays rewrite cache
+    rows beyond the prompt, which the next generate call lays out again."""
+    from llamaforge.core import generation
+
+    pool = generation._sessions.get(model)
+    if not pool:
+        return None
+    session = next(reversed(pool.values()))
+    if session.graph is None:
+        return None
+    n = min(steps, session.total - session.plen - 2)
+
+    def window() -> None:
+        session.pos.fill_(session.plen)
+        for _ in range(n):
+            session.graph.replay()
+
+    return window, n, session.bsz
+
+
 def _step_profile(model: Any, dev: torch.device, steps: int) -> dict[str, Any]:
     """On CUDA: the captured decode step alone (graph replays timed with events), and the bandwidth it implies."""
     from llamaforge.core import generation
 
-    pool = generation._sessions.get(model)
-    if dev.type != "cuda" or not pool:
+    if dev.type != "cuda" or not generation._sessions.get(model):
         return {}
-    session = next(reversed(pool.values()))
-    if session.graph is None:
+    found = graph_window(model, steps)
+    if found is None:
         return {"graph": False}
-    n = min(steps, session.total - session.plen - 2)
-    session.pos.fill_(session.plen)
+    window, n, bsz = found
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(n):
-        session.graph.replay()
+    window()
     end.record()
     end.synchronize()
     step_ms = start.elapsed_time(end) / n
@@ -177,7 +196,7 @@ def _step_profile(model: Any, dev: torch.device, steps: int) -> dict[str, Any]:
     return {
         "graph": True,
         "graph_step_ms": round(step_ms, 4),
-        "graph_tok_s": round(session.bsz * 1000 / step_ms, 1),
+        "graph_tok_s": round(bsz * 1000 / step_ms, 1),
         "weight_bytes_per_step": weights,
         "weight_read_tb_s": round(weights / step_ms / 1e9, 3),
     }

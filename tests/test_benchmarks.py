@@ -34,6 +34,43 @@ def test_quant_speed_cpu(tmp_path):
         assert row["prefill_tokens_per_s"] > 0 and row["decode_tokens_per_s"] > 0 and len(row["tokens"]) == 3
 
 
+def test_quant_speed_times_captured_steps_in_turns(monkeypatch):
+    """The GPU mode's decode figures come from windows of each variant's captured step timed in turns (A B A B),
+    the best per variant; a variant without a captured step keeps its own figure. Fake windows and a fake clock
+    stand in for graph replays here (this machine has no GPU): a bf16 window takes 1 s, an int8 one 0.5 s."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import _timing
+    import generate_throughput
+    import quant_speed
+
+    calls: list[str] = []
+    windows = {"bf16": 100, "int8": 50, "eager": None}  # replays per window; None: no captured step
+
+    def fake_window(model, steps):
+        n = windows[model]
+        return None if n is None else ((lambda: calls.append(model)), n, 1)
+
+    now = [0.0]
+
+    def fake_clock():
+        now[0] += 0.5 if calls and calls[-1] == "int8" else 1.0
+        return now[0]
+
+    def interleaved(fns, device, repeats):
+        return _timing.best_times_interleaved(fns, device, repeats, clock=fake_clock)
+
+    monkeypatch.setattr(generate_throughput, "graph_window", fake_window)
+    monkeypatch.setattr(quant_speed, "best_times_interleaved", interleaved)
+    rows = {name: {"decode_ms_per_token": 9.0, "decode_tokens_per_s": 1.0} for name in windows}
+    quant_speed.interleave_steps(rows, {n: n for n in windows}, steps=100, rounds=3, device=torch.device("cpu"))
+    assert calls == ["bf16", "int8"] * 4  # a warm-up call each, then three rounds in turns
+    assert rows["bf16"]["decode_ms_alone"] == 9.0 and rows["bf16"]["decode_ms_per_token"] == 10.0  # 1 s / 100
+    assert rows["int8"]["decode_tokens_per_s"] == 50 / 0.5
+    assert rows["eager"] == {"decode_ms_per_token": 9.0, "decode_tokens_per_s": 1.0}
+
+
 @pytest.mark.slow  # three CPU compilations
 def test_quant_speed_cpu_compiled(tmp_path):
     res = _run("quant_speed.py", "--compile", "--spec", "tiny", "--prompt-len", "8", "--new-tokens", "4",
