@@ -171,7 +171,7 @@ def graph_window(model: Any, steps: int) -> tuple[Any, int, int] | None:
     def window() -> None:
         session.pos.fill_(session.plen)
         for _ in range(n):
-            session.graph.replay()
+            session.replay()
 
     return window, n, session.bsz
 

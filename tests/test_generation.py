@@ -230,6 +230,37 @@ def test_zero_new_tokens():
     assert generate(_model(), [[1, 2]], GenerationConfig(max_new_tokens=0)) == [[]]
 
 
+@pytest.mark.parametrize("every", [2, 3, 8])
+def test_reading_tokens_back_in_spans_streams_exactly_what_step_by_step_does(every, monkeypatch):
+    """_READBACK_EVERY > 1 copies the tokens from the context buffer a span of steps at a time: the same steps
+    (greedy and sampled, a row stopped by EOS while the other goes on, a stop string, lengths that are and are not
+    multiples of the span, one token), the same None for finished rows, the same early end."""
+    from llamaforge.core import generation
+
+    model = _model(seed=6)
+    tok = CharTokenizer()
+    prompts = [[1, 2, 3], [30, 31]]
+    free = generate(model, prompts, GenerationConfig(max_new_tokens=12, eos_token_ids=[]))
+    eos = free[0][5]
+    stop = tok.decode(free[1])[3:5]
+    configs = [
+        GenerationConfig(max_new_tokens=12, eos_token_ids=[]),
+        GenerationConfig(max_new_tokens=12, eos_token_ids=[eos]),
+        GenerationConfig(max_new_tokens=1, eos_token_ids=[]),
+        GenerationConfig(max_new_tokens=every * 2, eos_token_ids=[]),
+        GenerationConfig.from_options(temperature=1.2, top_p=0.9, max_new_tokens=9, seed=7),
+        GenerationConfig(max_new_tokens=12, eos_token_ids=[], stop_strings=[stop]),
+    ]
+    for config in configs:
+        monkeypatch.setattr(generation, "_READBACK_EVERY", 1)
+        want = list(generate_stream(model, prompts, config, tokenizer=tok))
+        want_ids = generate(model, prompts, config, tokenizer=tok)
+        monkeypatch.setattr(generation, "_READBACK_EVERY", every)
+        assert list(generate_stream(model, prompts, config, tokenizer=tok)) == want
+        assert generate(model, prompts, config, tokenizer=tok) == want_ids
+    assert any(s[0] is None for s in list(generate_stream(model, prompts, configs[1])))  # EOS really ended row 0
+
+
 # ----- CLI --------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):

@@ -288,6 +288,15 @@ _BUFFER_ROW = True  # the product's row is a buffer, not recomputed per thread b
 # Per device kind: True / False everywhere, None (the default) on CPUs only, where they were measured faster (see
 # _gemv_pass); on the H200 they were not.
 _FOLD_NORM: bool | None = None  # an RMSNorm's row scale applied after the product, in the product's reduction
+# The decoding loop's per-step costs outside the step itself, as switches for an A/B on a GPU (an H200 run of
+# 2026-12-02 spent ~27 us per token more in generate()'s loop than in back-to-back replays of the captured step,
+# ~7 ms of a 256-token call). _READBACK_EVERY: the tokens are copied to the host once per this many steps (from the
+# context buffer) instead of after every step; streaming then hands them out in bursts, and a row's EOS is seen
+# up to that many steps late (the steps queued meanwhile are wasted). _GRAPH_COPIES: the decode step is captured
+# this many times and the copies replayed in turn, so that a launch never has to wait for its own graph's
+# previous run to end.
+_READBACK_EVERY = 1
+_GRAPH_COPIES = 1
 _UNSTACK_EQUAL: bool | None = None  # sibling products of equal width (gate/up) as separate reductions, not stacked
 # Tried and timed slower on the H200 (1B, bf16, batch 1; benchmarks/results/decode_variants_h200.json), so gone:
 # int8 weights read as int32 words, four per load (2026-12-02), and widened to fp32 through their float bits
@@ -605,7 +614,9 @@ class _Session:
         greedy = len(stages) == 1 and getattr(stages[0], "chooses", False) and getattr(stages[0], "plain_argmax", False)
         self.fused = _compiled(_greedy_step, model) if compile and greedy and _FUSE_GREEDY_STEP else None
         self.want_graph = graph
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None  # the first captured copy (None: not captured)
+        self.graphs: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = []  # every copy with its output buffer
+        self._turn = 0
         # prefill graphs per layout length (GenerationConfig.prefill_graph); None once a capture has failed
         self.prefill_graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] | None = {}
         self.prefill_pool: Any = None
@@ -698,8 +709,7 @@ class _Session:
         if self.want_graph and self.graph is None:
             self._capture()
         if self.graph is not None:
-            self.graph.replay()
-            return self.out
+            return self.replay()
         try:
             return self._body()
         except Exception as exc:  # torch.compile unavailable or failing here: decode eagerly (state is untouched)
@@ -708,6 +718,13 @@ class _Session:
             log.warning("decoding without torch.compile: %s: %s", type(exc).__name__, exc)
             self.forward, self.fused = _decode_forward, None
             return self._body()
+
+    def replay(self) -> torch.Tensor:
+        """One captured decode step (the copies in turn); its tokens, valid until that copy runs again."""
+        graph, out = self.graphs[self._turn % len(self.graphs)]
+        self._turn += 1
+        graph.replay()
+        return out
 
     def _capture(self) -> None:
         """Warm up (compiling if asked) on a side stream, then capture one decode step as a CUDA graph. Warm-up
@@ -722,14 +739,18 @@ class _Session:
                     self._body()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             self._restore(saved)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                out = self._body()
-            self.graph, self.out = graph, out
+            graphs: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = []
+            for _ in range(max(1, _GRAPH_COPIES)):  # capturing runs nothing: the state is not advanced
+                graph = torch.cuda.CUDAGraph()
+                # one memory pool: the copies run one after another on one stream
+                with torch.cuda.graph(graph, pool=graphs[0][0].pool() if graphs else None):
+                    out = self._body()
+                graphs.append((graph, out))
+            self.graphs, self.graph, self.out = graphs, graphs[0][0], graphs[0][1]
         except Exception as exc:  # a sampler or kernel that cannot be captured: decode eagerly instead
             log.warning("decoding without a CUDA graph: capture failed (%s: %s)", type(exc).__name__, exc)
             self.want_graph = False
-            self.graph = None
+            self.graph, self.graphs = None, []
             self.forward, self.fused = _decode_forward, None  # the failure may have been compilation's
             torch.cuda.synchronize(self.device)
         self._restore(saved)
@@ -748,8 +769,20 @@ class _Session:
         event.record()
         return (buf, event)
 
+    def send_span_home(self, first: int, end: int) -> Any:
+        """The tokens generated as numbers first..end-1 (read from the context buffer, where every step records
+        its tokens), in one copy: a ticket for `arrive`, which then gives per step the token of each row."""
+        span = self.ids[:, self.plen + first : self.plen + end].t()
+        if self.device.type != "cuda":
+            return span.tolist()
+        buf = self.host[first:end]
+        buf.copy_(span, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return (buf, event)
+
     @staticmethod
-    def arrive(ticket: Any) -> list[int]:
+    def arrive(ticket: Any) -> list[Any]:
         if isinstance(ticket, list):
             return ticket
         buf, event = ticket
@@ -850,15 +883,12 @@ def generate_stream(
             session = _session(model, bsz, need, config, stages)
             session.in_use = True
             session.reset(prompts, layout)
-            ticket = session.send_home(0, session.prefill(generator, graph=prefill_graph))
             finished = [False] * bsz
             generated: list[list[int]] = [[] for _ in range(bsz)]
-            for step in range(config.max_new_tokens):
-                following = None
-                if step + 1 < config.max_new_tokens:  # queue the next step before waiting for this one's tokens
-                    following = session.send_home(step + 1, session.step(generator))
+
+            def hand_out(tokens: list[int]) -> list[int | None]:
                 emitted: list[int | None] = []
-                for row, tok in enumerate(session.arrive(ticket)):
+                for row, tok in enumerate(tokens):
                     if finished[row]:
                         emitted.append(None)
                         continue
@@ -866,13 +896,48 @@ def generate_stream(
                     generated[row].append(tok)
                     if tok in eos or (watch is not None and watch.hit(generated[row])):
                         finished[row] = True
-                yield emitted
+                return emitted
+
+            first = session.prefill(generator, graph=prefill_graph)
+            if _READBACK_EVERY > 1:
+                yield from _spans(session, generator, config.max_new_tokens, _READBACK_EVERY, hand_out, finished)
+                return
+            ticket = session.send_home(0, first)
+            for step in range(config.max_new_tokens):
+                following = None
+                if step + 1 < config.max_new_tokens:  # queue the next step before waiting for this one's tokens
+                    following = session.send_home(step + 1, session.step(generator))
+                yield hand_out(session.arrive(ticket))
                 if all(finished) or following is None:
                     break
                 ticket = following
         finally:
             if session is not None:
                 session.in_use = False
+
+
+def _spans(
+    session: _Session, generator: Any, total: int, every: int, hand_out: Any, finished: list[bool]
+) -> Iterator[list[int | None]]:
+    """generate_stream's loop with the tokens read back `every` steps at a time (see _READBACK_EVERY): the next
+    span's steps and copy are queued before this span's tokens are waited for."""
+
+    def queue(first: int) -> Any:
+        end = min(first + every, total)
+        for _ in range(max(first, 1), end):  # token 0 came from the prefill
+            session.step(generator)
+        return session.send_span_home(first, end)
+
+    ticket = queue(0)
+    for first in range(0, total, every):
+        following = queue(first + every) if first + every < total else None
+        for tokens in session.arrive(ticket):
+            yield hand_out(tokens)
+            if all(finished):
+                return
+        if following is None:
+            return
+        ticket = following
 
 
 def _generate_raw(
