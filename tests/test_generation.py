@@ -353,6 +353,32 @@ def test_cuda_graph_decoding_matches_eager(compile):
 
 @pytest.mark.gpu
 @cuda
+@pytest.mark.parametrize(("every", "copies"), [(4, 1), (1, 2), (4, 2)])
+def test_cuda_graph_decoding_with_span_readback_and_graph_copies_gives_the_same_tokens(every, copies, monkeypatch):
+    """The decoding loop's switches on CUDA (captured step, pinned read-back): the default loop's tokens, greedy and
+    sampled, with a row ended by EOS."""
+    from llamaforge.core import generation
+
+    model = _model(seed=10).cuda()
+    prompts = [[1, 2, 3], [40, 41, 42, 43, 44, 45, 46, 47], [7]]
+    free = generate(model, prompts, GenerationConfig(max_new_tokens=14, eos_token_ids=[]))
+    configs = [
+        GenerationConfig(max_new_tokens=14, eos_token_ids=[free[0][6]]),
+        GenerationConfig.from_options(temperature=1.3, top_k=30, seed=3, max_new_tokens=13),
+    ]
+    want = [list(generate_stream(model, prompts, c)) for c in configs]
+    monkeypatch.setattr(generation, "_READBACK_EVERY", every)
+    monkeypatch.setattr(generation, "_GRAPH_COPIES", copies)
+    generation.clear_sessions(model)  # captured again, with the copies
+    assert [list(generate_stream(model, prompts, c)) for c in configs] == want
+    if copies > 1:
+        session = next(reversed(generation._sessions[model].values()))
+        assert len(session.graphs) == copies and session.graph is session.graphs[0][0]
+    generation.clear_sessions(model)
+
+
+@pytest.mark.gpu
+@cuda
 def test_cuda_graph_stops_at_eos_and_matches_cpu():
     model = _model(seed=11)
     prompts = [[5, 6], [9, 9, 9, 1]]
