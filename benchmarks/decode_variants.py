@@ -18,7 +18,8 @@ Each variant is a comma-separated list of settings (`base` is none):
                                   fold_norm, unstack_equal (0/1/auto: auto = on CPUs only, the default),
                                   gemv_rows (int: products with at most this many rows become reductions; 0: off)
     the decoding loop             readback (int: tokens copied to the host every this many steps), graph_copies
-                                  (int: decode step graphs replayed in turn); compare their e2e tok/s and fixed ms
+                                  (int: decode step graphs replayed in turn), side_copy (0/1: the per-step copy on
+                                  a stream of its own); compare their e2e tok/s and fixed ms
     flash-decoding kernel         splits (int or auto), block, warps
     row GEMV kernel               gemv_int8, gemv_float (0/1/auto: the graph pass hands all / none / the products
                                   measured faster on this GPU (the default) of int8 weight-only / plain weights
@@ -78,6 +79,7 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "kv_one_write": ("llamaforge.core.cache", "_ONE_WRITE", "bool"),
     "readback": (GEN, "_READBACK_EVERY", "int"),
     "graph_copies": (GEN, "_GRAPH_COPIES", "int"),
+    "side_copy": (GEN, "_SIDE_COPY", "bool"),
 }
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool", "gemv_route": "str"}
 

@@ -353,10 +353,12 @@ def test_cuda_graph_decoding_matches_eager(compile):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize(("every", "copies"), [(4, 1), (1, 2), (4, 2)])
-def test_cuda_graph_decoding_with_span_readback_and_graph_copies_gives_the_same_tokens(every, copies, monkeypatch):
-    """The decoding loop's switches on CUDA (captured step, pinned read-back): the default loop's tokens, greedy and
-    sampled, with a row ended by EOS."""
+@pytest.mark.parametrize(("every", "copies", "side"), [(4, 1, False), (1, 2, False), (4, 2, False), (1, 1, True),
+                                                     (1, 2, True)])  # fmt: skip
+def test_cuda_graph_decoding_with_span_readback_and_graph_copies_gives_the_same_tokens(every, copies, side,
+                                                                                         monkeypatch):  # fmt: skip
+    """The decoding loop's switches on CUDA (captured step, pinned read-back, the copy on its own stream): the
+    default loop's tokens, greedy and sampled, with a row ended by EOS."""
     from llamaforge.core import generation
 
     model = _model(seed=10).cuda()
@@ -369,6 +371,7 @@ def test_cuda_graph_decoding_with_span_readback_and_graph_copies_gives_the_same_
     want = [list(generate_stream(model, prompts, c)) for c in configs]
     monkeypatch.setattr(generation, "_READBACK_EVERY", every)
     monkeypatch.setattr(generation, "_GRAPH_COPIES", copies)
+    monkeypatch.setattr(generation, "_SIDE_COPY", side)
     generation.clear_sessions(model)  # captured again, with the copies
     assert [list(generate_stream(model, prompts, c)) for c in configs] == want
     if copies > 1:

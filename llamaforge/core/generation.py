@@ -295,8 +295,11 @@ _FOLD_NORM: bool | None = None  # an RMSNorm's row scale applied after the produ
 # up to that many steps late (the steps queued meanwhile are wasted). _GRAPH_COPIES: the decode step is captured
 # this many times and the copies replayed in turn, so that a launch never has to wait for its own graph's
 # previous run to end.
+# _SIDE_COPY: each step's tokens are still read back, but by a copy on a stream of its own that waits for the step,
+# so the decode stream never waits for a copy.
 _READBACK_EVERY = 1
 _GRAPH_COPIES = 1
+_SIDE_COPY = False
 _UNSTACK_EQUAL: bool | None = None  # sibling products of equal width (gate/up) as separate reductions, not stacked
 # Tried and timed slower on the H200 (1B, bf16, batch 1; benchmarks/results/decode_variants_h200.json), so gone:
 # int8 weights read as int32 words, four per load (2026-12-02), and widened to fp32 through their float bits
@@ -623,6 +626,7 @@ class _Session:
         self.out: torch.Tensor | None = None
         self.host = torch.empty(total + 1, bsz, dtype=torch.long, pin_memory=device.type == "cuda")
         self.events: list[Any] = []
+        self.copier: Any = None  # the read-back stream of _SIDE_COPY (created on first use)
 
     @property
     def model(self) -> Any:
@@ -764,6 +768,19 @@ class _Session:
         if self.device.type != "cuda":
             return tokens.tolist()
         buf = self.host[index]
+        if _SIDE_COPY:
+            # from the context buffer (position plen + index is written once per call, unlike the step's output
+            # buffer), on a stream of its own that waits for this step: the decode stream never waits for it
+            ready = torch.cuda.Event()
+            ready.record()
+            if self.copier is None:
+                self.copier = torch.cuda.Stream(self.device)
+            with torch.cuda.stream(self.copier):
+                self.copier.wait_event(ready)
+                buf.copy_(self.ids[:, self.plen + index], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            return (buf, event)
         buf.copy_(tokens, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
