@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -934,7 +934,12 @@ def generate_stream(
 
 
 def _spans(
-    session: _Session, generator: Any, total: int, every: int, hand_out: Any, finished: list[bool]
+    session: _Session,
+    generator: torch.Generator | None,
+    total: int,
+    every: int,
+    hand_out: Callable[[list[int]], list[int | None]],
+    finished: list[bool],
 ) -> Iterator[list[int | None]]:
     """generate_stream's loop with the tokens read back `every` steps at a time (see _READBACK_EVERY): the next
     span's steps and copy are queued before this span's tokens are waited for."""
