@@ -212,6 +212,17 @@ def child(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
         for n in sorted({1, 2, args.new_tokens}):
             seconds = best_time(lambda n=n: generate(model, prompts, config(n)), dev, 3)  # its warm-up: a new session
             row[f"ms_generate_{n}"] = round(1000 * seconds, 2)
+    if args.call_profile:
+        from _timing import kernel_table
+
+        # whole generate() calls under the profiler: GPU time against the call's span and the gaps between kernels
+        # (with their neighbours), i.e. where the fixed cost and the loop's per-token cost go
+        for n in sorted({1, args.call_profile}):
+            t0 = time.perf_counter()
+            table = kernel_table(lambda n=n: generate(model, prompts, config(n)), dev, 3, top=12)
+            table["profiled_ms_per_call"] = round(1000 * (time.perf_counter() - t0) / 4, 2)  # incl. its warm-up call
+            table.pop("ops", None)
+            row[f"call_profile_{n}"] = table
     if args.profile:
         pool = generation._sessions.get(model)
         if pool:
@@ -290,6 +301,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile", action="store_true", help="kernel table of the step")
     ap.add_argument("--top", type=int, default=25, help="kernels listed per variant")
     ap.add_argument("--phases", action="store_true", help="generate() wall time for 1, 2 and N new tokens")
+    ap.add_argument("--call-profile", type=int, default=0, metavar="N",
+                    help="profile generate() calls of 1 and N new tokens: kernels, idle gaps")  # fmt: skip
     ap.add_argument("--rounds", type=int, default=1, help="repeat the whole list (drift check)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per variant")
     ap.add_argument("--fresh-cache", action="store_true",

@@ -219,13 +219,15 @@ def test_gpu_runs_script_decode_stage_runs_on_the_cpu(tmp_path):
     env = {**os.environ, "DEVICE": "cpu", "SPEC": "tiny", "DTYPE": "float32", "PYTHON": sys.executable, "FRESH": "1"}
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_runs.sh"), "int8", str(tmp_path), "quant=int8_weight_only",
-         "--new-tokens", "4", "--repeats", "1", "--compile", "on"],
+         "--new-tokens", "4", "--repeats", "1", "--compile", "on", "--call-profile", "2"],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "int8.json").read_text())["rows"]
     assert len(rows) == 1 and "error" not in rows[0] and rows[0]["settings"] == {"quant": "int8_weight_only"}
     assert rows[0]["cache_hits"] == 0 and rows[0]["rewrites"] > 0  # FRESH=1: compiled into an empty cache
+    for n in (1, 2):  # whole generate() calls profiled
+        assert rows[0][f"call_profile_{n}"]["kernels"] and rows[0][f"call_profile_{n}"]["profiled_ms_per_call"] > 0
     bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_runs.sh"), "nope", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
