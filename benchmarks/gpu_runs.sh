@@ -34,12 +34,14 @@ tests)
     ;;
 decode)
     # ~65-140 s per variant on an H200 (compilation with coordinate-descent tuning), ~80 s typical: five fit;
-    # PHASES=1 adds generate() of 1/2/N tokens per variant (~30 s more each)
+    # PHASES=1 adds generate() of 1/2/N tokens per variant (~30 s more each), CALLS=N profiled calls (see below)
     variants=("$@")
     [ ${#variants[@]} -gt 0 ] || variants=(base prefill_graph=0 "attn=flash_decode,splits=4" quant=int8_weight_only
         base)
     phases=()
     [ "${PHASES:-0}" = 1 ] && phases=(--phases)
+    # CALLS=N profiles whole generate() calls of 1 and N tokens per variant (decode_variants --call-profile)
+    [ -n "${CALLS:-}" ] && phases+=(--call-profile "$CALLS")
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile ${phases[@]+"${phases[@]}"} \
         ${fresh[@]+"${fresh[@]}"} --json "$out/decode.json") >"$out/decode.log" 2>&1
     tail -n 12 "$out/decode.log"
