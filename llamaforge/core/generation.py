@@ -288,6 +288,13 @@ _BUFFER_ROW = True  # the product's row is a buffer, not recomputed per thread b
 # Per device kind: True / False everywhere, None (the default) on CPUs only, where they were measured faster (see
 # _gemv_pass); on the H200 they were not.
 _FOLD_NORM: bool | None = None  # an RMSNorm's row scale applied after the product, in the product's reduction
+_UNSTACK_EQUAL: bool | None = None  # sibling products of equal width (gate/up) as separate reductions, not stacked
+# Tried and timed slower on the H200 (1B, bf16, batch 1; benchmarks/results/decode_variants_h200.json), so gone:
+# int8 weights read as int32 words, four per load (2026-12-02), and widened to fp32 through their float bits
+# instead of a conversion instruction (1.134 vs 0.914 ms per step, run12).
+# inductor options laid over the decode step's own, e.g. {"triton.enable_pdl": True} for Programmatic Dependent
+# Launch on Hopper (benchmarks A/B them)
+_EXTRA_OPTIONS: dict[str, Any] = {}
 # The decoding loop's per-step costs outside the step itself, as switches for an A/B on a GPU (an H200 run of
 # 2026-12-02 spent ~27 us per token more in generate()'s loop than in back-to-back replays of the captured step,
 # ~7 ms of a 256-token call). _READBACK_EVERY: the tokens are copied to the host once per this many steps (from the
@@ -300,13 +307,6 @@ _FOLD_NORM: bool | None = None  # an RMSNorm's row scale applied after the produ
 _READBACK_EVERY = 1
 _GRAPH_COPIES = 1
 _SIDE_COPY = False
-_UNSTACK_EQUAL: bool | None = None  # sibling products of equal width (gate/up) as separate reductions, not stacked
-# Tried and timed slower on the H200 (1B, bf16, batch 1; benchmarks/results/decode_variants_h200.json), so gone:
-# int8 weights read as int32 words, four per load (2026-12-02), and widened to fp32 through their float bits
-# instead of a conversion instruction (1.134 vs 0.914 ms per step, run12).
-# inductor options laid over the decode step's own, e.g. {"triton.enable_pdl": True} for Programmatic Dependent
-# Launch on Hopper (benchmarks A/B them)
-_EXTRA_OPTIONS: dict[str, Any] = {}
 
 
 def _compile_options(device: torch.device) -> dict[str, Any]:
