@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--compile", dest="compile", action="store_true", default=None)
     ap.add_argument("--no-compile", dest="compile", action="store_false")
     ap.add_argument("--no-hf-eager", action="store_true", help="on --gpu, skip the extra transformers eager run")
+    ap.add_argument("--hf-cudagraphs", action="store_true",
+                    help="also transformers+compile with CUDA graphs (llamaforge's default on CUDA)")  # fmt: skip
     ap.add_argument("--attn", default="sdpa", help="transformers attn_implementation (sdpa, eager, flash_attention_2)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="device peak for MFU (default: known GPUs)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
@@ -237,6 +239,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                       graphed=bool(options.get("triton.cudagraphs")))  # fmt: skip
     hf_label = "transformers" + ("+compile" if compile_ else "")
     contenders[hf_label] = make_step(hf, torch.compile(hf) if compile_ else hf, "hf", device, amp, 3e-4)
+    if args.hf_cudagraphs:  # what a transformers user gets from CUDA graphs too (the ratio stays against plain)
+        if not (compile_ and device.type == "cuda"):
+            ap.error("--hf-cudagraphs needs CUDA and compile")
+        hf_graphed = hf_twin(ours, args.attn)
+        contenders["transformers+compile+cudagraphs"] = make_step(
+            hf_graphed, torch.compile(hf_graphed, options={"triton.cudagraphs": True}), "hf", device, amp, 3e-4,
+            graphed=True,
+        )  # fmt: skip
     if gpu and compile_ and not args.no_hf_eager:
         hf_eager = hf_twin(ours, args.attn)
         contenders["transformers (eager)"] = make_step(hf_eager, hf_eager, "hf", device, amp, 3e-4)
