@@ -114,6 +114,9 @@ def test_train_throughput_rejects_a_bad_variant():
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--variant", bad],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert proc.returncode == 2 and words in proc.stderr
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--hf-cudagraphs"],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2 and "--hf-cudagraphs needs CUDA and compile" in proc.stderr
 
 
 def test_weight_byte_counts_cover_quantized_buffers_and_skip_an_untied_table(monkeypatch):
