@@ -617,20 +617,22 @@ class _Session:
         greedy = len(stages) == 1 and getattr(stages[0], "chooses", False) and getattr(stages[0], "plain_argmax", False)
         self.fused = _compiled(_greedy_step, model) if compile and greedy and _FUSE_GREEDY_STEP else None
         self.want_graph = graph
-        self.graph: torch.cuda.CUDAGraph | None = None  # the first captured copy (None: not captured)
-        self.graphs: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = []  # every copy with its output buffer
+        self.graphs: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = []  # captured copies with their outputs
         self._turn = 0
         # prefill graphs per layout length (GenerationConfig.prefill_graph); None once a capture has failed
         self.prefill_graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] | None = {}
         self.prefill_pool: Any = None
-        self.out: torch.Tensor | None = None
         self.host = torch.empty(total + 1, bsz, dtype=torch.long, pin_memory=device.type == "cuda")
-        self.events: list[Any] = []
         self.copier: Any = None  # the read-back stream of _SIDE_COPY (created on first use)
 
     @property
     def model(self) -> Any:
         return self._model()
+
+    @property
+    def graph(self) -> torch.cuda.CUDAGraph | None:
+        """The captured decode step (its first copy), or None while it is not captured."""
+        return self.graphs[0][0] if self.graphs else None
 
     # -- per call
     def reset(self, prompts: Sequence[Sequence[int]], plen: int) -> int:
@@ -750,11 +752,11 @@ class _Session:
                 with torch.cuda.graph(graph, pool=graphs[0][0].pool() if graphs else None):
                     out = self._body()
                 graphs.append((graph, out))
-            self.graphs, self.graph, self.out = graphs, graphs[0][0], graphs[0][1]
+            self.graphs = graphs
         except Exception as exc:  # a sampler or kernel that cannot be captured: decode eagerly instead
             log.warning("decoding without a CUDA graph: capture failed (%s: %s)", type(exc).__name__, exc)
             self.want_graph = False
-            self.graph, self.graphs = None, []
+            self.graphs = []
             self.forward, self.fused = _decode_forward, None  # the failure may have been compilation's
             torch.cuda.synchronize(self.device)
         self._restore(saved)
@@ -778,13 +780,9 @@ class _Session:
             with torch.cuda.stream(self.copier):
                 self.copier.wait_event(ready)
                 buf.copy_(self.ids[:, self.plen + index], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record()
-            return (buf, event)
+                return _ticket(buf)
         buf.copy_(tokens, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return (buf, event)
+        return _ticket(buf)
 
     def send_span_home(self, first: int, end: int) -> Any:
         """The tokens generated as numbers first..end-1 (read from the context buffer, where every step records
@@ -794,9 +792,7 @@ class _Session:
             return span.tolist()
         buf = self.host[first:end]
         buf.copy_(span, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return (buf, event)
+        return _ticket(buf)
 
     @staticmethod
     def arrive(ticket: Any) -> list[Any]:
@@ -805,6 +801,14 @@ class _Session:
         buf, event = ticket
         event.synchronize()
         return buf.tolist()
+
+
+def _ticket(buf: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """A pinned host buffer being filled by an asynchronous copy, with the event (recorded on the current stream)
+    that `_Session.arrive` waits for before reading it."""
+    event = torch.cuda.Event()
+    event.record()
+    return (buf, event)
 
 
 def _auto(flag: bool | None, device: torch.device) -> bool:

@@ -11,7 +11,8 @@ program streams `BLOCK_N` rows of one matrix `BLOCK_K` values at a time into a 2
 at the end; with split-K each row's length is cut into slices of whole tiles that separate programs sum, and the
 op adds the slices (an addition inductor fuses into the consumer). Why split-K: in the H200 micro-benchmark the
 int8 down_proj (2,048 rows of 8,192) streamed only ~1.8 TB/s with every setting tried, inductor's reduction too,
-against ~2.5 for gate/up: few long rows leave the GPU short of programs (not yet timed on a GPU).
+against ~2.5 for gate/up: few long rows leave the GPU short of programs. Timed there since (2026-12-02, sixth
+session): no split setting was the fastest for any 1B product, so `_SPLIT_K` stays 1.
 
 `gemv_rows(x, [w0, w1, w2])` is a custom op (`torch.ops.llamaforge.gemv_rows`) returning the fp32 sums of all rows
 side by side, (1, N0 + N1 + N2) (for int8 weights unscaled). The decode graph pass
