@@ -17,9 +17,8 @@ Each variant is a comma-separated list of settings (`base` is none):
     switches of the decode step   buffer_row, siblings, pointwise_cat, greedy_step, argmax_blocks, kv_one_write (0/1),
                                   fold_norm, unstack_equal (0/1/auto: auto = on CPUs only, the default),
                                   gemv_rows (int: products with at most this many rows become reductions; 0: off)
-    the decoding loop             readback (int: tokens copied to the host every this many steps), graph_copies
-                                  (int: decode step graphs replayed in turn), side_copy (0/1: the per-step copy on
-                                  a stream of its own); compare their e2e tok/s and fixed ms
+    the decoding loop             side_copy (0/1: the per-step read-back on a stream of its own, the default, or on
+                                  the decode stream); compare e2e tok/s and fixed ms
     flash-decoding kernel         splits (int or auto), block, warps
     row GEMV kernel               gemv_int8, gemv_float (0/1/auto: the graph pass hands all / none / the products
                                   measured faster on this GPU (the default) of int8 weight-only / plain weights
@@ -77,8 +76,6 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "gemv_warps": (GEMV, "_WARPS", "int"),
     "gemv_split": (GEMV, "_SPLIT_K", "int"),
     "kv_one_write": ("llamaforge.core.cache", "_ONE_WRITE", "bool"),
-    "readback": (GEN, "_READBACK_EVERY", "int"),
-    "graph_copies": (GEN, "_GRAPH_COPIES", "int"),
     "side_copy": (GEN, "_SIDE_COPY", "bool"),
 }
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool", "gemv_route": "str"}

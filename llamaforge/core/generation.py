@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -295,18 +295,12 @@ _UNSTACK_EQUAL: bool | None = None  # sibling products of equal width (gate/up) 
 # inductor options laid over the decode step's own, e.g. {"triton.enable_pdl": True} for Programmatic Dependent
 # Launch on Hopper (benchmarks A/B them)
 _EXTRA_OPTIONS: dict[str, Any] = {}
-# The decoding loop's per-step costs outside the step itself, as switches for an A/B on a GPU (an H200 run of
-# 2026-12-02 spent ~27 us per token more in generate()'s loop than in back-to-back replays of the captured step,
-# ~7 ms of a 256-token call). _READBACK_EVERY: the tokens are copied to the host once per this many steps (from the
-# context buffer) instead of after every step; streaming then hands them out in bursts, and a row's EOS is seen
-# up to that many steps late (the steps queued meanwhile are wasted). _GRAPH_COPIES: the decode step is captured
-# this many times and the copies replayed in turn, so that a launch never has to wait for its own graph's
-# previous run to end.
-# _SIDE_COPY: each step's tokens are still read back, but by a copy on a stream of its own that waits for the step,
-# so the decode stream never waits for a copy.
-_READBACK_EVERY = 1
-_GRAPH_COPIES = 1
-_SIDE_COPY = False
+# Each step's tokens are read back by a copy on a stream of its own that waits for the step, so the decode stream
+# never waits for a copy. H200 (1B, bf16, batch 1, 256 tokens; 2026-12-02, seventh session, two runs): the fixed cost
+# per generate() call fell from 6.59 / 6.10 ms to 4.04 / 3.76 ms, 942 -> 957 and 981 -> 999 tok/s end to end. Timed
+# in the same runs and dropped: the tokens read back once per 8 steps (fixed 4.34 ms but 0.988x end to end, and EOS
+# seen late) and the step captured 2 or 3 times, replayed in turn (1.00x, 0.98x). False: the copy on the decode stream.
+_SIDE_COPY = True
 
 
 def _compile_options(device: torch.device) -> dict[str, Any]:
@@ -617,8 +611,8 @@ class _Session:
         greedy = len(stages) == 1 and getattr(stages[0], "chooses", False) and getattr(stages[0], "plain_argmax", False)
         self.fused = _compiled(_greedy_step, model) if compile and greedy and _FUSE_GREEDY_STEP else None
         self.want_graph = graph
-        self.graphs: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = []  # captured copies with their outputs
-        self._turn = 0
+        self.graph: torch.cuda.CUDAGraph | None = None  # the captured decode step
+        self.out: torch.Tensor | None = None  # its tokens (a buffer the graph rewrites on each replay)
         # prefill graphs per layout length (GenerationConfig.prefill_graph); None once a capture has failed
         self.prefill_graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] | None = {}
         self.prefill_pool: Any = None
@@ -628,11 +622,6 @@ class _Session:
     @property
     def model(self) -> Any:
         return self._model()
-
-    @property
-    def graph(self) -> torch.cuda.CUDAGraph | None:
-        """The captured decode step (its first copy), or None while it is not captured."""
-        return self.graphs[0][0] if self.graphs else None
 
     # -- per call
     def reset(self, prompts: Sequence[Sequence[int]], plen: int) -> int:
@@ -726,11 +715,10 @@ class _Session:
             return self._body()
 
     def replay(self) -> torch.Tensor:
-        """One captured decode step (the copies in turn); its tokens, valid until that copy runs again."""
-        graph, out = self.graphs[self._turn % len(self.graphs)]
-        self._turn += 1
-        graph.replay()
-        return out
+        """One captured decode step; its tokens, valid until the next replay."""
+        assert self.graph is not None and self.out is not None
+        self.graph.replay()
+        return self.out
 
     def _capture(self) -> None:
         """Warm up (compiling if asked) on a side stream, then capture one decode step as a CUDA graph. Warm-up
@@ -745,18 +733,14 @@ class _Session:
                     self._body()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             self._restore(saved)
-            graphs: list[tuple[torch.cuda.CUDAGraph, torch.Tensor]] = []
-            for _ in range(max(1, _GRAPH_COPIES)):  # capturing runs nothing: the state is not advanced
-                graph = torch.cuda.CUDAGraph()
-                # one memory pool: the copies run one after another on one stream
-                with torch.cuda.graph(graph, pool=graphs[0][0].pool() if graphs else None):
-                    out = self._body()
-                graphs.append((graph, out))
-            self.graphs = graphs
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):  # capturing runs nothing: the state is not advanced
+                self.out = self._body()
+            self.graph = graph
         except Exception as exc:  # a sampler or kernel that cannot be captured: decode eagerly instead
             log.warning("decoding without a CUDA graph: capture failed (%s: %s)", type(exc).__name__, exc)
             self.want_graph = False
-            self.graphs = []
+            self.graph = self.out = None
             self.forward, self.fused = _decode_forward, None  # the failure may have been compilation's
             torch.cuda.synchronize(self.device)
         self._restore(saved)
@@ -782,16 +766,6 @@ class _Session:
                 buf.copy_(self.ids[:, self.plen + index], non_blocking=True)
                 return _ticket(buf)
         buf.copy_(tokens, non_blocking=True)
-        return _ticket(buf)
-
-    def send_span_home(self, first: int, end: int) -> Any:
-        """The tokens generated as numbers first..end-1 (read from the context buffer, where every step records
-        its tokens), in one copy: a ticket for `arrive`, which then gives per step the token of each row."""
-        span = self.ids[:, self.plen + first : self.plen + end].t()
-        if self.device.type != "cuda":
-            return span.tolist()
-        buf = self.host[first:end]
-        buf.copy_(span, non_blocking=True)
         return _ticket(buf)
 
     @staticmethod
@@ -920,9 +894,6 @@ def generate_stream(
                 return emitted
 
             first = session.prefill(generator, graph=prefill_graph)
-            if _READBACK_EVERY > 1:
-                yield from _spans(session, generator, config.max_new_tokens, _READBACK_EVERY, hand_out, finished)
-                return
             ticket = session.send_home(0, first)
             for step in range(config.max_new_tokens):
                 following = None
@@ -935,35 +906,6 @@ def generate_stream(
         finally:
             if session is not None:
                 session.in_use = False
-
-
-def _spans(
-    session: _Session,
-    generator: torch.Generator | None,
-    total: int,
-    every: int,
-    hand_out: Callable[[list[int]], list[int | None]],
-    finished: list[bool],
-) -> Iterator[list[int | None]]:
-    """generate_stream's loop with the tokens read back `every` steps at a time (see _READBACK_EVERY): the next
-    span's steps and copy are queued before this span's tokens are waited for."""
-
-    def queue(first: int) -> Any:
-        end = min(first + every, total)
-        for _ in range(max(first, 1), end):  # token 0 came from the prefill
-            session.step(generator)
-        return session.send_span_home(first, end)
-
-    ticket = queue(0)
-    for first in range(0, total, every):
-        following = queue(first + every) if first + every < total else None
-        for tokens in session.arrive(ticket):
-            yield hand_out(tokens)
-            if all(finished):
-                return
-        if following is None:
-            return
-        ticket = following
 
 
 def _generate_raw(
