@@ -14,6 +14,7 @@ import llamaforge
 from llamaforge.core.generation import (
     GenerationConfig,
     GenerationError,
+    clear_sessions,
     generate,
     generate_stream,
     generate_text,
@@ -358,6 +359,91 @@ def test_cuda_graph_stops_at_eos_and_matches_cpu():
     eos = cpu[0][4]
     on_gpu = generate(model.cuda(), prompts, GenerationConfig(max_new_tokens=12, eos_token_ids=[eos]))
     assert on_gpu[0] == cpu[0][: cpu[0].index(eos) + 1]
+
+
+@pytest.fixture
+def fused_qkv_calls(monkeypatch):
+    """The fused q/k/v + RoPE + cache-write route switched on for any device; counts the op's calls (on a CPU it runs
+    the reference)."""
+    from llamaforge.kernels import qkv_rope
+    from llamaforge.plugins import attention
+
+    calls = [0]
+    reference = qkv_rope.reference
+
+    def counted(*args):
+        calls[0] += 1
+        return reference(*args)
+
+    monkeypatch.setattr(qkv_rope, "reference", counted)
+    monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
+    return calls, lambda on: monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", on)
+
+
+def _fused_and_plain(model, prompts, configs, switch, tokenizer=None):
+    out = {}
+    for on in (False, True):
+        switch(on)
+        clear_sessions(model)
+        out[on] = [list(generate_stream(model, prompts, c, tokenizer=tokenizer)) for c in configs]
+    clear_sessions(model)
+    return out
+
+
+def test_fused_qkv_rope_route_decodes_the_same_tokens_and_only_where_it_applies(fused_qkv_calls):
+    """Batch-1 decoding steps through the fused op stream the same tokens as the module's own steps (greedy with EOS,
+    sampled, a stop string); the prefill, batches of several rows and quantized projections keep the plain path."""
+    from llamaforge.core.loading import apply_transform
+
+    calls, switch = fused_qkv_calls
+    model = _model(seed=12)
+    tok = CharTokenizer()
+    free = generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=10, eos_token_ids=[]))
+    configs = [
+        GenerationConfig(max_new_tokens=10, eos_token_ids=[free[0][7]]),
+        GenerationConfig.from_options(temperature=1.1, top_k=20, seed=4, max_new_tokens=9),
+        GenerationConfig(max_new_tokens=10, eos_token_ids=[], stop_strings=[tok.decode(free[0][4:6])]),
+    ]
+    out = _fused_and_plain(model, [[5, 6, 7]], configs, switch, tok)
+    assert out[True] == out[False]
+    calls[0] = 0
+    _fused_and_plain(model, [[5, 6, 7]], configs[1:2], switch)
+    assert calls[0] == model.spec.n_layers * 8  # 9 tokens: the prefill's, then 8 decoding steps through the op
+    calls[0] = 0
+    two = _fused_and_plain(model, [[5, 6, 7], [9]], configs[:1], switch)
+    assert two[True] == two[False] and calls[0] == 0
+    quantized = apply_transform(_model(seed=12), "quantizer", "int8_weight_only")
+    one = _fused_and_plain(quantized, [[5, 6, 7]], configs[:1], switch)
+    assert one[True] == one[False] and calls[0] == 0
+
+
+@pytest.mark.slow  # an inductor compilation: ~15 s on an idle CPU
+@pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
+def test_fused_qkv_rope_route_in_the_compiled_step_writes_the_cache_in_place(fused_qkv_calls):
+    """Compiled, the op stays one call per layer that writes the cache where it is (no copy of the cache per step),
+    and the tokens are those of the plain compiled step."""
+    from torch._inductor.utils import run_and_get_code
+
+    from llamaforge.core import generation
+
+    calls, switch = fused_qkv_calls
+    model = _model(seed=13)
+    config = GenerationConfig(max_new_tokens=8, eos_token_ids=[], compile=True)
+    out = _fused_and_plain(model, [[1, 2, 3]], [config], switch)
+    assert out[True] == out[False] and calls[0] > 0
+    switch(True)
+    torch._dynamo.reset()
+    cache = model.new_cache(1, 16)
+    keys_before = [k.clone() for k in cache.keys]
+    args = (model, torch.tensor([[4]]), torch.ones(1, 16, dtype=torch.long), torch.tensor([[3]]), cache,
+            torch.tensor([3]))  # fmt: skip
+    with torch.no_grad():
+        _, codes = run_and_get_code(torch.compile(generation._decode_forward), *args)
+    code = "\n".join(codes)
+    assert code.count("torch.ops.llamaforge.qkv_rope_cache_reference.default(") == model.spec.n_layers
+    assert ".copy_(" not in code  # mutated in place, not functionalised into a copy of every cache buffer
+    changed = [(k != k0).any(dim=(0, 1, 3)).nonzero().flatten().tolist() for k, k0 in zip(cache.keys, keys_before)]
+    assert changed == [[3]] * model.spec.n_layers
 
 
 @pytest.mark.slow  # an inductor compilation: ~10 s on an idle CPU

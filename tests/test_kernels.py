@@ -641,3 +641,137 @@ def test_compiled_int8_decoding_through_the_gemv_kernel_gives_the_matmul_tokens(
         out[enabled] = generate(model, [[3, 4, 5]], config)
         clear_sessions(model)
     assert out[True] == out[False]
+
+
+# ----- fused q/k/v + RoPE + cache write (llamaforge.kernels.qkv_rope) -----------------------------------------------
+def _qkv_case(seed: int, hq: int, hkv: int, d: int, k: int, length: int, pos: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, k, generator=g).to(dtype)
+    wq, wk, wv = ((torch.randn(h * d, k, generator=g) / k**0.5).to(dtype) for h in (hq, hkv, hkv))
+    angle = torch.rand(d // 2, generator=g) * 6
+    cos = torch.cat((angle.cos(), angle.cos())).to(dtype)
+    sin = torch.cat((-angle.sin(), angle.sin())).to(dtype)  # rotate-half's sign folded in, as RotaryEmbedding does
+    kc, vc = (torch.randn(1, hkv, length, d, generator=g).to(dtype) for _ in range(2))
+    return x, wq, wk, wv, cos, sin, kc, vc, torch.tensor([pos])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    hkv=st.integers(1, 3),
+    rep=st.sampled_from([1, 2, 4]),
+    d=st.sampled_from([8, 16, 64]),
+    k=st.integers(2, 80),
+    length=st.integers(1, 12),
+    data=st.data(),
+)
+def test_qkv_rope_reference_is_the_attention_modules_projection_rope_and_cache_write(seed, hkv, rep, d, k, length,
+                                                                                     data):  # fmt: skip
+    """The reference (what the kernel computes) against the module's own steps: three linears, RotaryEmbedding's
+    rotation, the static cache's write; the cache rows other than the step's position are left alone."""
+    from llamaforge.core.cache import StaticKVCache
+    from llamaforge.kernels import qkv_rope
+    from llamaforge.plugins.positions import RotaryEmbedding
+
+    pos = data.draw(st.integers(0, length - 1))
+    x, wq, wk, wv, _, _, kc, vc, position = _qkv_case(seed, hkv * rep, hkv, d, k, length, pos)
+    rope = RotaryEmbedding(d, 16, 10000.0)
+    cos, sin = rope(torch.tensor([[pos + 3]]), torch.float32)
+    cache = StaticKVCache(n_layers=1, batch_size=1, n_kv_heads=hkv, head_dim=d, max_length=length, device="cpu",
+                          dtype=torch.float32)  # fmt: skip
+    cache.keys[0].copy_(kc)
+    cache.values[0].copy_(vc)
+    q = torch.nn.functional.linear(x, wq).view(1, 1, hkv * rep, d).transpose(1, 2)
+    kk = torch.nn.functional.linear(x, wk).view(1, 1, hkv, d).transpose(1, 2)
+    vv = torch.nn.functional.linear(x, wv).view(1, 1, hkv, d).transpose(1, 2)
+    q, kk = rope.apply(q, kk, (cos, sin))
+    want_k, want_v = cache.update(0, kk, vv, position)
+    got = qkv_rope.reference(x, wq, wk, wv, cos.reshape(-1), sin.reshape(-1), kc, vc, position)
+    torch.testing.assert_close(got, q.transpose(1, 2).reshape(1, -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kc, want_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(vc, want_v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_qkv_rope_kernel_in_the_interpreter_matches_the_reference():
+    script = textwrap.dedent(
+        """
+        import torch
+        from llamaforge.kernels import qkv_rope
+        from tests.test_kernels import _qkv_case
+        cases = [  # (seed, q heads, kv heads, head size, width, cache length, position, dtype)
+            (0, 8, 2, 64, 256, 16, 5, torch.float32),  # grouped query heads, several column steps
+            (1, 4, 4, 16, 100, 7, 6, torch.float32),  # one kv head per query head; ragged width; last position
+            (2, 6, 2, 32, 300, 9, 0, torch.bfloat16),
+            (3, 2, 1, 64, 64, 4, 3, torch.bfloat16),
+        ]
+        for seed, hq, hkv, d, k, length, pos, dtype in cases:
+            x, wq, wk, wv, cos, sin, kc, vc, position = _qkv_case(seed, hq, hkv, d, k, length, pos, dtype)
+            want_k, want_v = kc.clone(), vc.clone()
+            want = qkv_rope.reference(x, wq, wk, wv, cos, sin, want_k, want_v, position)
+            for pairs, block_k in ((4, 64), (8, 128), (2, 1024)):
+                got_k, got_v = kc.clone(), vc.clone()
+                got = qkv_rope.launch(x, wq, wk, wv, cos, sin, got_k, got_v, position, pairs=pairs,
+                                      block_k=block_k, warps=2)
+                tol = 2e-2 if dtype is torch.bfloat16 else 1e-5
+                for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
+                    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+                untouched = torch.arange(length) != pos
+                assert torch.equal(got_k[:, :, untouched], kc[:, :, untouched])
+                assert torch.equal(got_v[:, :, untouched], vc[:, :, untouched])
+        print("ok", len(cases))
+        """
+    )
+    _in_the_interpreter(script, "ok 4")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_qkv_rope_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper():
+    from llamaforge.kernels import qkv_rope
+
+    k, t = 2048, 2048  # Llama-3.2-1B's width; the static cache's length
+    args = {"x_ptr": "*bf16", "wq_ptr": "*bf16", "wk_ptr": "*bf16", "wv_ptr": "*bf16", "cos_ptr": "*bf16",
+            "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "pos_ptr": "*i64", "k_len": k,
+            "swq": k, "swk": k, "swv": k, "progs_q": 256, "progs_qk": 320, "kc_head": t * 64, "kc_pos": 64,
+            "vc_head": t * 64, "vc_pos": 64}  # fmt: skip
+    constexprs = {"HALF": 32, "PAIRS": qkv_rope._PAIRS, "BLOCK_K": qkv_rope._BLOCK_K}
+    loads = _sm90_global_loads(qkv_rope._kernel(), args, constexprs, qkv_rope._WARPS)
+    assert any(".v4." in ld for ld in loads), loads
+
+
+@pytest.mark.gpu
+@cuda
+def test_qkv_rope_on_cuda_matches_the_reference_at_llama_shapes():
+    """The op on CUDA (eagerly and traced by torch.compile) at the 1B and 8B attention shapes, bf16."""
+    from llamaforge.kernels import qkv_rope
+
+    for seed, (hq, hkv, k) in enumerate([(32, 8, 2048), (32, 8, 4096), (6, 2, 300)]):
+        case = [t.cuda() for t in _qkv_case(seed, hq, hkv, 64, k, 384, 100 + seed, torch.bfloat16)]
+        x, wq, wk, wv, cos, sin, kc, vc, position = case
+        want_k, want_v = kc.clone(), vc.clone()
+        want = qkv_rope.reference(x, wq, wk, wv, cos, sin, want_k, want_v, position)
+        for fn in (qkv_rope.qkv_rope_cache, torch.compile(qkv_rope.qkv_rope_cache)):
+            got_k, got_v = kc.clone(), vc.clone()
+            got = fn(x, wq, wk, wv, cos, sin, got_k, got_v, position)
+            for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
+                _close_to(a, b, 1e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_graphed_decoding_through_the_fused_qkv_rope_op_gives_the_plain_tokens(monkeypatch):
+    import llamaforge
+    from llamaforge.core.generation import GenerationConfig, clear_sessions, generate
+    from llamaforge.plugins import attention
+
+    spec = llamaforge.load_spec("tiny").with_updates(eos_token_id=None)
+    model = llamaforge.build_model(spec, device="cuda", seed=0, dtype=torch.bfloat16).eval()
+    config = GenerationConfig(max_new_tokens=24, eos_token_ids=[])
+    out = {}
+    for route in (False, None):  # None: on CUDA only, what a default would be
+        monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", route)
+        torch._dynamo.reset()
+        clear_sessions(model)
+        out[route] = generate(model, [[3, 4, 5]], config)
+    clear_sessions(model)
+    assert out[None] == out[False]

@@ -16,6 +16,11 @@ from torch import nn
 from llamaforge.core.interfaces import Attention, AttentionKernel, AttentionMask, KVCache, PositionEmbedding
 from llamaforge.registry import hookimpl
 
+# Batch-1 decoding steps route q/k/v, RoPE and the cache write through one kernel (llamaforge.kernels.qkv_rope):
+# True on any device (CPUs run the op's PyTorch reference: the tests), None on CUDA only, False never. Off until
+# the decode step is timed with it on a GPU (benchmarks/decode_variants.py `qkv_rope=1`).
+_FUSED_QKV_ROPE: bool | None = False
+
 
 class RopeAttention(Attention):
     """Causal self-attention with separate q/k/v projections and grouped key/value heads."""
@@ -55,6 +60,12 @@ class RopeAttention(Attention):
         cache_position: torch.Tensor | None = None,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
+        if seq == 1 and cache is not None and _FUSED_QKV_ROPE is not False:
+            fused = self._fused_decode(x, positions, position_state, cache, cache_position)
+            if fused is not None:
+                q, k, v = fused
+                out = self.kernel(q, k, v, mask=mask, dropout_p=0.0)
+                return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim))
         # Three matmuls, not one over concatenated weights: on an H200 (125M model, torch.compile) the
         # concatenation per step cost 2.5% of training throughput, more than the wider matmul saved.
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -66,6 +77,44 @@ class RopeAttention(Attention):
             k, v = cache.update(self.layer_idx, k, v, cache_position)
         out = self.kernel(q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim))
+
+    def _fused_decode(
+        self,
+        x: torch.Tensor,
+        positions: PositionEmbedding,
+        position_state: Any,
+        cache: KVCache,
+        cache_position: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """q (after RoPE) and the layer's full K/V caches through the fused kernel, with k and v of this step already
+        written; None where it does not apply (batch > 1, adapters or quantized projections, biases, positions
+        other than rotate-half RoPE, a cache other than the static one, unsupported layouts)."""
+        from llamaforge.core.cache import StaticKVCache
+        from llamaforge.kernels import TRITON_OPS, qkv_rope
+        from llamaforge.plugins.positions import RotaryEmbedding
+
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        if (
+            x.size(0) != 1
+            or cache_position is None
+            or cache_position.numel() != 1
+            or (_FUSED_QKV_ROPE is None and x.device.type != "cuda")
+            or (x.device.type == "cuda" and not TRITON_OPS)
+            or not all(type(p) is nn.Linear and p.bias is None for p in projections)
+            or type(positions).apply is not RotaryEmbedding.apply
+            or type(cache) is not StaticKVCache
+            or cache.kv is not None
+        ):
+            return None
+        cos, sin = position_state
+        kc, vc = cache.keys[self.layer_idx], cache.values[self.layer_idx]
+        row = x.view(1, x.size(-1))
+        weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        cos, sin = cos.reshape(-1), sin.reshape(-1)
+        if not qkv_rope.supported(row, weights, cos, sin, kc, vc):
+            return None
+        q = qkv_rope.qkv_rope_cache(row, *weights, cos, sin, kc, vc, cache_position.reshape(1))
+        return q.view(1, self.n_heads, 1, self.head_dim), kc, vc
 
     def extra_repr(self) -> str:
         return (

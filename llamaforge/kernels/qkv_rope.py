@@ -1,0 +1,255 @@
+"""One decoding step's q/k/v products, RoPE and KV-cache write for one layer, in one launch (batch 1).
+
+Why: in the compiled batch-1 decode step on an H200 (Llama-3.2-1B shape, bf16; 2026-12-02 run18) each layer runs the
+stacked q/k/v reduction (5.5 us) and then three small kernels that only move a few kilobytes: RoPE on q (1.3 us),
+RoPE on k plus its cache write (1.2 us) and the v cache write (0.9 us). The step's kernels run back to back, so each
+small kernel costs about its own launch-to-finish latency; ~55 us of a ~1,000 us step is spent on them. Here every
+program reduces a few pairs of weight rows (row d and row d + head_dim/2 of one head, the two halves RoPE mixes),
+applies the rotation to its pairs and writes them where they go: q to the op's output, k and v straight into the
+cache at the step's position. The switch that routes the attention module here is
+`llamaforge.plugins.attention._FUSED_QKV_ROPE` (off until an A/B on a GPU says otherwise).
+
+Arithmetic, as the compiled decode step does it: fp32 sums over the row, rounded to the weights' dtype (the linear's
+output), RoPE in fp32 from that and the cos/sin rows (already in the model's dtype), one rounding at the store.
+`reference` is the same in PyTorch; the op runs it on CPUs, and the tests compare the kernel against it in Triton's
+CPU interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+# Launch settings (module-level for same-run A/Bs): row pairs per program (a power of two dividing head_dim / 2),
+# values per row per loop step, warps per program. 4 pairs give the 1B shape 48 heads x 8 = 384 programs.
+_PAIRS = 4
+_BLOCK_K = 1024
+_WARPS = 4
+
+
+def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """RoPE (rotate-half layout, sign folded into `sin`) on fp32 rows laid out head after head."""
+    heads = t.view(-1, head_dim)
+    half = head_dim // 2
+    swapped = torch.cat((heads[:, half:], heads[:, :half]), dim=-1)
+    return (heads * cos.float() + swapped * sin.float()).view(t.shape)
+
+
+def reference(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+) -> torch.Tensor:
+    """x (1, K); wq (Hq*D, K), wk/wv (Hkv*D, K); cos/sin (D,) (sin with rotate-half's sign folded in); caches
+    (1, Hkv, L, D); cache_position (1,). Writes k and v at the position; returns q (1, Hq*D) after RoPE."""
+    dtype, head_dim = x.dtype, cos.shape[-1]
+    xf = x.float()
+    q, k, v = (torch.nn.functional.linear(xf, w.float()).to(dtype).float() for w in (wq, wk, wv))
+    q, k = _rotate(q, cos, sin, head_dim), _rotate(k, cos, sin, head_dim)
+    n_kv = k_cache.shape[1]
+    k_cache[0, :, cache_position] = k.view(n_kv, 1, head_dim).to(k_cache.dtype)
+    v_cache[0, :, cache_position] = v.view(n_kv, 1, head_dim).to(v_cache.dtype)
+    return q.to(dtype)
+
+
+def supported(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+) -> bool:
+    """Shapes and layouts the kernel takes (tensor metadata only: this runs inside the traced decode step)."""
+    head_dim = cos.shape[-1]
+    dtype = x.dtype
+    k_len = x.shape[-1]
+    return (
+        x.dim() == 2
+        and x.size(0) == 1
+        and k_len > 1
+        and x.stride(-1) == 1
+        and head_dim % (2 * _PAIRS) == 0
+        and cos.numel() == head_dim == sin.numel()
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and all(t.dtype == dtype for t in (*weights, cos, sin, k_cache, v_cache))
+        and all(w.dim() == 2 and w.size(1) == k_len and w.stride(-1) == 1 for w in weights)
+        and all(w.size(0) % head_dim == 0 for w in weights)
+        and weights[1].shape == weights[2].shape
+        and all(
+            c.dim() == 4 and c.size(0) == 1 and c.size(-1) == head_dim and c.stride(-1) == 1 for c in (k_cache, v_cache)
+        )
+        and k_cache.size(1) * head_dim == weights[1].size(0)
+        and v_cache.size(1) == k_cache.size(1)
+    )
+
+
+@functools.cache
+def _kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit(do_not_specialize=["progs_q", "progs_qk"])
+    def qkv_rope_kernel(
+        x_ptr, wq_ptr, wk_ptr, wv_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos_ptr,
+        k_len, swq, swk, swv, progs_q, progs_qk, kc_head, kc_pos, vc_head, vc_pos,
+        HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        per_head = HALF // PAIRS
+        # the first progs_q programs serve q's rows, then k's, then v's; `which` says whose
+        if pid < progs_q:
+            w_ptr, stride, local, which = wq_ptr, swq, pid, 0
+        elif pid < progs_qk:
+            w_ptr, stride, local, which = wk_ptr, swk, pid - progs_q, 1
+        else:
+            w_ptr, stride, local, which = wv_ptr, swv, pid - progs_qk, 2
+        head = local // per_head
+        j = (local % per_head) * PAIRS + tl.arange(0, PAIRS)  # dimensions in the head's first half
+        rows_a = head * 2 * HALF + j
+        rows_b = rows_a + HALF  # their RoPE partners
+        acc_a = tl.zeros((PAIRS, BLOCK_K), tl.float32)
+        acc_b = tl.zeros((PAIRS, BLOCK_K), tl.float32)
+        for k0 in range(0, k_len, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < k_len
+            xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            wa = tl.load(w_ptr + rows_a[:, None] * stride + k[None, :], mask=k_ok[None, :], other=0.0)
+            wb = tl.load(w_ptr + rows_b[:, None] * stride + k[None, :], mask=k_ok[None, :], other=0.0)
+            acc_a += wa.to(tl.float32) * xv
+            acc_b += wb.to(tl.float32) * xv
+        out_ty = q_ptr.dtype.element_ty
+        ya = tl.sum(acc_a, axis=1).to(out_ty).to(tl.float32)  # rounded like the linear's output
+        yb = tl.sum(acc_b, axis=1).to(out_ty).to(tl.float32)
+        if which < 2:
+            ca = tl.load(cos_ptr + j).to(tl.float32)
+            cb = tl.load(cos_ptr + HALF + j).to(tl.float32)
+            sa = tl.load(sin_ptr + j).to(tl.float32)  # rotate-half's minus is folded into this half of sin
+            sb = tl.load(sin_ptr + HALF + j).to(tl.float32)
+            oa = ya * ca + yb * sa
+            ob = yb * cb + ya * sb
+        else:
+            oa = ya
+            ob = yb
+        if which == 0:
+            tl.store(q_ptr + rows_a, oa.to(out_ty))
+            tl.store(q_ptr + rows_b, ob.to(out_ty))
+        else:
+            pos = tl.load(pos_ptr)
+            if which == 1:
+                base = kc_ptr + head * kc_head + pos * kc_pos
+            else:
+                base = vc_ptr + head * vc_head + pos * vc_pos
+            tl.store(base + j, oa.to(out_ty))
+            tl.store(base + HALF + j, ob.to(out_ty))
+
+    return qkv_rope_kernel
+
+
+def launch(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+    *,
+    pairs: int | None = None,
+    block_k: int | None = None,
+    warps: int | None = None,
+    wrap: Any = None,
+) -> torch.Tensor:
+    """Run the Triton kernel (on CUDA, or on CPU tensors under TRITON_INTERPRET=1); `wrap` is
+    torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch."""
+    import triton
+
+    kernel = _kernel()
+    if wrap is not None:
+        kernel = wrap(kernel)
+    head_dim = int(cos.shape[-1])
+    half = head_dim // 2
+    pairs = pairs or _PAIRS
+    k_len = int(x.size(1))
+    block_k = min(block_k or _BLOCK_K, triton.next_power_of_2(k_len))
+    per_head = half // pairs
+    heads = [int(w.size(0)) // head_dim for w in (wq, wk, wv)]
+    progs = [h * per_head for h in heads]
+    q = torch.empty(1, int(wq.size(0)), dtype=x.dtype, device=x.device)
+    kernel[(sum(progs),)](
+        x, wq, wk, wv, cos, sin, q, k_cache, v_cache, cache_position,
+        k_len, wq.stride(0), wk.stride(0), wv.stride(0), progs[0], progs[0] + progs[1],
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        HALF=half, PAIRS=pairs, BLOCK_K=block_k, num_warps=warps or _WARPS,
+    )  # fmt: skip
+    return q
+
+
+@torch.library.custom_op("llamaforge::qkv_rope_cache_reference", mutates_args={"k_cache", "v_cache"})
+def _reference_op(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+) -> torch.Tensor:
+    """The PyTorch reference as an opaque op: compiled graphs off CUDA keep it whole, as they keep the kernel on CUDA
+    (tracing the Triton op's body needs a GPU driver, even to analyse which arguments the kernel writes)."""
+    return reference(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position)
+
+
+@_reference_op.register_fake
+def _(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position):
+    return x.new_empty(1, wq.size(0))
+
+
+if hasattr(torch.library, "triton_op"):  # torch >= 2.6
+
+    @torch.library.triton_op("llamaforge::qkv_rope_cache", mutates_args={"k_cache", "v_cache"})
+    def _triton_op(
+        x: torch.Tensor,
+        wq: torch.Tensor,
+        wk: torch.Tensor,
+        wv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cache_position: torch.Tensor,
+    ) -> torch.Tensor:
+        return launch(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, wrap=torch.library.wrap_triton)
+
+else:  # older torch: no way to trace Triton launches into a compiled graph
+    _triton_op = None
+
+
+def qkv_rope_cache(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+) -> torch.Tensor:
+    """q/k/v of one row, RoPE, k and v written into the caches at cache_position; returns q (1, Hq*D) after RoPE.
+    The Triton kernel on CUDA (as a custom op torch.compile traces), the reference elsewhere."""
+    op = _triton_op if x.device.type == "cuda" and _triton_op is not None else _reference_op
+    return op(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position)
