@@ -392,7 +392,8 @@ def _fused_and_plain(model, prompts, configs, switch, tokenizer=None):
 
 def test_fused_qkv_rope_route_decodes_the_same_tokens_and_only_where_it_applies(fused_qkv_calls):
     """Batch-1 decoding steps through the fused op stream the same tokens as the module's own steps (greedy with EOS,
-    sampled, a stop string); the prefill, batches of several rows and quantized projections keep the plain path."""
+    sampled, a stop string), also with int8 weight-only projections; the prefill, batches of several rows and
+    int8_dynamic projections keep the plain path."""
     from llamaforge.core.loading import apply_transform
 
     calls, switch = fused_qkv_calls
@@ -412,9 +413,12 @@ def test_fused_qkv_rope_route_decodes_the_same_tokens_and_only_where_it_applies(
     calls[0] = 0
     two = _fused_and_plain(model, [[5, 6, 7], [9]], configs[:1], switch)
     assert two[True] == two[False] and calls[0] == 0
-    quantized = apply_transform(_model(seed=12), "quantizer", "int8_weight_only")
-    one = _fused_and_plain(quantized, [[5, 6, 7]], configs[:1], switch)
+    dynamic = apply_transform(_model(seed=12), "quantizer", "int8_dynamic")
+    one = _fused_and_plain(dynamic, [[5, 6, 7]], configs[:1], switch)
     assert one[True] == one[False] and calls[0] == 0
+    weight_only = apply_transform(_model(seed=12), "quantizer", "int8_weight_only")  # int8 weights with scales
+    one = _fused_and_plain(weight_only, [[5, 6, 7]], configs[1:2], switch)
+    assert one[True] == one[False] and calls[0] == model.spec.n_layers * 8
 
 
 @pytest.mark.slow  # an inductor compilation: ~15 s on an idle CPU

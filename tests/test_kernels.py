@@ -644,15 +644,24 @@ def test_compiled_int8_decoding_through_the_gemv_kernel_gives_the_matmul_tokens(
 
 
 # ----- fused q/k/v + RoPE + cache write (llamaforge.kernels.qkv_rope) -----------------------------------------------
-def _qkv_case(seed: int, hq: int, hkv: int, d: int, k: int, length: int, pos: int, dtype=torch.float32):
+def _qkv_case(seed: int, hq: int, hkv: int, d: int, k: int, length: int, pos: int, dtype=torch.float32,
+              int8: bool = False):  # fmt: skip
+    """Inputs of the fused q/k/v op; with int8, weights quantized per row and their scales appended."""
+    from llamaforge.plugins.quantizers import quantize_int8_rows
+
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(1, k, generator=g).to(dtype)
-    wq, wk, wv = ((torch.randn(h * d, k, generator=g) / k**0.5).to(dtype) for h in (hq, hkv, hkv))
+    weights = [(torch.randn(h * d, k, generator=g) / k**0.5).to(dtype) for h in (hq, hkv, hkv)]
     angle = torch.rand(d // 2, generator=g) * 6
     cos = torch.cat((angle.cos(), angle.cos())).to(dtype)
     sin = torch.cat((-angle.sin(), angle.sin())).to(dtype)  # rotate-half's sign folded in, as RotaryEmbedding does
     kc, vc = (torch.randn(1, hkv, length, d, generator=g).to(dtype) for _ in range(2))
-    return x, wq, wk, wv, cos, sin, kc, vc, torch.tensor([pos])
+    case = [x, *weights, cos, sin, kc, vc, torch.tensor([pos])]
+    if int8:
+        quantized = [quantize_int8_rows(w) for w in weights]
+        case[1:4] = [q for q, _ in quantized]
+        case.append(tuple(sc.to(dtype) for _, sc in quantized))
+    return case
 
 
 @settings(max_examples=30, deadline=None)
@@ -663,30 +672,40 @@ def _qkv_case(seed: int, hq: int, hkv: int, d: int, k: int, length: int, pos: in
     d=st.sampled_from([8, 16, 64]),
     k=st.integers(2, 80),
     length=st.integers(1, 12),
+    int8=st.booleans(),
     data=st.data(),
 )
 def test_qkv_rope_reference_is_the_attention_modules_projection_rope_and_cache_write(seed, hkv, rep, d, k, length,
-                                                                                     data):  # fmt: skip
-    """The reference (what the kernel computes) against the module's own steps: three linears, RotaryEmbedding's
-    rotation, the static cache's write; the cache rows other than the step's position are left alone."""
+                                                                                     int8, data):  # fmt: skip
+    """The reference (what the kernel computes) against the module's own steps: three linears (plain, or int8
+    weight-only through Int8Linear), RotaryEmbedding's rotation, the static cache's write; the cache rows other than
+    the step's position are left alone."""
     from llamaforge.core.cache import StaticKVCache
     from llamaforge.kernels import qkv_rope
     from llamaforge.plugins.positions import RotaryEmbedding
+    from llamaforge.plugins.quantizers import Int8Linear
 
     pos = data.draw(st.integers(0, length - 1))
-    x, wq, wk, wv, _, _, kc, vc, position = _qkv_case(seed, hkv * rep, hkv, d, k, length, pos)
+    x, wq, wk, wv, _, _, kc, vc, position = _qkv_case(seed, hkv * rep, hkv, d, k, length, pos)[:9]
+    scales = None
+    linears = [lambda t, w=w: torch.nn.functional.linear(t, w) for w in (wq, wk, wv)]
+    if int8:
+        modules = [Int8Linear.from_float(w, None, dynamic=False) for w in (wq, wk, wv)]
+        wq, wk, wv = (m.weight for m in modules)
+        scales = tuple(m.weight_scale for m in modules)
+        linears = modules
     rope = RotaryEmbedding(d, 16, 10000.0)
     cos, sin = rope(torch.tensor([[pos + 3]]), torch.float32)
     cache = StaticKVCache(n_layers=1, batch_size=1, n_kv_heads=hkv, head_dim=d, max_length=length, device="cpu",
                           dtype=torch.float32)  # fmt: skip
     cache.keys[0].copy_(kc)
     cache.values[0].copy_(vc)
-    q = torch.nn.functional.linear(x, wq).view(1, 1, hkv * rep, d).transpose(1, 2)
-    kk = torch.nn.functional.linear(x, wk).view(1, 1, hkv, d).transpose(1, 2)
-    vv = torch.nn.functional.linear(x, wv).view(1, 1, hkv, d).transpose(1, 2)
+    q = linears[0](x).view(1, 1, hkv * rep, d).transpose(1, 2)
+    kk = linears[1](x).view(1, 1, hkv, d).transpose(1, 2)
+    vv = linears[2](x).view(1, 1, hkv, d).transpose(1, 2)
     q, kk = rope.apply(q, kk, (cos, sin))
     want_k, want_v = cache.update(0, kk, vv, position)
-    got = qkv_rope.reference(x, wq, wk, wv, cos.reshape(-1), sin.reshape(-1), kc, vc, position)
+    got = qkv_rope.reference(x, wq, wk, wv, cos.reshape(-1), sin.reshape(-1), kc, vc, position, scales)
     torch.testing.assert_close(got, q.transpose(1, 2).reshape(1, -1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kc, want_k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(vc, want_v, atol=1e-5, rtol=1e-5)
@@ -699,19 +718,23 @@ def test_qkv_rope_kernel_in_the_interpreter_matches_the_reference():
         import torch
         from llamaforge.kernels import qkv_rope
         from tests.test_kernels import _qkv_case
-        cases = [  # (seed, q heads, kv heads, head size, width, cache length, position, dtype)
-            (0, 8, 2, 64, 256, 16, 5, torch.float32),  # grouped query heads, several column steps
-            (1, 4, 4, 16, 100, 7, 6, torch.float32),  # one kv head per query head; ragged width; last position
-            (2, 6, 2, 32, 300, 9, 0, torch.bfloat16),
-            (3, 2, 1, 64, 64, 4, 3, torch.bfloat16),
+        cases = [  # (seed, q heads, kv heads, head size, width, cache length, position, dtype, int8 weights)
+            (0, 8, 2, 64, 256, 16, 5, torch.float32, False),  # grouped query heads, several column steps
+            (1, 4, 4, 16, 100, 7, 6, torch.float32, False),  # one kv head per query head; ragged; last position
+            (2, 6, 2, 32, 300, 9, 0, torch.bfloat16, False),
+            (3, 2, 1, 64, 64, 4, 3, torch.bfloat16, False),
+            (4, 8, 2, 64, 256, 16, 5, torch.float32, True),  # int8 weight-only, scales in fp32
+            (5, 6, 2, 32, 300, 9, 8, torch.bfloat16, True),
         ]
-        for seed, hq, hkv, d, k, length, pos, dtype in cases:
-            x, wq, wk, wv, cos, sin, kc, vc, position = _qkv_case(seed, hq, hkv, d, k, length, pos, dtype)
+        for seed, hq, hkv, d, k, length, pos, dtype, int8 in cases:
+            x, wq, wk, wv, cos, sin, kc, vc, position, *scales = _qkv_case(seed, hq, hkv, d, k, length, pos, dtype,
+                                                                           int8)
+            scales = scales[0] if scales else None
             want_k, want_v = kc.clone(), vc.clone()
-            want = qkv_rope.reference(x, wq, wk, wv, cos, sin, want_k, want_v, position)
+            want = qkv_rope.reference(x, wq, wk, wv, cos, sin, want_k, want_v, position, scales)
             for pairs, block_k in ((4, 64), (8, 128), (2, 1024)):
                 got_k, got_v = kc.clone(), vc.clone()
-                got = qkv_rope.launch(x, wq, wk, wv, cos, sin, got_k, got_v, position, pairs=pairs,
+                got = qkv_rope.launch(x, wq, wk, wv, cos, sin, got_k, got_v, position, scales, pairs=pairs,
                                       block_k=block_k, warps=2)
                 tol = 2e-2 if dtype is torch.bfloat16 else 1e-5
                 for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
@@ -722,21 +745,26 @@ def test_qkv_rope_kernel_in_the_interpreter_matches_the_reference():
         print("ok", len(cases))
         """
     )
-    _in_the_interpreter(script, "ok 4")
+    _in_the_interpreter(script, "ok 6")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-def test_qkv_rope_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper():
+@pytest.mark.parametrize("dtype", ["bf16", "i8"])
+def test_qkv_rope_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype):
     from llamaforge.kernels import qkv_rope
 
     k, t = 2048, 2048  # Llama-3.2-1B's width; the static cache's length
-    args = {"x_ptr": "*bf16", "wq_ptr": "*bf16", "wk_ptr": "*bf16", "wv_ptr": "*bf16", "cos_ptr": "*bf16",
+    args = {"x_ptr": "*bf16", "wq_ptr": f"*{dtype}", "wk_ptr": f"*{dtype}", "wv_ptr": f"*{dtype}", "sq_ptr": "*bf16",
+            "sk_ptr": "*bf16", "sv_ptr": "*bf16", "cos_ptr": "*bf16",
             "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "pos_ptr": "*i64", "k_len": k,
             "swq": k, "swk": k, "swv": k, "progs_q": 256, "progs_qk": 320, "kc_head": t * 64, "kc_pos": 64,
             "vc_head": t * 64, "vc_pos": 64}  # fmt: skip
-    constexprs = {"HALF": 32, "PAIRS": qkv_rope._PAIRS, "BLOCK_K": qkv_rope._BLOCK_K}
-    loads = _sm90_global_loads(qkv_rope._kernel(), args, constexprs, qkv_rope._WARPS)
+    constexprs = {"HALF": 32, "PAIRS": qkv_rope._PAIRS, "BLOCK_K": qkv_rope._BLOCK_K, "INT8": dtype == "i8"}
+    ptx = _sm90_ptx(qkv_rope._kernel(), args, constexprs, qkv_rope._WARPS)
+    loads = _global_loads(ptx)
     assert any(".v4." in ld for ld in loads), loads
+    assert not [ld for ld in loads if ld.endswith((".b8", ".u8", ".s8"))], loads
+    assert not re.findall(r"cvt\.rn\.f32\.[su]", ptx)  # int8 widened through the float's bits, no I2F
 
 
 @pytest.mark.gpu
@@ -745,14 +773,16 @@ def test_qkv_rope_on_cuda_matches_the_reference_at_llama_shapes():
     """The op on CUDA (eagerly and traced by torch.compile) at the 1B and 8B attention shapes, bf16."""
     from llamaforge.kernels import qkv_rope
 
-    for seed, (hq, hkv, k) in enumerate([(32, 8, 2048), (32, 8, 4096), (6, 2, 300)]):
-        case = [t.cuda() for t in _qkv_case(seed, hq, hkv, 64, k, 384, 100 + seed, torch.bfloat16)]
-        x, wq, wk, wv, cos, sin, kc, vc, position = case
+    shapes = [(32, 8, 2048, False), (32, 8, 4096, False), (6, 2, 300, False), (32, 8, 2048, True)]
+    for seed, (hq, hkv, k, int8) in enumerate(shapes):
+        case = _qkv_case(seed, hq, hkv, 64, k, 384, 100 + seed, torch.bfloat16, int8)
+        x, wq, wk, wv, cos, sin, kc, vc, position = (t.cuda() for t in case[:9])
+        scales = tuple(sc.cuda() for sc in case[9]) if int8 else None
         want_k, want_v = kc.clone(), vc.clone()
-        want = qkv_rope.reference(x, wq, wk, wv, cos, sin, want_k, want_v, position)
+        want = qkv_rope.reference(x, wq, wk, wv, cos, sin, want_k, want_v, position, scales)
         for fn in (qkv_rope.qkv_rope_cache, torch.compile(qkv_rope.qkv_rope_cache)):
             got_k, got_v = kc.clone(), vc.clone()
-            got = fn(x, wq, wk, wv, cos, sin, got_k, got_v, position)
+            got = fn(x, wq, wk, wv, cos, sin, got_k, got_v, position, scales)
             for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
                 _close_to(a, b, 1e-2)
 

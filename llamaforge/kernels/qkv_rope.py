@@ -47,12 +47,16 @@ def reference(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     cache_position: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """x (1, K); wq (Hq*D, K), wk/wv (Hkv*D, K); cos/sin (D,) (sin with rotate-half's sign folded in); caches
-    (1, Hkv, L, D); cache_position (1,). Writes k and v at the position; returns q (1, Hq*D) after RoPE."""
+    (1, Hkv, L, D); cache_position (1,); for int8 weight-only weights their per-row scales (in x's dtype). Writes k
+    and v at the position; returns q (1, Hq*D) after RoPE."""
     dtype, head_dim = x.dtype, cos.shape[-1]
     xf = x.float()
     q, k, v = (torch.nn.functional.linear(xf, w.float()).to(dtype).float() for w in (wq, wk, wv))
+    if scales is not None:  # as int8_weight_only_linear: the product in x's dtype, times the row's scale
+        q, k, v = ((t * sc.float()).to(dtype).float() for t, sc in zip((q, k, v), scales))
     q, k = _rotate(q, cos, sin, head_dim), _rotate(k, cos, sin, head_dim)
     n_kv = k_cache.shape[1]
     k_cache[0, :, cache_position] = k.view(n_kv, 1, head_dim).to(k_cache.dtype)
@@ -67,8 +71,10 @@ def supported(
     sin: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> bool:
-    """Shapes and layouts the kernel takes (tensor metadata only: this runs inside the traced decode step)."""
+    """Shapes and layouts the kernel takes (tensor metadata only: this runs inside the traced decode step): weights
+    in x's dtype, or int8 with per-row scales in x's dtype."""
     head_dim = cos.shape[-1]
     dtype = x.dtype
     k_len = x.shape[-1]
@@ -81,7 +87,14 @@ def supported(
         and cos.numel() == head_dim == sin.numel()
         and cos.is_contiguous()
         and sin.is_contiguous()
-        and all(t.dtype == dtype for t in (*weights, cos, sin, k_cache, v_cache))
+        and all(t.dtype == dtype for t in (cos, sin, k_cache, v_cache))
+        and all(w.dtype == (dtype if scales is None else torch.int8) for w in weights)
+        and (
+            scales is None
+            or all(
+                sc.dtype == dtype and sc.shape == (w.size(0),) and sc.stride(0) == 1 for sc, w in zip(scales, weights)
+            )
+        )
         and all(w.dim() == 2 and w.size(1) == k_len and w.stride(-1) == 1 for w in weights)
         and all(w.size(0) % head_dim == 0 for w in weights)
         and weights[1].shape == weights[2].shape
@@ -100,19 +113,19 @@ def _kernel() -> Any:
 
     @triton.jit(do_not_specialize=["progs_q", "progs_qk"])
     def qkv_rope_kernel(
-        x_ptr, wq_ptr, wk_ptr, wv_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos_ptr,
+        x_ptr, wq_ptr, wk_ptr, wv_ptr, sq_ptr, sk_ptr, sv_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos_ptr,
         k_len, swq, swk, swv, progs_q, progs_qk, kc_head, kc_pos, vc_head, vc_pos,
-        HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr,
+        HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         per_head = HALF // PAIRS
         # the first progs_q programs serve q's rows, then k's, then v's; `which` says whose
         if pid < progs_q:
-            w_ptr, stride, local, which = wq_ptr, swq, pid, 0
+            w_ptr, s_ptr, stride, local, which = wq_ptr, sq_ptr, swq, pid, 0
         elif pid < progs_qk:
-            w_ptr, stride, local, which = wk_ptr, swk, pid - progs_q, 1
+            w_ptr, s_ptr, stride, local, which = wk_ptr, sk_ptr, swk, pid - progs_q, 1
         else:
-            w_ptr, stride, local, which = wv_ptr, swv, pid - progs_qk, 2
+            w_ptr, s_ptr, stride, local, which = wv_ptr, sv_ptr, swv, pid - progs_qk, 2
         head = local // per_head
         j = (local % per_head) * PAIRS + tl.arange(0, PAIRS)  # dimensions in the head's first half
         rows_a = head * 2 * HALF + j
@@ -123,13 +136,20 @@ def _kernel() -> Any:
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < k_len
             xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            wa = tl.load(w_ptr + rows_a[:, None] * stride + k[None, :], mask=k_ok[None, :], other=0.0)
-            wb = tl.load(w_ptr + rows_b[:, None] * stride + k[None, :], mask=k_ok[None, :], other=0.0)
-            acc_a += wa.to(tl.float32) * xv
-            acc_b += wb.to(tl.float32) * xv
+            wa = tl.load(w_ptr + rows_a[:, None] * stride + k[None, :], mask=k_ok[None, :], other=0)
+            wb = tl.load(w_ptr + rows_b[:, None] * stride + k[None, :], mask=k_ok[None, :], other=0)
+            if INT8:  # exact widening through the float's bits (as llamaforge.kernels.row_gemv): no slow I2F
+                acc_a += ((wa.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xv
+                acc_b += ((wb.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xv
+            else:
+                acc_a += wa.to(tl.float32) * xv
+                acc_b += wb.to(tl.float32) * xv
         out_ty = q_ptr.dtype.element_ty
         ya = tl.sum(acc_a, axis=1).to(out_ty).to(tl.float32)  # rounded like the linear's output
         yb = tl.sum(acc_b, axis=1).to(out_ty).to(tl.float32)
+        if INT8:  # times the rows' scales, rounded again (int8_weight_only_linear)
+            ya = (ya * tl.load(s_ptr + rows_a).to(tl.float32)).to(out_ty).to(tl.float32)
+            yb = (yb * tl.load(s_ptr + rows_b).to(tl.float32)).to(out_ty).to(tl.float32)
         if which < 2:
             ca = tl.load(cos_ptr + j).to(tl.float32)
             cb = tl.load(cos_ptr + HALF + j).to(tl.float32)
@@ -165,6 +185,7 @@ def launch(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     cache_position: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     *,
     pairs: int | None = None,
     block_k: int | None = None,
@@ -187,11 +208,12 @@ def launch(
     heads = [int(w.size(0)) // head_dim for w in (wq, wk, wv)]
     progs = [h * per_head for h in heads]
     q = torch.empty(1, int(wq.size(0)), dtype=x.dtype, device=x.device)
+    sq, sk, sv = scales if scales is not None else (x, x, x)  # unread without INT8
     kernel[(sum(progs),)](
-        x, wq, wk, wv, cos, sin, q, k_cache, v_cache, cache_position,
+        x, wq, wk, wv, sq, sk, sv, cos, sin, q, k_cache, v_cache, cache_position,
         k_len, wq.stride(0), wk.stride(0), wv.stride(0), progs[0], progs[0] + progs[1],
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        HALF=half, PAIRS=pairs, BLOCK_K=block_k, num_warps=warps or _WARPS,
+        HALF=half, PAIRS=pairs, BLOCK_K=block_k, INT8=scales is not None, num_warps=warps or _WARPS,
     )  # fmt: skip
     return q
 
@@ -207,14 +229,20 @@ def _reference_op(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     cache_position: torch.Tensor,
+    scales: list[torch.Tensor],
 ) -> torch.Tensor:
     """The PyTorch reference as an opaque op: compiled graphs off CUDA keep it whole, as they keep the kernel on CUDA
     (tracing the Triton op's body needs a GPU driver, even to analyse which arguments the kernel writes)."""
-    return reference(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position)
+    return reference(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, _three(scales))
+
+
+def _three(scales: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """The ops take the int8 scales as a list, empty for floating-point weights (a schema has no optional list)."""
+    return (scales[0], scales[1], scales[2]) if scales else None
 
 
 @_reference_op.register_fake
-def _(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position):
+def _(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, scales):
     return x.new_empty(1, wq.size(0))
 
 
@@ -231,8 +259,10 @@ if hasattr(torch.library, "triton_op"):  # torch >= 2.6
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         cache_position: torch.Tensor,
+        scales: list[torch.Tensor],
     ) -> torch.Tensor:
-        return launch(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, wrap=torch.library.wrap_triton)
+        return launch(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, _three(scales),
+                      wrap=torch.library.wrap_triton)  # fmt: skip
 
 else:  # older torch: no way to trace Triton launches into a compiled graph
     _triton_op = None
@@ -248,8 +278,10 @@ def qkv_rope_cache(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     cache_position: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """q/k/v of one row, RoPE, k and v written into the caches at cache_position; returns q (1, Hq*D) after RoPE.
-    The Triton kernel on CUDA (as a custom op torch.compile traces), the reference elsewhere."""
+    The Triton kernel on CUDA (as a custom op torch.compile traces), the reference elsewhere. `scales`: the per-row
+    scales of int8 weight-only weights."""
     op = _triton_op if x.device.type == "cuda" and _triton_op is not None else _reference_op
-    return op(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position)
+    return op(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, [] if scales is None else list(scales))

@@ -87,20 +87,24 @@ class RopeAttention(Attention):
         cache_position: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """q (after RoPE) and the layer's full K/V caches through the fused kernel, with k and v of this step already
-        written; None where it does not apply (batch > 1, adapters or quantized projections, biases, positions
-        other than rotate-half RoPE, a cache other than the static one, unsupported layouts)."""
+        written; None where it does not apply (batch > 1, adapters, projections other than plain or int8 weight-only
+        ones, biases, positions other than rotate-half RoPE, a cache other than the static one, unsupported
+        layouts)."""
         from llamaforge.core.cache import StaticKVCache
         from llamaforge.kernels import TRITON_OPS, qkv_rope
         from llamaforge.plugins.positions import RotaryEmbedding
+        from llamaforge.plugins.quantizers import Int8Linear
 
         projections = (self.q_proj, self.k_proj, self.v_proj)
+        plain = all(type(p) is nn.Linear and p.bias is None for p in projections)
+        int8 = all(type(p) is Int8Linear and not p.dynamic and p.bias is None for p in projections)
         if (
             x.size(0) != 1
             or cache_position is None
             or cache_position.numel() != 1
             or (_FUSED_QKV_ROPE is None and x.device.type != "cuda")
             or (x.device.type == "cuda" and not TRITON_OPS)
-            or not all(type(p) is nn.Linear and p.bias is None for p in projections)
+            or not (plain or int8)
             or type(positions).apply is not RotaryEmbedding.apply
             or type(cache) is not StaticKVCache
             or cache.kv is not None
@@ -110,10 +114,11 @@ class RopeAttention(Attention):
         kc, vc = cache.keys[self.layer_idx], cache.values[self.layer_idx]
         row = x.view(1, x.size(-1))
         weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+        scales = (self.q_proj.weight_scale, self.k_proj.weight_scale, self.v_proj.weight_scale) if int8 else None
         cos, sin = cos.reshape(-1), sin.reshape(-1)
-        if not qkv_rope.supported(row, weights, cos, sin, kc, vc):
+        if not qkv_rope.supported(row, weights, cos, sin, kc, vc, scales):
             return None
-        q = qkv_rope.qkv_rope_cache(row, *weights, cos, sin, kc, vc, cache_position.reshape(1))
+        q = qkv_rope.qkv_rope_cache(row, *weights, cos, sin, kc, vc, cache_position.reshape(1), scales)
         return q.view(1, self.n_heads, 1, self.head_dim), kc, vc
 
     def extra_repr(self) -> str:
