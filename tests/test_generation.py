@@ -390,11 +390,12 @@ def _fused_and_plain(model, prompts, configs, switch, tokenizer=None):
     return out
 
 
-def test_fused_qkv_rope_route_decodes_the_same_tokens_and_only_where_it_applies(fused_qkv_calls):
+def test_fused_qkv_rope_route_decodes_the_same_tokens_and_only_where_it_applies(fused_qkv_calls, monkeypatch):
     """Batch-1 decoding steps through the fused op stream the same tokens as the module's own steps (greedy with EOS,
-    sampled, a stop string), also with int8 weight-only projections; the prefill, batches of several rows and
-    int8_dynamic projections keep the plain path."""
+    sampled, a stop string), with the block's RMSNorm folded into the op or not, also with int8 weight-only
+    projections; the prefill, batches of several rows and int8_dynamic projections keep the plain path."""
     from llamaforge.core.loading import apply_transform
+    from llamaforge.plugins import attention
 
     calls, switch = fused_qkv_calls
     model = _model(seed=12)
@@ -407,6 +408,9 @@ def test_fused_qkv_rope_route_decodes_the_same_tokens_and_only_where_it_applies(
     ]
     out = _fused_and_plain(model, [[5, 6, 7]], configs, switch, tok)
     assert out[True] == out[False]
+    monkeypatch.setattr(attention, "_FOLD_NORM", False)  # the block's RMSNorm applied before the op instead
+    assert _fused_and_plain(model, [[5, 6, 7]], configs, switch, tok)[True] == out[False]
+    monkeypatch.setattr(attention, "_FOLD_NORM", True)
     calls[0] = 0
     _fused_and_plain(model, [[5, 6, 7]], configs[1:2], switch)
     assert calls[0] == model.spec.n_layers * 8  # 9 tokens: the prefill's, then 8 decoding steps through the op

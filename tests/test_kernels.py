@@ -673,15 +673,17 @@ def _qkv_case(seed: int, hq: int, hkv: int, d: int, k: int, length: int, pos: in
     k=st.integers(2, 80),
     length=st.integers(1, 12),
     int8=st.booleans(),
+    fold=st.booleans(),
     data=st.data(),
 )
 def test_qkv_rope_reference_is_the_attention_modules_projection_rope_and_cache_write(seed, hkv, rep, d, k, length,
-                                                                                     int8, data):  # fmt: skip
-    """The reference (what the kernel computes) against the module's own steps: three linears (plain, or int8
-    weight-only through Int8Linear), RotaryEmbedding's rotation, the static cache's write; the cache rows other than
-    the step's position are left alone."""
+                                                                                     int8, fold, data):  # fmt: skip
+    """The reference (what the kernel computes) against the module's own steps: the block's RMSNorm when it is
+    folded in, three linears (plain, or int8 weight-only through Int8Linear), RotaryEmbedding's rotation, the static
+    cache's write; the cache rows other than the step's position are left alone."""
     from llamaforge.core.cache import StaticKVCache
     from llamaforge.kernels import qkv_rope
+    from llamaforge.plugins.norms import RMSNorm
     from llamaforge.plugins.positions import RotaryEmbedding
     from llamaforge.plugins.quantizers import Int8Linear
 
@@ -700,12 +702,18 @@ def test_qkv_rope_reference_is_the_attention_modules_projection_rope_and_cache_w
                           dtype=torch.float32)  # fmt: skip
     cache.keys[0].copy_(kc)
     cache.values[0].copy_(vc)
-    q = linears[0](x).view(1, 1, hkv * rep, d).transpose(1, 2)
-    kk = linears[1](x).view(1, 1, hkv, d).transpose(1, 2)
-    vv = linears[2](x).view(1, 1, hkv, d).transpose(1, 2)
+    norm, row = None, x
+    if fold:
+        rms = RMSNorm(k, eps=1e-5)
+        with torch.no_grad():
+            rms.weight.uniform_(0.5, 1.5)
+        norm, row = (rms.weight.detach(), rms.eps), rms(x).detach()
+    q = linears[0](row).view(1, 1, hkv * rep, d).transpose(1, 2)
+    kk = linears[1](row).view(1, 1, hkv, d).transpose(1, 2)
+    vv = linears[2](row).view(1, 1, hkv, d).transpose(1, 2)
     q, kk = rope.apply(q, kk, (cos, sin))
     want_k, want_v = cache.update(0, kk, vv, position)
-    got = qkv_rope.reference(x, wq, wk, wv, cos.reshape(-1), sin.reshape(-1), kc, vc, position, scales)
+    got = qkv_rope.reference(x, wq, wk, wv, cos.reshape(-1), sin.reshape(-1), kc, vc, position, scales, norm)
     torch.testing.assert_close(got, q.transpose(1, 2).reshape(1, -1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(kc, want_k, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(vc, want_v, atol=1e-5, rtol=1e-5)
@@ -730,18 +738,20 @@ def test_qkv_rope_kernel_in_the_interpreter_matches_the_reference():
             x, wq, wk, wv, cos, sin, kc, vc, position, *scales = _qkv_case(seed, hq, hkv, d, k, length, pos, dtype,
                                                                            int8)
             scales = scales[0] if scales else None
-            want_k, want_v = kc.clone(), vc.clone()
-            want = qkv_rope.reference(x, wq, wk, wv, cos, sin, want_k, want_v, position, scales)
-            for pairs, block_k in ((4, 64), (8, 128), (2, 1024)):
-                got_k, got_v = kc.clone(), vc.clone()
-                got = qkv_rope.launch(x, wq, wk, wv, cos, sin, got_k, got_v, position, scales, pairs=pairs,
-                                      block_k=block_k, warps=2)
-                tol = 2e-2 if dtype is torch.bfloat16 else 1e-5
-                for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
-                    torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
-                untouched = torch.arange(length) != pos
-                assert torch.equal(got_k[:, :, untouched], kc[:, :, untouched])
-                assert torch.equal(got_v[:, :, untouched], vc[:, :, untouched])
+            g = (torch.rand(k, generator=torch.Generator().manual_seed(seed)) + 0.5).to(dtype)
+            for norm in (None, (g, 1e-5)):  # an RMSNorm folded in: its statistics over the row in every program
+                want_k, want_v = kc.clone(), vc.clone()
+                want = qkv_rope.reference(x, wq, wk, wv, cos, sin, want_k, want_v, position, scales, norm)
+                for pairs, block_k in ((4, 64), (8, 128), (2, 1024)):
+                    got_k, got_v = kc.clone(), vc.clone()
+                    got = qkv_rope.launch(x, wq, wk, wv, cos, sin, got_k, got_v, position, scales, norm, pairs=pairs,
+                                          block_k=block_k, warps=2)
+                    tol = 2e-2 if dtype is torch.bfloat16 else 1e-5
+                    for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
+                        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+                    untouched = torch.arange(length) != pos
+                    assert torch.equal(got_k[:, :, untouched], kc[:, :, untouched])
+                    assert torch.equal(got_v[:, :, untouched], vc[:, :, untouched])
         print("ok", len(cases))
         """
     )
@@ -749,22 +759,24 @@ def test_qkv_rope_kernel_in_the_interpreter_matches_the_reference():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-@pytest.mark.parametrize("dtype", ["bf16", "i8"])
-def test_qkv_rope_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype):
+@pytest.mark.parametrize(("dtype", "norm"), [("bf16", False), ("i8", False), ("bf16", True)])
+def test_qkv_rope_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, norm):
     from llamaforge.kernels import qkv_rope
 
     k, t = 2048, 2048  # Llama-3.2-1B's width; the static cache's length
     args = {"x_ptr": "*bf16", "wq_ptr": f"*{dtype}", "wk_ptr": f"*{dtype}", "wv_ptr": f"*{dtype}", "sq_ptr": "*bf16",
-            "sk_ptr": "*bf16", "sv_ptr": "*bf16", "cos_ptr": "*bf16",
+            "sk_ptr": "*bf16", "sv_ptr": "*bf16", "cos_ptr": "*bf16", "g_ptr": "*bf16", "eps": "fp32",
             "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "pos_ptr": "*i64", "k_len": k,
             "swq": k, "swk": k, "swv": k, "progs_q": 256, "progs_qk": 320, "kc_head": t * 64, "kc_pos": 64,
             "vc_head": t * 64, "vc_pos": 64}  # fmt: skip
-    constexprs = {"HALF": 32, "PAIRS": qkv_rope._PAIRS, "BLOCK_K": qkv_rope._BLOCK_K, "INT8": dtype == "i8"}
+    constexprs = {"HALF": 32, "PAIRS": qkv_rope._PAIRS, "BLOCK_K": qkv_rope._BLOCK_K, "INT8": dtype == "i8",
+                  "NORM": norm}  # fmt: skip
     ptx = _sm90_ptx(qkv_rope._kernel(), args, constexprs, qkv_rope._WARPS)
     loads = _global_loads(ptx)
     assert any(".v4." in ld for ld in loads), loads
     assert not [ld for ld in loads if ld.endswith((".b8", ".u8", ".s8"))], loads
-    assert not re.findall(r"cvt\.rn\.f32\.[su]", ptx)  # int8 widened through the float's bits, no I2F
+    if dtype == "i8":  # int8 widened through the float's bits, no I2F per value
+        assert not re.findall(r"cvt\.rn\.f32\.[su]8", ptx) and not re.findall(r"cvt\.rn\.f32\.[su]32", ptx)
 
 
 @pytest.mark.gpu
@@ -773,16 +785,18 @@ def test_qkv_rope_on_cuda_matches_the_reference_at_llama_shapes():
     """The op on CUDA (eagerly and traced by torch.compile) at the 1B and 8B attention shapes, bf16."""
     from llamaforge.kernels import qkv_rope
 
-    shapes = [(32, 8, 2048, False), (32, 8, 4096, False), (6, 2, 300, False), (32, 8, 2048, True)]
-    for seed, (hq, hkv, k, int8) in enumerate(shapes):
+    shapes = [(32, 8, 2048, False, False), (32, 8, 4096, False, False), (6, 2, 300, False, True),
+              (32, 8, 2048, True, False), (32, 8, 2048, True, True)]  # fmt: skip
+    for seed, (hq, hkv, k, int8, fold) in enumerate(shapes):
         case = _qkv_case(seed, hq, hkv, 64, k, 384, 100 + seed, torch.bfloat16, int8)
         x, wq, wk, wv, cos, sin, kc, vc, position = (t.cuda() for t in case[:9])
         scales = tuple(sc.cuda() for sc in case[9]) if int8 else None
+        norm = ((torch.rand(k, device="cuda") + 0.5).to(torch.bfloat16), 1e-5) if fold else None
         want_k, want_v = kc.clone(), vc.clone()
-        want = qkv_rope.reference(x, wq, wk, wv, cos, sin, want_k, want_v, position, scales)
+        want = qkv_rope.reference(x, wq, wk, wv, cos, sin, want_k, want_v, position, scales, norm)
         for fn in (qkv_rope.qkv_rope_cache, torch.compile(qkv_rope.qkv_rope_cache)):
             got_k, got_v = kc.clone(), vc.clone()
-            got = fn(x, wq, wk, wv, cos, sin, got_k, got_v, position, scales)
+            got = fn(x, wq, wk, wv, cos, sin, got_k, got_v, position, scales, norm)
             for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
                 _close_to(a, b, 1e-2)
 

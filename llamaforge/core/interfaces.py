@@ -125,6 +125,10 @@ class Attention(nn.Module, abc.ABC):
     """
 
     layer_idx: int
+    # True when forward also takes `prenorm=` (the block's input norm) with x not yet normalised, and applies it
+    # itself: an implementation can then fuse the norm into its own kernels (llamaforge.kernels.qkv_rope does, for
+    # batch-1 decoding). False: the block normalises x before the call, as every attention module may assume.
+    accepts_prenorm: bool = False
 
     @abc.abstractmethod
     def forward(

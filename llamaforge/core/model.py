@@ -127,14 +127,13 @@ class Block(nn.Module):
         cache: KVCache | None,
         cache_position: torch.Tensor | None,
     ) -> torch.Tensor:
-        h = self.self_attn(
-            self.input_layernorm(x),
-            positions=positions,
-            position_state=position_state,
-            mask=mask,
-            cache=cache,
-            cache_position=cache_position,
-        )
+        state = {"positions": positions, "position_state": position_state, "mask": mask, "cache": cache}
+        if getattr(
+            self.self_attn, "accepts_prenorm", False
+        ):  # it normalises x itself (and may fuse the norm into its kernels)
+            h = self.self_attn(x, **state, cache_position=cache_position, prenorm=self.input_layernorm)
+        else:
+            h = self.self_attn(self.input_layernorm(x), **state, cache_position=cache_position)
         if self.dropout and self.training:
             h = F.dropout(h, self.dropout, True)
         x = x + h

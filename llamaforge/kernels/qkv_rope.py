@@ -48,12 +48,18 @@ def reference(
     v_cache: torch.Tensor,
     cache_position: torch.Tensor,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """x (1, K); wq (Hq*D, K), wk/wv (Hkv*D, K); cos/sin (D,) (sin with rotate-half's sign folded in); caches
-    (1, Hkv, L, D); cache_position (1,); for int8 weight-only weights their per-row scales (in x's dtype). Writes k
-    and v at the position; returns q (1, Hq*D) after RoPE."""
+    (1, Hkv, L, D); cache_position (1,); for int8 weight-only weights their per-row scales (in x's dtype); `norm`:
+    (weight, eps) of an RMSNorm to apply to x first (as llamaforge's RMSNorm: fp32 statistics, the normalised row
+    rounded to x's dtype, then times the weight). Writes k and v at the position; returns q (1, Hq*D) after RoPE."""
     dtype, head_dim = x.dtype, cos.shape[-1]
     xf = x.float()
+    if norm is not None:
+        weight, eps = norm
+        xf = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype).float()
+        xf = (xf * weight.float()).to(dtype).float()
     q, k, v = (torch.nn.functional.linear(xf, w.float()).to(dtype).float() for w in (wq, wk, wv))
     if scales is not None:  # as int8_weight_only_linear: the product in x's dtype, times the row's scale
         q, k, v = ((t * sc.float()).to(dtype).float() for t, sc in zip((q, k, v), scales))
@@ -114,8 +120,8 @@ def _kernel() -> Any:
     @triton.jit(do_not_specialize=["progs_q", "progs_qk"])
     def qkv_rope_kernel(
         x_ptr, wq_ptr, wk_ptr, wv_ptr, sq_ptr, sk_ptr, sv_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos_ptr,
-        k_len, swq, swk, swv, progs_q, progs_qk, kc_head, kc_pos, vc_head, vc_pos,
-        HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr,
+        g_ptr, eps, k_len, swq, swk, swv, progs_q, progs_qk, kc_head, kc_pos, vc_head, vc_pos,
+        HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, NORM: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         per_head = HALF // PAIRS
@@ -130,12 +136,24 @@ def _kernel() -> Any:
         j = (local % per_head) * PAIRS + tl.arange(0, PAIRS)  # dimensions in the head's first half
         rows_a = head * 2 * HALF + j
         rows_b = rows_a + HALF  # their RoPE partners
+        out_ty = q_ptr.dtype.element_ty
+        if NORM:  # every program takes the row's statistics itself (a few KB, read from L2): no norm kernel
+            squares = tl.zeros((BLOCK_K,), tl.float32)
+            for k0 in range(0, k_len, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                h = tl.load(x_ptr + k, mask=k < k_len, other=0.0).to(tl.float32)
+                squares += h * h
+            inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / k_len + eps)
         acc_a = tl.zeros((PAIRS, BLOCK_K), tl.float32)
         acc_b = tl.zeros((PAIRS, BLOCK_K), tl.float32)
         for k0 in range(0, k_len, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             k_ok = k < k_len
-            xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            if NORM:  # RMSNorm's roundings: the normalised row, then its product with the weight
+                g = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                xv = ((xv * inv_rms).to(out_ty).to(tl.float32) * g).to(out_ty).to(tl.float32)
+            xv = xv[None, :]
             wa = tl.load(w_ptr + rows_a[:, None] * stride + k[None, :], mask=k_ok[None, :], other=0)
             wb = tl.load(w_ptr + rows_b[:, None] * stride + k[None, :], mask=k_ok[None, :], other=0)
             if INT8:  # exact widening through the float's bits (as llamaforge.kernels.row_gemv): no slow I2F
@@ -144,7 +162,6 @@ def _kernel() -> Any:
             else:
                 acc_a += wa.to(tl.float32) * xv
                 acc_b += wb.to(tl.float32) * xv
-        out_ty = q_ptr.dtype.element_ty
         ya = tl.sum(acc_a, axis=1).to(out_ty).to(tl.float32)  # rounded like the linear's output
         yb = tl.sum(acc_b, axis=1).to(out_ty).to(tl.float32)
         if INT8:  # times the rows' scales, rounded again (int8_weight_only_linear)
@@ -186,6 +203,7 @@ def launch(
     v_cache: torch.Tensor,
     cache_position: torch.Tensor,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
     *,
     pairs: int | None = None,
     block_k: int | None = None,
@@ -209,11 +227,13 @@ def launch(
     progs = [h * per_head for h in heads]
     q = torch.empty(1, int(wq.size(0)), dtype=x.dtype, device=x.device)
     sq, sk, sv = scales if scales is not None else (x, x, x)  # unread without INT8
+    g, eps = norm if norm is not None else (x, 0.0)  # unread without NORM
     kernel[(sum(progs),)](
-        x, wq, wk, wv, sq, sk, sv, cos, sin, q, k_cache, v_cache, cache_position,
+        x, wq, wk, wv, sq, sk, sv, cos, sin, q, k_cache, v_cache, cache_position, g, float(eps),
         k_len, wq.stride(0), wk.stride(0), wv.stride(0), progs[0], progs[0] + progs[1],
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
-        HALF=half, PAIRS=pairs, BLOCK_K=block_k, INT8=scales is not None, num_warps=warps or _WARPS,
+        HALF=half, PAIRS=pairs, BLOCK_K=block_k, INT8=scales is not None,
+        NORM=norm is not None, num_warps=warps or _WARPS,
     )  # fmt: skip
     return q
 
@@ -230,10 +250,12 @@ def _reference_op(
     v_cache: torch.Tensor,
     cache_position: torch.Tensor,
     scales: list[torch.Tensor],
+    norm_weight: list[torch.Tensor],
+    eps: float,
 ) -> torch.Tensor:
     """The PyTorch reference as an opaque op: compiled graphs off CUDA keep it whole, as they keep the kernel on CUDA
     (tracing the Triton op's body needs a GPU driver, even to analyse which arguments the kernel writes)."""
-    return reference(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, _three(scales))
+    return reference(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, _three(scales), _norm(norm_weight, eps))
 
 
 def _three(scales: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -241,8 +263,13 @@ def _three(scales: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torc
     return (scales[0], scales[1], scales[2]) if scales else None
 
 
+def _norm(weight: list[torch.Tensor], eps: float) -> tuple[torch.Tensor, float] | None:
+    """The ops take the folded RMSNorm's weight as a list, empty when there is none."""
+    return (weight[0], eps) if weight else None
+
+
 @_reference_op.register_fake
-def _(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, scales):
+def _(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, scales, norm_weight, eps):
     return x.new_empty(1, wq.size(0))
 
 
@@ -260,9 +287,11 @@ if hasattr(torch.library, "triton_op"):  # torch >= 2.6
         v_cache: torch.Tensor,
         cache_position: torch.Tensor,
         scales: list[torch.Tensor],
+        norm_weight: list[torch.Tensor],
+        eps: float,
     ) -> torch.Tensor:
         return launch(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, _three(scales),
-                      wrap=torch.library.wrap_triton)  # fmt: skip
+                      _norm(norm_weight, eps), wrap=torch.library.wrap_triton)  # fmt: skip
 
 else:  # older torch: no way to trace Triton launches into a compiled graph
     _triton_op = None
@@ -279,9 +308,12 @@ def qkv_rope_cache(
     v_cache: torch.Tensor,
     cache_position: torch.Tensor,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """q/k/v of one row, RoPE, k and v written into the caches at cache_position; returns q (1, Hq*D) after RoPE.
     The Triton kernel on CUDA (as a custom op torch.compile traces), the reference elsewhere. `scales`: the per-row
-    scales of int8 weight-only weights."""
+    scales of int8 weight-only weights; `norm`: an RMSNorm's (weight, eps) to apply to x first."""
     op = _triton_op if x.device.type == "cuda" and _triton_op is not None else _reference_op
-    return op(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, [] if scales is None else list(scales))
+    scale_list = [] if scales is None else list(scales)
+    norm_weight, eps = ([norm[0]], float(norm[1])) if norm is not None else ([], 0.0)
+    return op(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, scale_list, norm_weight, eps)

@@ -20,10 +20,15 @@ from llamaforge.registry import hookimpl
 # True on any device (CPUs run the op's PyTorch reference: the tests), None on CUDA only, False never. Off until
 # the decode step is timed with it on a GPU (benchmarks/decode_variants.py `qkv_rope=1`).
 _FUSED_QKV_ROPE: bool | None = False
+# With that route: the block's input RMSNorm folded into the same kernel (each program normalises the row itself),
+# which saves the norm's own kernel per layer.
+_FOLD_NORM = True
 
 
 class RopeAttention(Attention):
     """Causal self-attention with separate q/k/v projections and grouped key/value heads."""
+
+    accepts_prenorm = True  # the block's input norm can be folded into the fused decode kernel
 
     def __init__(
         self,
@@ -58,14 +63,17 @@ class RopeAttention(Attention):
         mask: AttentionMask,
         cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
+        prenorm: nn.Module | None = None,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
         if seq == 1 and cache is not None and _FUSED_QKV_ROPE is not False:
-            fused = self._fused_decode(x, positions, position_state, cache, cache_position)
+            fused = self._fused_decode(x, prenorm, positions, position_state, cache, cache_position)
             if fused is not None:
                 q, k, v = fused
                 out = self.kernel(q, k, v, mask=mask, dropout_p=0.0)
                 return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim))
+        if prenorm is not None:
+            x = prenorm(x)
         # Three matmuls, not one over concatenated weights: on an H200 (125M model, torch.compile) the
         # concatenation per step cost 2.5% of training throughput, more than the wider matmul saved.
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
@@ -81,17 +89,20 @@ class RopeAttention(Attention):
     def _fused_decode(
         self,
         x: torch.Tensor,
+        prenorm: nn.Module | None,
         positions: PositionEmbedding,
         position_state: Any,
         cache: KVCache,
         cache_position: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """q (after RoPE) and the layer's full K/V caches through the fused kernel, with k and v of this step already
-        written; None where it does not apply (batch > 1, adapters, projections other than plain or int8 weight-only
-        ones, biases, positions other than rotate-half RoPE, a cache other than the static one, unsupported
-        layouts)."""
+        written, from x not yet normalised when `prenorm` is given (an RMSNorm is folded into the kernel, another
+        norm applied first); None where it does not apply (batch > 1, adapters, projections other than plain or
+        int8 weight-only ones, biases, positions other than rotate-half RoPE, a cache other than the static one,
+        unsupported layouts)."""
         from llamaforge.core.cache import StaticKVCache
         from llamaforge.kernels import TRITON_OPS, qkv_rope
+        from llamaforge.plugins.norms import RMSNorm
         from llamaforge.plugins.positions import RotaryEmbedding
         from llamaforge.plugins.quantizers import Int8Linear
 
@@ -112,13 +123,18 @@ class RopeAttention(Attention):
             return None
         cos, sin = position_state
         kc, vc = cache.keys[self.layer_idx], cache.values[self.layer_idx]
+        norm = None
+        if type(prenorm) is RMSNorm and prenorm.weight.dtype == x.dtype and _FOLD_NORM:
+            norm = (prenorm.weight, prenorm.eps)
+        elif prenorm is not None:
+            x = prenorm(x)
         row = x.view(1, x.size(-1))
         weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
         scales = (self.q_proj.weight_scale, self.k_proj.weight_scale, self.v_proj.weight_scale) if int8 else None
         cos, sin = cos.reshape(-1), sin.reshape(-1)
         if not qkv_rope.supported(row, weights, cos, sin, kc, vc, scales):
             return None
-        q = qkv_rope.qkv_rope_cache(row, *weights, cos, sin, kc, vc, cache_position.reshape(1), scales)
+        q = qkv_rope.qkv_rope_cache(row, *weights, cos, sin, kc, vc, cache_position.reshape(1), scales, norm)
         return q.view(1, self.n_heads, 1, self.head_dim), kc, vc
 
     def extra_repr(self) -> str:
