@@ -17,8 +17,9 @@ Each variant is a comma-separated list of settings (`base` is none):
     switches of the decode step   buffer_row, siblings, pointwise_cat, greedy_step, argmax_blocks, kv_one_write (0/1),
                                   fold_norm, unstack_equal (0/1/auto: auto = on CPUs only, the default),
                                   gemv_rows (int: products with at most this many rows become reductions; 0: off)
-    fused q/k/v + RoPE + cache    qkv_rope (0/1: batch-1 steps through llamaforge.kernels.qkv_rope), qkv_pairs,
-    write kernel                  qkv_block_k, qkv_warps (its launch settings)
+    fused q/k/v + RoPE + cache    qkv_rope (0/1: batch-1 steps through llamaforge.kernels.qkv_rope), qkv_norm (0/1:
+    write kernel                  the block's RMSNorm folded into it, on by default), qkv_pairs, qkv_block_k,
+                                  qkv_warps (its launch settings)
     the decoding loop             side_copy (0/1: the per-step read-back on a stream of its own, the default, or on
                                   the decode stream); compare e2e tok/s and fixed ms
     flash-decoding kernel         splits (int or auto), block, warps
@@ -79,6 +80,7 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "gemv_split": (GEMV, "_SPLIT_K", "int"),
     "kv_one_write": ("llamaforge.core.cache", "_ONE_WRITE", "bool"),
     "qkv_rope": ("llamaforge.plugins.attention", "_FUSED_QKV_ROPE", "bool"),
+    "qkv_norm": ("llamaforge.plugins.attention", "_FOLD_NORM", "bool"),
     "qkv_pairs": ("llamaforge.kernels.qkv_rope", "_PAIRS", "int"),
     "qkv_block_k": ("llamaforge.kernels.qkv_rope", "_BLOCK_K", "int"),
     "qkv_warps": ("llamaforge.kernels.qkv_rope", "_WARPS", "int"),
