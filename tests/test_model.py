@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llamaforge import build_model, load_spec
+from llamaforge.plugins.attention import RopeAttention
 from llamaforge.testing import check_component, check_model, specs
 
 
@@ -150,6 +151,25 @@ def test_bf16_keeps_rope_frequencies_fp32():
 )
 def test_builtin_contracts(kind, name):
     check_component(kind, name)
+
+
+def test_attention_contract_covers_prenorm_also_through_the_fused_decode_route(monkeypatch):
+    """rope_attention accepts the block's norm (`accepts_prenorm`): the contract compares forward(x, prenorm=norm)
+    with forward(norm(x)), also with the fused q/k/v route on (its one-token step folds the RMSNorm into the op); an
+    implementation that declares the protocol but ignores the norm fails it."""
+    from llamaforge.plugins import attention
+
+    monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", True)
+    check_component("attention", "rope_attention")
+    with pytest.raises(AssertionError, match=r"input_layernorm|prenorm"):  # caught by the gradient check first
+        check_component("attention", IgnoresNorm)
+
+
+class IgnoresNorm(RopeAttention):
+    """Declares `accepts_prenorm` (inherited) but drops the norm: the contract must catch it."""
+
+    def forward(self, x, *, prenorm=None, **kwargs):
+        return super().forward(x, **kwargs)
 
 
 def test_import_escape_hatch():

@@ -144,6 +144,34 @@ def check_attention(component: Any, *, params: dict | None = None, kernel: str =
             rtol=1e-4,
             msg="incremental decoding with the KV cache differs from a full forward",
         )
+    if getattr(attn, "accepts_prenorm", False):  # handed the un-normed input and the norm, it must apply the norm
+        _check_prenorm(model, spec)
+
+
+def _check_prenorm(model: nn.Module, spec: ModelSpec) -> None:
+    """An attention module that declares `accepts_prenorm` gives, from (x, prenorm=norm), what it gives from norm(x),
+    on a full forward and on a one-token step over the cache (both writing the same cache rows)."""
+    block = model.model.layers[0]
+    attn, norm, positions = block.self_attn, block.input_layernorm, model.model.rotary_emb
+    x = torch.randn(1, 6, spec.dim, generator=_gen(8))
+    full = {"position_state": positions(torch.arange(6)[None], x.dtype), "mask": AttentionMask(),
+            "cache_position": torch.arange(6)}  # fmt: skip
+    step = {"position_state": positions(torch.tensor([[5]]), x.dtype), "cache_position": torch.tensor([5]),
+            "mask": AttentionMask(causal=False, mask=torch.arange(8)[None, None, None, :] <= 5)}  # fmt: skip
+    with torch.no_grad():
+        for rows, args in ((slice(0, 6), full), (slice(5, 6), step)):
+            out = []
+            for prenorm in (False, True):
+                cache = model.new_cache(1, 8)
+                first = {"position_state": positions(torch.arange(5)[None], x.dtype), "mask": AttentionMask(),
+                         "cache_position": torch.arange(5)}  # fmt: skip
+                attn(norm(x[:, :5]), positions=positions, cache=cache, **first)  # the cache holds the first five
+                inp = x[:, rows] if prenorm else norm(x[:, rows])
+                extra = {"prenorm": norm} if prenorm else {}
+                out.append((attn(inp, positions=positions, cache=cache, **args, **extra), cache.keys[0].clone()))
+            torch.testing.assert_close(out[1][0], out[0][0], atol=1e-5, rtol=1e-5,
+                                       msg="forward(x, prenorm=norm) differs from forward(norm(x))")  # fmt: skip
+            torch.testing.assert_close(out[1][1], out[0][1], atol=1e-5, rtol=1e-5, msg="prenorm changed the cache")
 
 
 def check_head(component: Any, *, params: dict | None = None) -> None:
