@@ -9,12 +9,14 @@
 #   decode    decode-step variants of the 1B shape at batch 1, with kernel tables (benchmarks/decode_variants.py)
 #   int8      int8 weight-only decode variants (bf16 first; int8 through the row GEMV kernel), kernel tables
 #   gemv      each one-row product alone (benchmarks/gemv_micro.py): which kernel and launch setting is fastest
+#   fused     the fused q/k/v + RoPE + cache-write kernel: its GPU tests, then the decode step without and with it
+#             (and with it but the RMSNorm not folded in), bf16 then int8 weight-only
 #   train     training throughput against transformers+compile, with variants and the kernel table
 #   final     generate_throughput at batch 1/8/32 and quant_speed --gpu, with transformers in the same run
 #
 # Extra arguments after OUT_DIR are passed to the stage's script (e.g. more variants for `decode`).
 set -uo pipefail
-stage=${1:?stage: tests, decode, int8, gemv, train or final}
+stage=${1:?stage: tests, decode, int8, gemv, fused, train or final}
 out=${2:?output directory}
 shift 2
 mkdir -p "$out"
@@ -45,6 +47,17 @@ decode)
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile ${phases[@]+"${phases[@]}"} \
         ${fresh[@]+"${fresh[@]}"} --json "$out/decode.json") >"$out/decode.log" 2>&1
     tail -n 12 "$out/decode.log"
+    ;;
+fused)
+    $py -m pytest -q -m gpu tests/test_kernels.py tests/test_generation.py -k "qkv_rope or either_stream" \
+        >"$out/fused_tests.log" 2>&1
+    tail -n 5 "$out/fused_tests.log"
+    variants=("$@")
+    [ ${#variants[@]} -gt 0 ] || variants=(base qkv_rope=1 "qkv_rope=1,qkv_norm=0" base qkv_rope=1
+        quant=int8_weight_only "quant=int8_weight_only,qkv_rope=1")
+    (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile ${fresh[@]+"${fresh[@]}"} \
+        --json "$out/fused.json") >"$out/fused.log" 2>&1
+    tail -n 10 "$out/fused.log"
     ;;
 int8)
     variants=("$@")
@@ -79,7 +92,7 @@ final)
     tail -n 6 "$out/quant.log"
     ;;
 *)
-    echo "unknown stage '$stage': tests, decode, int8, gemv, train or final" >&2
+    echo "unknown stage '$stage': tests, decode, int8, gemv, fused, train or final" >&2
     exit 2
     ;;
 esac

@@ -236,6 +236,24 @@ def test_gpu_runs_script_decode_stage_runs_on_the_cpu(tmp_path):
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
 
 
+def test_gpu_runs_script_fused_stage_runs_on_the_cpu(tmp_path):
+    """The fused-kernel stage on the CPU (its GPU tests skip; the route runs the op's reference): the variants run
+    and decode the tokens of the plain step."""
+    import os
+
+    env = {**os.environ, "DEVICE": "cpu", "SPEC": "tiny", "DTYPE": "float32", "PYTHON": sys.executable}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_runs.sh"), "fused", str(tmp_path), "base", "qkv_rope=1",
+         "qkv_rope=1,qkv_norm=0", "--new-tokens", "4", "--repeats", "1", "--compile", "off"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "skipped" in (tmp_path / "fused_tests.log").read_text()  # no GPU here
+    rows = json.loads((tmp_path / "fused.json").read_text())["rows"]
+    assert [r["settings"] for r in rows] == [{}, {"qkv_rope": True}, {"qkv_rope": True, "qkv_norm": False}]
+    assert all("error" not in r for r in rows) and len({r["tokens_digest"] for r in rows}) == 1
+
+
 def test_gemv_micro_cpu_times_each_contender_and_rejects_bad_shapes(tmp_path):
     """The standalone product benchmark on the CPU (the Triton contender needs a GPU): both weight kinds, stacked
     siblings, figures per contender; bad shapes and settings stop it before anything is timed."""
