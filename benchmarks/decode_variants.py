@@ -20,6 +20,8 @@ Each variant is a comma-separated list of settings (`base` is none):
     fused q/k/v + RoPE + cache    qkv_rope (0/1: batch-1 steps through llamaforge.kernels.qkv_rope), qkv_norm (0/1:
     write kernel                  the block's RMSNorm folded into it, on by default), qkv_pairs, qkv_block_k,
                                   qkv_warps (its launch settings)
+    fused RMSNorm + gate/up +     gate_up (0/1: one-row calls through llamaforge.kernels.gate_up), gate_up_block_n,
+    SiLU kernel                   gate_up_block_k, gate_up_warps
     the decoding loop             side_copy (0/1: the per-step read-back on a stream of its own, the default, or on
                                   the decode stream); compare e2e tok/s and fixed ms
     flash-decoding kernel         splits (int or auto), block, warps
@@ -81,6 +83,10 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "kv_one_write": ("llamaforge.core.cache", "_ONE_WRITE", "bool"),
     "qkv_rope": ("llamaforge.plugins.attention", "_FUSED_QKV_ROPE", "bool"),
     "qkv_norm": ("llamaforge.plugins.attention", "_FOLD_NORM", "bool"),
+    "gate_up": ("llamaforge.core.model", "_FUSED_GATE_UP", "bool"),
+    "gate_up_block_n": ("llamaforge.kernels.gate_up", "_BLOCK_N", "int"),
+    "gate_up_block_k": ("llamaforge.kernels.gate_up", "_BLOCK_K", "int"),
+    "gate_up_warps": ("llamaforge.kernels.gate_up", "_WARPS", "int"),
     "qkv_pairs": ("llamaforge.kernels.qkv_rope", "_PAIRS", "int"),
     "qkv_block_k": ("llamaforge.kernels.qkv_rope", "_BLOCK_K", "int"),
     "qkv_warps": ("llamaforge.kernels.qkv_rope", "_WARPS", "int"),

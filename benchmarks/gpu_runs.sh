@@ -9,8 +9,8 @@
 #   decode    decode-step variants of the 1B shape at batch 1, with kernel tables (benchmarks/decode_variants.py)
 #   int8      int8 weight-only decode variants (bf16 first; int8 through the row GEMV kernel), kernel tables
 #   gemv      each one-row product alone (benchmarks/gemv_micro.py): which kernel and launch setting is fastest
-#   fused     the fused q/k/v + RoPE + cache-write kernel: its GPU tests, then the decode step without and with it
-#             (and with it but the RMSNorm not folded in), bf16 then int8 weight-only
+#   fused     the fused decode kernels (q/k/v + RoPE + cache write; RMSNorm + gate/up + SiLU): their GPU tests, then
+#             the decode step without and with them in bf16 (six variants, ~8 minutes on a fresh machine)
 #   train     training throughput against transformers+compile, with variants and the kernel table
 #   final     generate_throughput at batch 1/8/32 and quant_speed --gpu, with transformers in the same run
 #
@@ -49,12 +49,13 @@ decode)
     tail -n 12 "$out/decode.log"
     ;;
 fused)
-    $py -m pytest -q -m gpu tests/test_kernels.py tests/test_generation.py -k "qkv_rope or either_stream" \
+    $py -m pytest -q -m gpu tests/test_kernels.py tests/test_generation.py -k "qkv_rope or gate_up or either_stream" \
         >"$out/fused_tests.log" 2>&1
     tail -n 5 "$out/fused_tests.log"
     variants=("$@")
-    [ ${#variants[@]} -gt 0 ] || variants=(base qkv_rope=1 "qkv_rope=1,qkv_norm=0" base qkv_rope=1
-        quant=int8_weight_only "quant=int8_weight_only,qkv_rope=1")
+    # int8: `int8` stage with quant=int8_weight_only "quant=int8_weight_only,qkv_rope=1,gate_up=1"
+    [ ${#variants[@]} -gt 0 ] || variants=(base qkv_rope=1 gate_up=1 "qkv_rope=1,gate_up=1" base
+        "qkv_rope=1,gate_up=1")
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile ${fresh[@]+"${fresh[@]}"} \
         --json "$out/fused.json") >"$out/fused.log" 2>&1
     tail -n 10 "$out/fused.log"

@@ -244,13 +244,15 @@ def test_gpu_runs_script_fused_stage_runs_on_the_cpu(tmp_path):
     env = {**os.environ, "DEVICE": "cpu", "SPEC": "tiny", "DTYPE": "float32", "PYTHON": sys.executable}
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_runs.sh"), "fused", str(tmp_path), "base", "qkv_rope=1",
-         "qkv_rope=1,qkv_norm=0", "--new-tokens", "4", "--repeats", "1", "--compile", "off"],
+         "qkv_rope=1,qkv_norm=0", "qkv_rope=1,gate_up=1", "--new-tokens", "4", "--repeats", "1", "--compile",
+         "off"],
         capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "skipped" in (tmp_path / "fused_tests.log").read_text()  # no GPU here
     rows = json.loads((tmp_path / "fused.json").read_text())["rows"]
-    assert [r["settings"] for r in rows] == [{}, {"qkv_rope": True}, {"qkv_rope": True, "qkv_norm": False}]
+    assert [r["settings"] for r in rows] == [{}, {"qkv_rope": True}, {"qkv_rope": True, "qkv_norm": False},
+                                             {"qkv_rope": True, "gate_up": True}]  # fmt: skip
     assert all("error" not in r for r in rows) and len({r["tokens_digest"] for r in rows}) == 1
 
 

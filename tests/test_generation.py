@@ -425,14 +425,62 @@ def test_fused_qkv_rope_route_decodes_the_same_tokens_and_only_where_it_applies(
     assert one[True] == one[False] and calls[0] == model.spec.n_layers * 8
 
 
+def test_fused_gate_up_route_decodes_the_same_tokens_and_only_where_it_applies(monkeypatch):
+    """One-row calls through the fused RMSNorm + gate/up + SiLU op (on a CPU its reference) stream the same tokens,
+    alone and together with the fused q/k/v route, also with int8 weight-only projections; the prefill, batches of
+    several rows and int8_dynamic projections keep the plain path."""
+    from llamaforge.core import model as model_module
+    from llamaforge.core.loading import apply_transform
+    from llamaforge.kernels import gate_up
+    from llamaforge.plugins import attention
+
+    calls = [0]
+    reference = gate_up.reference
+
+    def counted(*args):
+        calls[0] += 1
+        return reference(*args)
+
+    monkeypatch.setattr(gate_up, "reference", counted)
+    monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
+
+    def switch(on):
+        monkeypatch.setattr(model_module, "_FUSED_GATE_UP", on)
+
+    model = _model(seed=14)
+    free = generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=10, eos_token_ids=[]))
+    configs = [
+        GenerationConfig(max_new_tokens=10, eos_token_ids=[free[0][7]]),
+        GenerationConfig.from_options(temperature=1.1, top_k=20, seed=4, max_new_tokens=9),
+    ]
+    out = _fused_and_plain(model, [[5, 6, 7]], configs, switch)
+    assert out[True] == out[False] and calls[0] > 0
+    calls[0] = 0
+    _fused_and_plain(model, [[5, 6, 7]], configs[1:], switch)
+    assert calls[0] == model.spec.n_layers * 8  # the 8 decoding steps after the prefill's token
+    monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", True)  # both fused kernels in one step
+    assert _fused_and_plain(model, [[5, 6, 7]], configs, switch)[True] == out[False]
+    monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
+    calls[0] = 0
+    two = _fused_and_plain(model, [[5, 6, 7], [9]], configs[:1], switch)
+    assert two[True] == two[False] and calls[0] == 0
+    dynamic = apply_transform(_model(seed=14), "quantizer", "int8_dynamic")
+    one = _fused_and_plain(dynamic, [[5, 6, 7]], configs[:1], switch)
+    assert one[True] == one[False] and calls[0] == 0
+    weight_only = apply_transform(_model(seed=14), "quantizer", "int8_weight_only")
+    one = _fused_and_plain(weight_only, [[5, 6, 7]], configs[1:], switch)
+    assert one[True] == one[False] and calls[0] == model.spec.n_layers * 8
+
+
 @pytest.mark.slow  # an inductor compilation: ~15 s on an idle CPU
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
-def test_fused_qkv_rope_route_in_the_compiled_step_writes_the_cache_in_place(fused_qkv_calls):
+def test_fused_qkv_rope_route_in_the_compiled_step_writes_the_cache_in_place(fused_qkv_calls, monkeypatch):
     """Compiled, the op stays one call per layer that writes the cache where it is (no copy of the cache per step),
     and the tokens are those of the plain compiled step."""
     from torch._inductor.utils import run_and_get_code
 
     from llamaforge.core import generation
+    from llamaforge.core import model as model_module
 
     calls, switch = fused_qkv_calls
     model = _model(seed=13)
@@ -440,6 +488,7 @@ def test_fused_qkv_rope_route_in_the_compiled_step_writes_the_cache_in_place(fus
     out = _fused_and_plain(model, [[1, 2, 3]], [config], switch)
     assert out[True] == out[False] and calls[0] > 0
     switch(True)
+    monkeypatch.setattr(model_module, "_FUSED_GATE_UP", True)  # and the feed-forward's fused op in the same graph
     torch._dynamo.reset()
     cache = model.new_cache(1, 16)
     keys_before = [k.clone() for k in cache.keys]
@@ -449,6 +498,7 @@ def test_fused_qkv_rope_route_in_the_compiled_step_writes_the_cache_in_place(fus
         _, codes = run_and_get_code(torch.compile(generation._decode_forward), *args)
     code = "\n".join(codes)
     assert code.count("torch.ops.llamaforge.qkv_rope_cache_reference.default(") == model.spec.n_layers
+    assert code.count("torch.ops.llamaforge.gate_up_silu_reference.default(") == model.spec.n_layers
     assert ".copy_(" not in code  # mutated in place, not functionalised into a copy of every cache buffer
     changed = [(k != k0).any(dim=(0, 1, 3)).nonzero().flatten().tolist() for k, k0 in zip(cache.keys, keys_before)]
     assert changed == [[3]] * model.spec.n_layers

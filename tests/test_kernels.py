@@ -819,3 +819,128 @@ def test_compiled_graphed_decoding_through_the_fused_qkv_rope_op_gives_the_plain
         out[route] = generate(model, [[3, 4, 5]], config)
     clear_sessions(model)
     assert out[None] == out[False]
+
+
+# ----- fused RMSNorm + gate/up + SiLU (llamaforge.kernels.gate_up) --------------------------------------------------
+def _gate_up_case(seed: int, n: int, k: int, dtype=torch.float32, int8: bool = False, fold: bool = False):
+    """x, gate and up weights, their int8 scales (or None), an RMSNorm's (weight, eps) (or None)."""
+    from llamaforge.plugins.quantizers import quantize_int8_rows
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(1, k, generator=g) * 3).to(dtype)
+    weights = [(torch.randn(n, k, generator=g) / k**0.5).to(dtype) for _ in range(2)]
+    scales = None
+    if int8:
+        quantized = [quantize_int8_rows(w) for w in weights]
+        weights = [q for q, _ in quantized]
+        scales = tuple(sc.to(dtype) for _, sc in quantized)
+    norm = ((torch.rand(k, generator=g) + 0.5).to(dtype), 1e-5) if fold else None
+    return x, weights[0], weights[1], scales, norm
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 40), k=st.integers(2, 80), int8=st.booleans(),
+       fold=st.booleans())  # fmt: skip
+def test_gate_up_reference_is_the_blocks_norm_and_swiglu_front_half(seed, n, k, int8, fold):
+    """The reference against the modules it stands for: RMSNorm, gate and up (plain or Int8Linear), SiLU * up."""
+    from llamaforge.kernels import gate_up
+    from llamaforge.plugins.norms import RMSNorm
+    from llamaforge.plugins.quantizers import Int8Linear
+
+    x, wg, wu, _, _ = _gate_up_case(seed, n, k)
+    row, norm = x, None
+    if fold:
+        rms = RMSNorm(k)
+        with torch.no_grad():
+            rms.weight.uniform_(0.5, 1.5)
+        row, norm = rms(x).detach(), (rms.weight.detach(), rms.eps)
+    if int8:
+        modules = [Int8Linear.from_float(w, None, dynamic=False) for w in (wg, wu)]
+        want = torch.nn.functional.silu(modules[0](row)) * modules[1](row)
+        got = gate_up.reference(x, modules[0].weight, modules[1].weight,
+                                (modules[0].weight_scale, modules[1].weight_scale), norm)  # fmt: skip
+    else:
+        want = torch.nn.functional.silu(torch.nn.functional.linear(row, wg)) * torch.nn.functional.linear(row, wu)
+        got = gate_up.reference(x, wg, wu, None, norm)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_gate_up_kernel_in_the_interpreter_matches_the_reference():
+    script = textwrap.dedent(
+        """
+        import torch
+        from llamaforge.kernels import gate_up
+        from tests.test_kernels import _close_to, _gate_up_case
+        cases = [  # (seed, rows, width, dtype, int8, RMSNorm folded in)
+            (0, 37, 100, torch.float32, False, False),  # ragged rows and width
+            (1, 64, 256, torch.bfloat16, False, True),
+            (2, 24, 300, torch.float32, True, True),
+            (3, 16, 64, torch.bfloat16, True, False),
+        ]
+        for seed, n, k, dtype, int8, fold in cases:
+            x, wg, wu, scales, norm = _gate_up_case(seed, n, k, dtype, int8, fold)
+            want = gate_up.reference(x, wg, wu, scales, norm)
+            for block_n, block_k in ((8, 64), (4, 128), (16, 1024)):
+                got = gate_up.launch(x, wg, wu, scales, norm, block_n=block_n, block_k=block_k, warps=2)
+                # bf16: the interpreter's conversions to bf16 need not round as the GPU's do (an ulp or two of the
+                # rounded gate and up, multiplied); the GPU test holds the kernel to 1e-2
+                _close_to(got, want, 2e-2 if dtype is torch.bfloat16 else 1e-5)
+        print("ok", len(cases))
+        """
+    )
+    _in_the_interpreter(script, "ok 4")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.parametrize(("dtype", "norm"), [("bf16", True), ("i8", True), ("bf16", False)])
+def test_gate_up_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, norm):
+    from llamaforge.kernels import gate_up
+
+    k = 2048
+    args = {"x_ptr": "*bf16", "wg_ptr": f"*{dtype}", "wu_ptr": f"*{dtype}", "sg_ptr": "*bf16", "su_ptr": "*bf16",
+            "g_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32", "n_rows": 8192, "k_len": k, "swg": k,
+            "swu": k}  # fmt: skip
+    constexprs = {"BLOCK_N": gate_up._BLOCK_N, "BLOCK_K": gate_up._BLOCK_K, "INT8": dtype == "i8", "NORM": norm}
+    ptx = _sm90_ptx(gate_up._kernel(), args, constexprs, gate_up._WARPS)
+    loads = _global_loads(ptx)
+    assert any(".v4." in ld for ld in loads), loads
+    assert not [ld for ld in loads if ld.endswith((".b8", ".u8", ".s8"))], loads
+
+
+@pytest.mark.gpu
+@cuda
+def test_gate_up_on_cuda_matches_the_reference_at_llama_shapes():
+    from llamaforge.kernels import gate_up
+
+    shapes = [(8192, 2048, False, True), (14336, 4096, False, True), (100, 300, False, False), (8192, 2048, True, True)]
+    for seed, (n, k, int8, fold) in enumerate(shapes):
+        x, wg, wu, scales, norm = _gate_up_case(seed, n, k, torch.bfloat16, int8, fold)
+        x, wg, wu = x.cuda(), wg.cuda(), wu.cuda()
+        scales = tuple(sc.cuda() for sc in scales) if scales else None
+        norm = (norm[0].cuda(), norm[1]) if norm else None
+        want = gate_up.reference(x, wg, wu, scales, norm)
+        for fn in (gate_up.gate_up_silu, torch.compile(gate_up.gate_up_silu)):
+            _close_to(fn(x, wg, wu, scales, norm), want, 1e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_graphed_decoding_through_both_fused_kernels_gives_the_plain_tokens(monkeypatch):
+    import llamaforge
+    from llamaforge.core import model as model_module
+    from llamaforge.core.generation import GenerationConfig, clear_sessions, generate
+    from llamaforge.plugins import attention
+
+    spec = llamaforge.load_spec("tiny").with_updates(eos_token_id=None)
+    model = llamaforge.build_model(spec, device="cuda", seed=0, dtype=torch.bfloat16).eval()
+    config = GenerationConfig(max_new_tokens=24, eos_token_ids=[])
+    out = {}
+    for route in (False, None):  # None: on CUDA only, what a default would be
+        monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", route)
+        monkeypatch.setattr(model_module, "_FUSED_GATE_UP", route)
+        torch._dynamo.reset()
+        clear_sessions(model)
+        out[route] = generate(model, [[3, 4, 5]], config)
+    clear_sessions(model)
+    assert out[None] == out[False]

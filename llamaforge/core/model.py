@@ -63,6 +63,13 @@ def build_component(kind: str, comp: ComponentSpec, **structural: Any) -> Any:
     return factory(**structural, **params)
 
 
+# One-row inference calls (batch-1 decoding) compute the feed-forward's RMSNorm, gate/up and SiLU(gate) * up in one
+# kernel (llamaforge.kernels.gate_up): True on any device (CPUs run the op's PyTorch reference: the tests), None on
+# CUDA only, False never. Off until the decode step is timed with it on a GPU (benchmarks/decode_variants.py
+# `gate_up=1`).
+_FUSED_GATE_UP: bool | None = False
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None
@@ -81,10 +88,48 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act_fn = activation
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prenorm: nn.Module | None = None) -> torch.Tensor:
+        """`prenorm`: the block's norm, applied to x here, so that a one-row inference call can fold it into the
+        fused gate/up kernel (`_FUSED_GATE_UP`)."""
+        if _FUSED_GATE_UP is not False and self.gated and x.shape[:-1].numel() == 1 and not torch.is_grad_enabled():
+            hidden = self._fused_gate_up(x, prenorm)
+            if hidden is not None:
+                return self.down_proj(hidden)
+        if prenorm is not None:
+            x = prenorm(x)
         if self.gated:
             return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         return self.down_proj(self.act_fn(self.up_proj(x)))
+
+    def _fused_gate_up(self, x: torch.Tensor, prenorm: nn.Module | None) -> torch.Tensor | None:
+        """SiLU(gate) * up of one row through llamaforge.kernels.gate_up (the block's RMSNorm folded in), shaped
+        like x; None where it does not apply (another activation, adapters, biases, projections other than plain
+        or int8 weight-only ones, unsupported layouts; off CUDA unless the switch is True)."""
+        from llamaforge.kernels import TRITON_OPS, gate_up
+        from llamaforge.plugins.activations import SwiGLU
+        from llamaforge.plugins.norms import RMSNorm
+        from llamaforge.plugins.quantizers import Int8Linear
+
+        gate, up = self.gate_proj, self.up_proj
+        plain = all(type(p) is nn.Linear and p.bias is None for p in (gate, up))
+        int8 = all(type(p) is Int8Linear and not p.dynamic and p.bias is None for p in (gate, up))
+        if (
+            type(self.act_fn) is not SwiGLU
+            or not (plain or int8)
+            or (_FUSED_GATE_UP is None and x.device.type != "cuda")
+            or (x.device.type == "cuda" and not TRITON_OPS)
+        ):
+            return None
+        norm = None
+        if type(prenorm) is RMSNorm and prenorm.weight.dtype == x.dtype:
+            norm = (prenorm.weight, prenorm.eps)
+        elif prenorm is not None:
+            x = prenorm(x)
+        row = x.reshape(1, x.size(-1))
+        scales = (gate.weight_scale, up.weight_scale) if int8 else None
+        if not gate_up.supported(row, gate.weight, up.weight, scales, norm):
+            return None
+        return gate_up.gate_up_silu(row, gate.weight, up.weight, scales, norm).view(*x.shape[:-1], -1)
 
 
 class Block(nn.Module):
@@ -137,7 +182,7 @@ class Block(nn.Module):
         if self.dropout and self.training:
             h = F.dropout(h, self.dropout, True)
         x = x + h
-        h = self.mlp(self.post_attention_layernorm(x))
+        h = self.mlp(x, prenorm=self.post_attention_layernorm)
         if self.dropout and self.training:
             h = F.dropout(h, self.dropout, True)
         return x + h

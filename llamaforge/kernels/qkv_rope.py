@@ -37,6 +37,17 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
     return (heads * cos.float() + swapped * sin.float()).view(t.shape)
 
 
+def rms_row(x: torch.Tensor, norm: tuple[torch.Tensor, float] | None) -> torch.Tensor:
+    """x as fp32 after llamaforge's RMSNorm with (weight, eps) in x's dtype (fp32 statistics, the normalised row
+    rounded to x's dtype, then times the weight, rounded again), or x itself without a norm."""
+    xf = x.float()
+    if norm is None:
+        return xf
+    weight, eps = norm
+    xf = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).float()
+    return (xf * weight.float()).to(x.dtype).float()
+
+
 def reference(
     x: torch.Tensor,
     wq: torch.Tensor,
@@ -55,11 +66,7 @@ def reference(
     (weight, eps) of an RMSNorm to apply to x first (as llamaforge's RMSNorm: fp32 statistics, the normalised row
     rounded to x's dtype, then times the weight). Writes k and v at the position; returns q (1, Hq*D) after RoPE."""
     dtype, head_dim = x.dtype, cos.shape[-1]
-    xf = x.float()
-    if norm is not None:
-        weight, eps = norm
-        xf = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype).float()
-        xf = (xf * weight.float()).to(dtype).float()
+    xf = rms_row(x, norm)
     q, k, v = (torch.nn.functional.linear(xf, w.float()).to(dtype).float() for w in (wq, wk, wv))
     if scales is not None:  # as int8_weight_only_linear: the product in x's dtype, times the row's scale
         q, k, v = ((t * sc.float()).to(dtype).float() for t, sc in zip((q, k, v), scales))

@@ -66,7 +66,7 @@ class RopeAttention(Attention):
         prenorm: nn.Module | None = None,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        if seq == 1 and cache is not None and _FUSED_QKV_ROPE is not False:
+        if seq == 1 and cache is not None and _FUSED_QKV_ROPE is not False and not torch.is_grad_enabled():
             fused = self._fused_decode(x, prenorm, positions, position_state, cache, cache_position)
             if fused is not None:
                 q, k, v = fused

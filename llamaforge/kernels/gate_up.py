@@ -1,0 +1,201 @@
+"""One decoding step's feed-forward front half for one layer, in one launch (batch 1): the block's RMSNorm, the gate
+and up products and SiLU(gate) * up.
+
+Why: in the compiled batch-1 decode step on an H200 (Llama-3.2-1B shape, bf16; 2026-12-02 run18) each layer runs the
+post-attention RMSNorm (2.2-2.8 us), the stacked gate/up reduction (18.4 us, 3.65 TB/s) and SiLU(gate) * up (1.0 us);
+a hand-written Triton GEMV streamed the stacked gate/up matrix at 4.0 TB/s alone in an earlier micro-benchmark. Here
+every program takes the normalised row (each program computes the row's statistics itself: a few KB from L2), reduces
+the same few rows of the gate and up matrices side by side and writes SiLU(gate) * up for them, so the two small
+kernels go. The switch is `llamaforge.core.model._FUSED_GATE_UP` (off until an A/B on a GPU says otherwise).
+
+Arithmetic, as the compiled decode step does it: the RMSNorm's roundings (normalised row, then times its weight),
+fp32 sums rounded to the model's dtype (each linear's output; int8 weight-only: times the row's scale, rounded
+again), then SiLU(gate) * up in fp32 and one rounding at the store. `reference` is the same in PyTorch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llamaforge.kernels.qkv_rope import rms_row
+
+# Launch settings (module-level for same-run A/Bs): rows of each matrix per program, values per row per loop step,
+# warps per program. 8 rows give the 1B shape (8,192 rows) 1,024 programs.
+_BLOCK_N = 8
+_BLOCK_K = 1024
+_WARPS = 4
+
+
+def reference(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+) -> torch.Tensor:
+    """x (1, K); w_gate, w_up (N, K) in x's dtype, or int8 with per-row `scales` in x's dtype; `norm`: an RMSNorm's
+    (weight, eps) applied to x first. Returns SiLU(x @ w_gate.T) * (x @ w_up.T), (1, N) in x's dtype."""
+    dtype = x.dtype
+    xf = rms_row(x, norm)
+    gate, up = (F.linear(xf, w.float()).to(dtype).float() for w in (w_gate, w_up))
+    if scales is not None:  # as int8_weight_only_linear: the product in x's dtype, times the row's scale
+        gate, up = ((t * sc.float()).to(dtype).float() for t, sc in zip((gate, up), scales))
+    return (F.silu(gate) * up).to(dtype)
+
+
+def supported(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+) -> bool:
+    """Shapes and layouts the kernel takes (tensor metadata only: this runs inside the traced decode step)."""
+    k_len = x.shape[-1]
+    weight_dtype = x.dtype if scales is None else torch.int8
+    return (
+        x.dim() == 2
+        and x.size(0) == 1
+        and k_len > 1
+        and x.stride(-1) == 1
+        and w_gate.shape == w_up.shape
+        and all(
+            w.dim() == 2 and w.size(1) == k_len and w.stride(-1) == 1 and w.dtype == weight_dtype
+            for w in (w_gate, w_up)
+        )
+        and (scales is None or all(sc.dtype == x.dtype and sc.shape == w_gate.shape[:1] for sc in scales))
+        and (scales is None or all(sc.stride(0) == 1 for sc in scales))
+        and (norm is None or (norm[0].dtype == x.dtype and norm[0].shape == (k_len,) and norm[0].stride(0) == 1))
+    )
+
+
+@functools.cache
+def _kernel() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gate_up_kernel(
+        x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, g_ptr, out_ptr, eps, n_rows, k_len, swg, swu,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, NORM: tl.constexpr,
+    ):  # fmt: skip
+        out_ty = out_ptr.dtype.element_ty
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = n < n_rows
+        if NORM:  # every program takes the row's statistics itself (a few KB, read from L2): no norm kernel
+            squares = tl.zeros((BLOCK_K,), tl.float32)
+            for k0 in range(0, k_len, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K)
+                h = tl.load(x_ptr + k, mask=k < k_len, other=0.0).to(tl.float32)
+                squares += h * h
+            inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / k_len + eps)
+        acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for k0 in range(0, k_len, BLOCK_K):
+            k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = k < k_len
+            xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            if NORM:  # RMSNorm's roundings: the normalised row, then its product with the weight
+                g = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+                xv = ((xv * inv_rms).to(out_ty).to(tl.float32) * g).to(out_ty).to(tl.float32)
+            xv = xv[None, :]
+            ok = n_ok[:, None] & k_ok[None, :]
+            wg = tl.load(wg_ptr + n[:, None] * swg + k[None, :], mask=ok, other=0)
+            wu = tl.load(wu_ptr + n[:, None] * swu + k[None, :], mask=ok, other=0)
+            if INT8:  # exact widening through the float's bits (as llamaforge.kernels.row_gemv): no slow I2F
+                acc_g += ((wg.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xv
+                acc_u += ((wu.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xv
+            else:
+                acc_g += wg.to(tl.float32) * xv
+                acc_u += wu.to(tl.float32) * xv
+        gate = tl.sum(acc_g, axis=1).to(out_ty).to(tl.float32)  # rounded like each linear's output
+        up = tl.sum(acc_u, axis=1).to(out_ty).to(tl.float32)
+        if INT8:  # times the rows' scales, rounded again (int8_weight_only_linear)
+            gate = (gate * tl.load(sg_ptr + n, mask=n_ok, other=0.0).to(tl.float32)).to(out_ty).to(tl.float32)
+            up = (up * tl.load(su_ptr + n, mask=n_ok, other=0.0).to(tl.float32)).to(out_ty).to(tl.float32)
+        tl.store(out_ptr + n, (gate * tl.sigmoid(gate) * up).to(out_ty), mask=n_ok)
+
+    return gate_up_kernel
+
+
+def launch(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+    *,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    warps: int | None = None,
+    wrap: Any = None,
+) -> torch.Tensor:
+    """Run the Triton kernel (on CUDA, or on CPU tensors under TRITON_INTERPRET=1); `wrap` is
+    torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch."""
+    import triton
+
+    kernel = wrap(_kernel()) if wrap is not None else _kernel()
+    n_rows, k_len = int(w_gate.size(0)), int(x.size(1))
+    block_n = block_n or _BLOCK_N
+    block_k = min(block_k or _BLOCK_K, triton.next_power_of_2(k_len))
+    out = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
+    sg, su = scales if scales is not None else (x, x)  # unread without INT8
+    g, eps = norm if norm is not None else (x, 0.0)  # unread without NORM
+    kernel[(triton.cdiv(n_rows, block_n),)](
+        x, w_gate, w_up, sg, su, g, out, float(eps), n_rows, k_len, w_gate.stride(0), w_up.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scales is not None, NORM=norm is not None,
+        num_warps=warps or _WARPS,
+    )  # fmt: skip
+    return out
+
+
+def _unpack(
+    scales: list[torch.Tensor], norm_weight: list[torch.Tensor], eps: float
+) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, tuple[torch.Tensor, float] | None]:
+    """The ops take optional tensors as lists (empty: none), which a schema can express."""
+    return ((scales[0], scales[1]) if scales else None), ((norm_weight[0], eps) if norm_weight else None)
+
+
+@torch.library.custom_op("llamaforge::gate_up_silu_reference", mutates_args=())
+def _reference_op(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, scales: list[torch.Tensor],
+    norm_weight: list[torch.Tensor], eps: float,
+) -> torch.Tensor:  # fmt: skip
+    """The PyTorch reference as an opaque op (compiled graphs off CUDA keep it whole, like the kernel on CUDA)."""
+    return reference(x, w_gate, w_up, *_unpack(scales, norm_weight, eps))
+
+
+@_reference_op.register_fake
+def _(x, w_gate, w_up, scales, norm_weight, eps):
+    return x.new_empty(1, w_gate.size(0))
+
+
+if hasattr(torch.library, "triton_op"):  # torch >= 2.6
+
+    @torch.library.triton_op("llamaforge::gate_up_silu", mutates_args=())
+    def _triton_op(
+        x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, scales: list[torch.Tensor],
+        norm_weight: list[torch.Tensor], eps: float,
+    ) -> torch.Tensor:  # fmt: skip
+        return launch(x, w_gate, w_up, *_unpack(scales, norm_weight, eps), wrap=torch.library.wrap_triton)
+
+else:  # older torch: no way to trace Triton launches into a compiled graph
+    _triton_op = None
+
+
+def gate_up_silu(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    scales: tuple[torch.Tensor, torch.Tensor] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+) -> torch.Tensor:
+    """SiLU(gate) * up of one (optionally RMS-normalised) row: the Triton kernel on CUDA (a custom op torch.compile
+    traces), the reference elsewhere."""
+    op = _triton_op if x.device.type == "cuda" and _triton_op is not None else _reference_op
+    norm_weight, eps = ([norm[0]], float(norm[1])) if norm is not None else ([], 0.0)
+    return op(x, w_gate, w_up, [] if scales is None else list(scales), norm_weight, eps)
