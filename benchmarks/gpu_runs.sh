@@ -49,8 +49,8 @@ decode)
     tail -n 12 "$out/decode.log"
     ;;
 fused)
-    $py -m pytest -q -m gpu tests/test_kernels.py tests/test_generation.py -k "qkv_rope or gate_up or either_stream" \
-        >"$out/fused_tests.log" 2>&1
+    $py -m pytest -q -m gpu tests/test_kernels.py tests/test_generation.py \
+        -k "qkv_rope or gate_up or fused or either_stream" >"$out/fused_tests.log" 2>&1
     tail -n 5 "$out/fused_tests.log"
     variants=("$@")
     # int8: `int8` stage with quant=int8_weight_only "quant=int8_weight_only,qkv_rope=1,gate_up=1"

@@ -368,16 +368,22 @@ def fused_qkv_calls(monkeypatch):
     from llamaforge.kernels import qkv_rope
     from llamaforge.plugins import attention
 
+    calls = _count_reference_calls(qkv_rope, monkeypatch)
+    monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
+    return calls, lambda on: monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", on)
+
+
+def _count_reference_calls(kernel_module, monkeypatch) -> list[int]:
+    """A counter of a fused kernel module's reference calls (what its op runs on a CPU)."""
     calls = [0]
-    reference = qkv_rope.reference
+    reference = kernel_module.reference
 
     def counted(*args):
         calls[0] += 1
         return reference(*args)
 
-    monkeypatch.setattr(qkv_rope, "reference", counted)
-    monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
-    return calls, lambda on: monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", on)
+    monkeypatch.setattr(kernel_module, "reference", counted)
+    return calls
 
 
 def _fused_and_plain(model, prompts, configs, switch, tokenizer=None):
@@ -434,14 +440,7 @@ def test_fused_gate_up_route_decodes_the_same_tokens_and_only_where_it_applies(m
     from llamaforge.kernels import gate_up
     from llamaforge.plugins import attention
 
-    calls = [0]
-    reference = gate_up.reference
-
-    def counted(*args):
-        calls[0] += 1
-        return reference(*args)
-
-    monkeypatch.setattr(gate_up, "reference", counted)
+    calls = _count_reference_calls(gate_up, monkeypatch)
     monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
 
     def switch(on):

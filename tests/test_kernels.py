@@ -801,26 +801,6 @@ def test_qkv_rope_on_cuda_matches_the_reference_at_llama_shapes():
                 _close_to(a, b, 1e-2)
 
 
-@pytest.mark.gpu
-@cuda
-def test_compiled_graphed_decoding_through_the_fused_qkv_rope_op_gives_the_plain_tokens(monkeypatch):
-    import llamaforge
-    from llamaforge.core.generation import GenerationConfig, clear_sessions, generate
-    from llamaforge.plugins import attention
-
-    spec = llamaforge.load_spec("tiny").with_updates(eos_token_id=None)
-    model = llamaforge.build_model(spec, device="cuda", seed=0, dtype=torch.bfloat16).eval()
-    config = GenerationConfig(max_new_tokens=24, eos_token_ids=[])
-    out = {}
-    for route in (False, None):  # None: on CUDA only, what a default would be
-        monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", route)
-        torch._dynamo.reset()
-        clear_sessions(model)
-        out[route] = generate(model, [[3, 4, 5]], config)
-    clear_sessions(model)
-    assert out[None] == out[False]
-
-
 # ----- fused RMSNorm + gate/up + SiLU (llamaforge.kernels.gate_up) --------------------------------------------------
 def _gate_up_case(seed: int, n: int, k: int, dtype=torch.float32, int8: bool = False, fold: bool = False):
     """x, gate and up weights, their int8 scales (or None), an RMSNorm's (weight, eps) (or None)."""
@@ -926,21 +906,26 @@ def test_gate_up_on_cuda_matches_the_reference_at_llama_shapes():
 
 @pytest.mark.gpu
 @cuda
-def test_compiled_graphed_decoding_through_both_fused_kernels_gives_the_plain_tokens(monkeypatch):
+@pytest.mark.parametrize(("qkv", "ffn"), [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("quant", [None, "int8_weight_only"])
+def test_compiled_graphed_decoding_through_the_fused_kernels_gives_the_plain_tokens(qkv, ffn, quant, monkeypatch):
     import llamaforge
     from llamaforge.core import model as model_module
     from llamaforge.core.generation import GenerationConfig, clear_sessions, generate
+    from llamaforge.core.loading import apply_transform
     from llamaforge.plugins import attention
 
     spec = llamaforge.load_spec("tiny").with_updates(eos_token_id=None)
     model = llamaforge.build_model(spec, device="cuda", seed=0, dtype=torch.bfloat16).eval()
+    if quant:
+        model = apply_transform(model, "quantizer", quant)
     config = GenerationConfig(max_new_tokens=24, eos_token_ids=[])
     out = {}
-    for route in (False, None):  # None: on CUDA only, what a default would be
-        monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", route)
-        monkeypatch.setattr(model_module, "_FUSED_GATE_UP", route)
+    for on in (False, True):  # on: None, CUDA only, what a default would be
+        monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", None if on and qkv else False)
+        monkeypatch.setattr(model_module, "_FUSED_GATE_UP", None if on and ffn else False)
         torch._dynamo.reset()
         clear_sessions(model)
-        out[route] = generate(model, [[3, 4, 5]], config)
+        out[on] = generate(model, [[3, 4, 5]], config)
     clear_sessions(model)
-    assert out[None] == out[False]
+    assert out[True] == out[False]

@@ -75,49 +75,7 @@ def supported(
 
 @functools.cache
 def _kernel() -> Any:
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def gate_up_kernel(
-        x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, g_ptr, out_ptr, eps, n_rows, k_len, swg, swu,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, NORM: tl.constexpr,
-    ):  # fmt: skip
-        out_ty = out_ptr.dtype.element_ty
-        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < n_rows
-        if NORM:  # every program takes the row's statistics itself (a few KB, read from L2): no norm kernel
-            squares = tl.zeros((BLOCK_K,), tl.float32)
-            for k0 in range(0, k_len, BLOCK_K):
-                k = k0 + tl.arange(0, BLOCK_K)
-                h = tl.load(x_ptr + k, mask=k < k_len, other=0.0).to(tl.float32)
-                squares += h * h
-            inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / k_len + eps)
-        acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in range(0, k_len, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < k_len
-            xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            if NORM:  # RMSNorm's roundings: the normalised row, then its product with the weight
-                g = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-                xv = ((xv * inv_rms).to(out_ty).to(tl.float32) * g).to(out_ty).to(tl.float32)
-            xv = xv[None, :]
-            ok = n_ok[:, None] & k_ok[None, :]
-            wg = tl.load(wg_ptr + n[:, None] * swg + k[None, :], mask=ok, other=0)
-            wu = tl.load(wu_ptr + n[:, None] * swu + k[None, :], mask=ok, other=0)
-            if INT8:  # exact widening through the float's bits (as llamaforge.kernels.row_gemv): no slow I2F
-                acc_g += ((wg.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xv
-                acc_u += ((wu.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xv
-            else:
-                acc_g += wg.to(tl.float32) * xv
-                acc_u += wu.to(tl.float32) * xv
-        gate = tl.sum(acc_g, axis=1).to(out_ty).to(tl.float32)  # rounded like each linear's output
-        up = tl.sum(acc_u, axis=1).to(out_ty).to(tl.float32)
-        if INT8:  # times the rows' scales, rounded again (int8_weight_only_linear)
-            gate = (gate * tl.load(sg_ptr + n, mask=n_ok, other=0.0).to(tl.float32)).to(out_ty).to(tl.float32)
-            up = (up * tl.load(su_ptr + n, mask=n_ok, other=0.0).to(tl.float32)).to(out_ty).to(tl.float32)
-        tl.store(out_ptr + n, (gate * tl.sigmoid(gate) * up).to(out_ty), mask=n_ok)
+    from llamaforge.kernels.fused_triton import gate_up_kernel
 
     return gate_up_kernel
 

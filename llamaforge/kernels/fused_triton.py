@@ -1,0 +1,137 @@
+"""The Triton sources of the fused decode kernels (`qkv_rope`, `gate_up`) and the pieces they share. Importing this
+module imports Triton, so their modules import it only when a kernel is first launched; the shared pieces are
+module-level `triton.jit` functions, which a kernel can only call when both live in one module's globals."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def row_inv_rms(x_ptr, k_len, eps, BLOCK_K: tl.constexpr):
+    """1 / sqrt(mean(x ** 2) + eps) of the row, in fp32 (RMSNorm's statistics)."""
+    squares = tl.zeros((BLOCK_K,), tl.float32)
+    for k0 in range(0, k_len, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        h = tl.load(x_ptr + k, mask=k < k_len, other=0.0).to(tl.float32)
+        squares += h * h
+    return 1.0 / tl.sqrt(tl.sum(squares, axis=0) / k_len + eps)
+
+
+@triton.jit
+def row_tile(x_ptr, g_ptr, out_ptr, k, k_ok, inv_rms, NORM: tl.constexpr):
+    """The row's values at k as fp32; with NORM, after RMSNorm with RMSNorm's roundings in out_ptr's dtype (the
+    normalised row, then its product with the weight g)."""
+    xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    if NORM:
+        out_ty = out_ptr.dtype.element_ty
+        g = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        xv = ((xv * inv_rms).to(out_ty).to(tl.float32) * g).to(out_ty).to(tl.float32)
+    return xv
+
+
+@triton.jit
+def widen_int8(w):
+    """int8 values as fp32 through the float's bits (as llamaforge.kernels.row_gemv): exact, and no I2F (a slow
+    conversion) per value."""
+    return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit(do_not_specialize=["progs_q", "progs_qk"])
+def qkv_rope_kernel(
+    x_ptr, wq_ptr, wk_ptr, wv_ptr, sq_ptr, sk_ptr, sv_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos_ptr,
+    g_ptr, eps, k_len, swq, swk, swv, progs_q, progs_qk, kc_head, kc_pos, vc_head, vc_pos,
+    HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, NORM: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    per_head = HALF // PAIRS
+    # the first progs_q programs serve q's rows, then k's, then v's; `which` says whose
+    if pid < progs_q:
+        w_ptr, s_ptr, stride, local, which = wq_ptr, sq_ptr, swq, pid, 0
+    elif pid < progs_qk:
+        w_ptr, s_ptr, stride, local, which = wk_ptr, sk_ptr, swk, pid - progs_q, 1
+    else:
+        w_ptr, s_ptr, stride, local, which = wv_ptr, sv_ptr, swv, pid - progs_qk, 2
+    head = local // per_head
+    j = (local % per_head) * PAIRS + tl.arange(0, PAIRS)  # dimensions in the head's first half
+    rows_a = head * 2 * HALF + j
+    rows_b = rows_a + HALF  # their RoPE partners
+    out_ty = q_ptr.dtype.element_ty
+    if NORM:  # every program takes the row's statistics itself (a few KB, read from L2): no norm kernel
+        inv_rms = row_inv_rms(x_ptr, k_len, eps, BLOCK_K)
+    else:
+        inv_rms = 1.0
+    acc_a = tl.zeros((PAIRS, BLOCK_K), tl.float32)
+    acc_b = tl.zeros((PAIRS, BLOCK_K), tl.float32)
+    for k0 in range(0, k_len, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_len
+        xv = row_tile(x_ptr, g_ptr, q_ptr, k, k_ok, inv_rms, NORM)[None, :]
+        wa = tl.load(w_ptr + rows_a[:, None] * stride + k[None, :], mask=k_ok[None, :], other=0)
+        wb = tl.load(w_ptr + rows_b[:, None] * stride + k[None, :], mask=k_ok[None, :], other=0)
+        if INT8:
+            acc_a += widen_int8(wa) * xv
+            acc_b += widen_int8(wb) * xv
+        else:
+            acc_a += wa.to(tl.float32) * xv
+            acc_b += wb.to(tl.float32) * xv
+    ya = tl.sum(acc_a, axis=1).to(out_ty).to(tl.float32)  # rounded like the linear's output
+    yb = tl.sum(acc_b, axis=1).to(out_ty).to(tl.float32)
+    if INT8:  # times the rows' scales, rounded again (int8_weight_only_linear)
+        ya = (ya * tl.load(s_ptr + rows_a).to(tl.float32)).to(out_ty).to(tl.float32)
+        yb = (yb * tl.load(s_ptr + rows_b).to(tl.float32)).to(out_ty).to(tl.float32)
+    if which < 2:
+        ca = tl.load(cos_ptr + j).to(tl.float32)
+        cb = tl.load(cos_ptr + HALF + j).to(tl.float32)
+        sa = tl.load(sin_ptr + j).to(tl.float32)  # rotate-half's minus is folded into this half of sin
+        sb = tl.load(sin_ptr + HALF + j).to(tl.float32)
+        oa = ya * ca + yb * sa
+        ob = yb * cb + ya * sb
+    else:
+        oa = ya
+        ob = yb
+    if which == 0:
+        tl.store(q_ptr + rows_a, oa.to(out_ty))
+        tl.store(q_ptr + rows_b, ob.to(out_ty))
+    else:
+        pos = tl.load(pos_ptr)
+        if which == 1:
+            base = kc_ptr + head * kc_head + pos * kc_pos
+        else:
+            base = vc_ptr + head * vc_head + pos * vc_pos
+        tl.store(base + j, oa.to(out_ty))
+        tl.store(base + HALF + j, ob.to(out_ty))
+
+
+@triton.jit
+def gate_up_kernel(
+    x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, g_ptr, out_ptr, eps, n_rows, k_len, swg, swu,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, NORM: tl.constexpr,
+):  # fmt: skip
+    out_ty = out_ptr.dtype.element_ty
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_rows
+    if NORM:  # every program takes the row's statistics itself (a few KB, read from L2): no norm kernel
+        inv_rms = row_inv_rms(x_ptr, k_len, eps, BLOCK_K)
+    else:
+        inv_rms = 1.0
+    acc_g = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    acc_u = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k0 in range(0, k_len, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_len
+        xv = row_tile(x_ptr, g_ptr, out_ptr, k, k_ok, inv_rms, NORM)[None, :]
+        ok = n_ok[:, None] & k_ok[None, :]
+        wg = tl.load(wg_ptr + n[:, None] * swg + k[None, :], mask=ok, other=0)
+        wu = tl.load(wu_ptr + n[:, None] * swu + k[None, :], mask=ok, other=0)
+        if INT8:
+            acc_g += widen_int8(wg) * xv
+            acc_u += widen_int8(wu) * xv
+        else:
+            acc_g += wg.to(tl.float32) * xv
+            acc_u += wu.to(tl.float32) * xv
+    gate = tl.sum(acc_g, axis=1).to(out_ty).to(tl.float32)  # rounded like each linear's output
+    up = tl.sum(acc_u, axis=1).to(out_ty).to(tl.float32)
+    if INT8:  # times the rows' scales, rounded again (int8_weight_only_linear)
+        gate = (gate * tl.load(sg_ptr + n, mask=n_ok, other=0.0).to(tl.float32)).to(out_ty).to(tl.float32)
+        up = (up * tl.load(su_ptr + n, mask=n_ok, other=0.0).to(tl.float32)).to(out_ty).to(tl.float32)
+    tl.store(out_ptr + n, (gate * tl.sigmoid(gate) * up).to(out_ty), mask=n_ok)
