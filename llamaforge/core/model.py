@@ -173,9 +173,7 @@ class Block(nn.Module):
         cache_position: torch.Tensor | None,
     ) -> torch.Tensor:
         state = {"positions": positions, "position_state": position_state, "mask": mask, "cache": cache}
-        if getattr(
-            self.self_attn, "accepts_prenorm", False
-        ):  # it normalises x itself (and may fuse the norm into its kernels)
+        if getattr(self.self_attn, "accepts_prenorm", False):  # it normalises x itself, maybe inside a kernel
             h = self.self_attn(x, **state, cache_position=cache_position, prenorm=self.input_layernorm)
         else:
             h = self.self_attn(self.input_layernorm(x), **state, cache_position=cache_position)
