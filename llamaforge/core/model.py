@@ -105,28 +105,16 @@ class FeedForward(nn.Module):
         """SiLU(gate) * up of one row through llamaforge.kernels.gate_up (the block's RMSNorm folded in), shaped
         like x; None where it does not apply (another activation, adapters, biases, projections other than plain
         or int8 weight-only ones, unsupported layouts; off CUDA unless the switch is True)."""
-        from llamaforge.kernels import TRITON_OPS, gate_up
+        from llamaforge.kernels import fold_prenorm, fused_projections, gate_up
         from llamaforge.plugins.activations import SwiGLU
-        from llamaforge.plugins.norms import RMSNorm
-        from llamaforge.plugins.quantizers import Int8Linear
 
         gate, up = self.gate_proj, self.up_proj
-        plain = all(type(p) is nn.Linear and p.bias is None for p in (gate, up))
-        int8 = all(type(p) is Int8Linear and not p.dynamic and p.bias is None for p in (gate, up))
-        if (
-            type(self.act_fn) is not SwiGLU
-            or not (plain or int8)
-            or (_FUSED_GATE_UP is None and x.device.type != "cuda")
-            or (x.device.type == "cuda" and not TRITON_OPS)
-        ):
+        kind = fused_projections(_FUSED_GATE_UP, x, (gate, up))
+        if kind is None or type(self.act_fn) is not SwiGLU:
             return None
-        norm = None
-        if type(prenorm) is RMSNorm and prenorm.weight.dtype == x.dtype:
-            norm = (prenorm.weight, prenorm.eps)
-        elif prenorm is not None:
-            x = prenorm(x)
+        norm, x = fold_prenorm(prenorm, x)
         row = x.reshape(1, x.size(-1))
-        scales = (gate.weight_scale, up.weight_scale) if int8 else None
+        scales = (gate.weight_scale, up.weight_scale) if kind == "int8" else None
         if not gate_up.supported(row, gate.weight, up.weight, scales, norm):
             return None
         return gate_up.gate_up_silu(row, gate.weight, up.weight, scales, norm).view(*x.shape[:-1], -1)

@@ -85,9 +85,10 @@ def supported(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
 ) -> bool:
     """Shapes and layouts the kernel takes (tensor metadata only: this runs inside the traced decode step): weights
-    in x's dtype, or int8 with per-row scales in x's dtype."""
+    in x's dtype, or int8 with per-row scales in x's dtype; a folded norm's weight in x's dtype, one per column."""
     head_dim = cos.shape[-1]
     dtype = x.dtype
     k_len = x.shape[-1]
@@ -116,6 +117,7 @@ def supported(
         )
         and k_cache.size(1) * head_dim == weights[1].size(0)
         and v_cache.size(1) == k_cache.size(1)
+        and (norm is None or (norm[0].dtype == dtype and norm[0].shape == (k_len,) and norm[0].stride(0) == 1))
     )
 
 

@@ -101,21 +101,15 @@ class RopeAttention(Attention):
         int8 weight-only ones, biases, positions other than rotate-half RoPE, a cache other than the static one,
         unsupported layouts)."""
         from llamaforge.core.cache import StaticKVCache
-        from llamaforge.kernels import TRITON_OPS, qkv_rope
-        from llamaforge.plugins.norms import RMSNorm
+        from llamaforge.kernels import fold_prenorm, fused_projections, qkv_rope
         from llamaforge.plugins.positions import RotaryEmbedding
-        from llamaforge.plugins.quantizers import Int8Linear
 
-        projections = (self.q_proj, self.k_proj, self.v_proj)
-        plain = all(type(p) is nn.Linear and p.bias is None for p in projections)
-        int8 = all(type(p) is Int8Linear and not p.dynamic and p.bias is None for p in projections)
+        kind = fused_projections(_FUSED_QKV_ROPE, x, (self.q_proj, self.k_proj, self.v_proj))
         if (
-            x.size(0) != 1
+            kind is None
+            or x.size(0) != 1
             or cache_position is None
             or cache_position.numel() != 1
-            or (_FUSED_QKV_ROPE is None and x.device.type != "cuda")
-            or (x.device.type == "cuda" and not TRITON_OPS)
-            or not (plain or int8)
             or type(positions).apply is not RotaryEmbedding.apply
             or type(cache) is not StaticKVCache
             or cache.kv is not None
@@ -123,16 +117,14 @@ class RopeAttention(Attention):
             return None
         cos, sin = position_state
         kc, vc = cache.keys[self.layer_idx], cache.values[self.layer_idx]
-        norm = None
-        if type(prenorm) is RMSNorm and prenorm.weight.dtype == x.dtype and _FOLD_NORM:
-            norm = (prenorm.weight, prenorm.eps)
-        elif prenorm is not None:
-            x = prenorm(x)
+        norm, x = fold_prenorm(prenorm, x, _FOLD_NORM)
         row = x.view(1, x.size(-1))
         weights = (self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
-        scales = (self.q_proj.weight_scale, self.k_proj.weight_scale, self.v_proj.weight_scale) if int8 else None
+        scales = None
+        if kind == "int8":
+            scales = (self.q_proj.weight_scale, self.k_proj.weight_scale, self.v_proj.weight_scale)
         cos, sin = cos.reshape(-1), sin.reshape(-1)
-        if not qkv_rope.supported(row, weights, cos, sin, kc, vc, scales):
+        if not qkv_rope.supported(row, weights, cos, sin, kc, vc, scales, norm):
             return None
         q = qkv_rope.qkv_rope_cache(row, *weights, cos, sin, kc, vc, cache_position.reshape(1), scales, norm)
         return q.view(1, self.n_heads, 1, self.head_dim), kc, vc
