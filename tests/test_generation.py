@@ -400,7 +400,6 @@ def test_fused_qkv_rope_route_decodes_the_same_tokens_and_only_where_it_applies(
     """Batch-1 decoding steps through the fused op stream the same tokens as the module's own steps (greedy with EOS,
     sampled, a stop string), with the block's RMSNorm folded into the op or not, also with int8 weight-only
     projections; the prefill, batches of several rows and int8_dynamic projections keep the plain path."""
-    from llamaforge.core.loading import apply_transform
     from llamaforge.plugins import attention
 
     calls, switch = fused_qkv_calls
@@ -420,15 +419,23 @@ def test_fused_qkv_rope_route_decodes_the_same_tokens_and_only_where_it_applies(
     calls[0] = 0
     _fused_and_plain(model, [[5, 6, 7]], configs[1:2], switch)
     assert calls[0] == model.spec.n_layers * 8  # 9 tokens: the prefill's, then 8 decoding steps through the op
+    _check_route_scope(12, configs, switch, calls)
+
+
+def _check_route_scope(seed, configs, switch, calls):
+    """What both fused routes share: a batch of two rows and int8_dynamic projections keep the plain path, int8
+    weight-only projections go through the op (8 decoding steps of configs[1], 9 tokens), all with the same tokens."""
+    from llamaforge.core.loading import apply_transform
+
     calls[0] = 0
-    two = _fused_and_plain(model, [[5, 6, 7], [9]], configs[:1], switch)
+    two = _fused_and_plain(_model(seed=seed), [[5, 6, 7], [9]], configs[:1], switch)
     assert two[True] == two[False] and calls[0] == 0
-    dynamic = apply_transform(_model(seed=12), "quantizer", "int8_dynamic")
+    dynamic = apply_transform(_model(seed=seed), "quantizer", "int8_dynamic")
     one = _fused_and_plain(dynamic, [[5, 6, 7]], configs[:1], switch)
     assert one[True] == one[False] and calls[0] == 0
-    weight_only = apply_transform(_model(seed=12), "quantizer", "int8_weight_only")  # int8 weights with scales
+    weight_only = apply_transform(_model(seed=seed), "quantizer", "int8_weight_only")  # int8 weights with scales
     one = _fused_and_plain(weight_only, [[5, 6, 7]], configs[1:2], switch)
-    assert one[True] == one[False] and calls[0] == model.spec.n_layers * 8
+    assert one[True] == one[False] and calls[0] == dynamic.spec.n_layers * 8
 
 
 def test_fused_gate_up_route_decodes_the_same_tokens_and_only_where_it_applies(monkeypatch):
@@ -436,7 +443,6 @@ def test_fused_gate_up_route_decodes_the_same_tokens_and_only_where_it_applies(m
     alone and together with the fused q/k/v route, also with int8 weight-only projections; the prefill, batches of
     several rows and int8_dynamic projections keep the plain path."""
     from llamaforge.core import model as model_module
-    from llamaforge.core.loading import apply_transform
     from llamaforge.kernels import gate_up
     from llamaforge.plugins import attention
 
@@ -460,15 +466,7 @@ def test_fused_gate_up_route_decodes_the_same_tokens_and_only_where_it_applies(m
     monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", True)  # both fused kernels in one step
     assert _fused_and_plain(model, [[5, 6, 7]], configs, switch)[True] == out[False]
     monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
-    calls[0] = 0
-    two = _fused_and_plain(model, [[5, 6, 7], [9]], configs[:1], switch)
-    assert two[True] == two[False] and calls[0] == 0
-    dynamic = apply_transform(_model(seed=14), "quantizer", "int8_dynamic")
-    one = _fused_and_plain(dynamic, [[5, 6, 7]], configs[:1], switch)
-    assert one[True] == one[False] and calls[0] == 0
-    weight_only = apply_transform(_model(seed=14), "quantizer", "int8_weight_only")
-    one = _fused_and_plain(weight_only, [[5, 6, 7]], configs[1:], switch)
-    assert one[True] == one[False] and calls[0] == model.spec.n_layers * 8
+    _check_route_scope(14, configs, switch, calls)
 
 
 @pytest.mark.slow  # an inductor compilation: ~15 s on an idle CPU

@@ -878,12 +878,15 @@ def generate_stream(
             session = _session(model, bsz, need, config, stages)
             session.in_use = True
             session.reset(prompts, layout)
+            ticket = session.send_home(0, session.prefill(generator, graph=prefill_graph))
             finished = [False] * bsz
             generated: list[list[int]] = [[] for _ in range(bsz)]
-
-            def hand_out(tokens: list[int]) -> list[int | None]:
+            for step in range(config.max_new_tokens):
+                following = None
+                if step + 1 < config.max_new_tokens:  # queue the next step before waiting for this one's tokens
+                    following = session.send_home(step + 1, session.step(generator))
                 emitted: list[int | None] = []
-                for row, tok in enumerate(tokens):
+                for row, tok in enumerate(session.arrive(ticket)):
                     if finished[row]:
                         emitted.append(None)
                         continue
@@ -891,15 +894,7 @@ def generate_stream(
                     generated[row].append(tok)
                     if tok in eos or (watch is not None and watch.hit(generated[row])):
                         finished[row] = True
-                return emitted
-
-            first = session.prefill(generator, graph=prefill_graph)
-            ticket = session.send_home(0, first)
-            for step in range(config.max_new_tokens):
-                following = None
-                if step + 1 < config.max_new_tokens:  # queue the next step before waiting for this one's tokens
-                    following = session.send_home(step + 1, session.step(generator))
-                yield hand_out(session.arrive(ticket))
+                yield emitted
                 if all(finished) or following is None:
                     break
                 ticket = following

@@ -5,6 +5,7 @@ import importlib.util
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 # Whether a Triton kernel can be traced into a compiled graph here: torch with `torch.library.triton_op` and Triton
 # installed. Decided once at import: the check runs inside traced code (the decode step's attention), where a
@@ -41,3 +42,69 @@ def fold_prenorm(prenorm: Any, x: torch.Tensor, fold: bool = True) -> tuple[tupl
     if fold and type(prenorm) is RMSNorm and prenorm.weight.dtype == x.dtype:
         return (prenorm.weight, prenorm.eps), x
     return None, prenorm(x)
+
+
+# ----- what the fused decode kernels (qkv_rope, gate_up) share -------------------------------------------------------
+def rms_row(x: torch.Tensor, norm: tuple[torch.Tensor, float] | None) -> torch.Tensor:
+    """x as fp32 after llamaforge's RMSNorm with (weight, eps) in x's dtype (fp32 statistics, the normalised row
+    rounded to x's dtype, then times the weight, rounded again), or x itself without a norm."""
+    xf = x.float()
+    if norm is None:
+        return xf
+    weight, eps = norm
+    xf = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).float()
+    return (xf * weight.float()).to(x.dtype).float()
+
+
+def row_products(
+    xf: torch.Tensor, weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...] | None, dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """The fp32 row times each matrix, each product rounded to `dtype` like its linear's output; int8 weight-only
+    ones times their rows' scales and rounded again, as int8_weight_only_linear computes them (returned as fp32)."""
+    out = [F.linear(xf, w.float()).to(dtype).float() for w in weights]
+    if scales is not None:
+        out = [(t * sc.float()).to(dtype).float() for t, sc in zip(out, scales, strict=True)]
+    return out
+
+
+def operands_supported(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, ...],
+    scales: tuple[torch.Tensor, ...] | None,
+    norm: tuple[torch.Tensor, float] | None,
+) -> bool:
+    """The operands every fused decode kernel takes (tensor metadata only: this runs inside traced decode steps): one
+    contiguous row (1, K), K > 1; row-major matrices of width K in x's dtype, or int8 with per-row scales in x's
+    dtype; a folded norm's weight in x's dtype, one per column."""
+    k_len = x.shape[-1]
+    weight_dtype = x.dtype if scales is None else torch.int8
+    return (
+        x.dim() == 2
+        and x.size(0) == 1
+        and k_len > 1
+        and x.stride(-1) == 1
+        and all(w.dim() == 2 and w.size(1) == k_len and w.stride(-1) == 1 and w.dtype == weight_dtype for w in weights)
+        and (
+            scales is None
+            or all(
+                sc.dtype == x.dtype and sc.shape == (w.size(0),) and sc.stride(0) == 1
+                for sc, w in zip(scales, weights, strict=True)
+            )
+        )
+        and (norm is None or (norm[0].dtype == x.dtype and norm[0].shape == (k_len,) and norm[0].stride(0) == 1))
+    )
+
+
+def pack_extras(
+    scales: tuple[torch.Tensor, ...] | None, norm: tuple[torch.Tensor, float] | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """The optional int8 scales and folded norm as the custom ops take them: lists, empty for none (an op schema has
+    no optional list), and the norm's eps."""
+    return list(scales or ()), ([norm[0]] if norm is not None else []), float(norm[1]) if norm is not None else 0.0
+
+
+def unpack_extras(
+    scales: list[torch.Tensor], norm_weight: list[torch.Tensor], eps: float
+) -> tuple[tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, float] | None]:
+    """`pack_extras` undone inside an op."""
+    return (tuple(scales) if scales else None), ((norm_weight[0], eps) if norm_weight else None)

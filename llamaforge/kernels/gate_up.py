@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llamaforge.kernels.qkv_rope import rms_row
+from llamaforge.kernels import operands_supported, pack_extras, rms_row, row_products, unpack_extras
 
 # Launch settings (module-level for same-run A/Bs): rows of each matrix per program, values per row per loop step,
 # warps per program. 8 rows give the 1B shape (8,192 rows) 1,024 programs.
@@ -39,12 +39,8 @@ def reference(
 ) -> torch.Tensor:
     """x (1, K); w_gate, w_up (N, K) in x's dtype, or int8 with per-row `scales` in x's dtype; `norm`: an RMSNorm's
     (weight, eps) applied to x first. Returns SiLU(x @ w_gate.T) * (x @ w_up.T), (1, N) in x's dtype."""
-    dtype = x.dtype
-    xf = rms_row(x, norm)
-    gate, up = (F.linear(xf, w.float()).to(dtype).float() for w in (w_gate, w_up))
-    if scales is not None:  # as int8_weight_only_linear: the product in x's dtype, times the row's scale
-        gate, up = ((t * sc.float()).to(dtype).float() for t, sc in zip((gate, up), scales))
-    return (F.silu(gate) * up).to(dtype)
+    gate, up = row_products(rms_row(x, norm), (w_gate, w_up), scales, x.dtype)
+    return (F.silu(gate) * up).to(x.dtype)
 
 
 def supported(
@@ -55,22 +51,7 @@ def supported(
     norm: tuple[torch.Tensor, float] | None = None,
 ) -> bool:
     """Shapes and layouts the kernel takes (tensor metadata only: this runs inside the traced decode step)."""
-    k_len = x.shape[-1]
-    weight_dtype = x.dtype if scales is None else torch.int8
-    return (
-        x.dim() == 2
-        and x.size(0) == 1
-        and k_len > 1
-        and x.stride(-1) == 1
-        and w_gate.shape == w_up.shape
-        and all(
-            w.dim() == 2 and w.size(1) == k_len and w.stride(-1) == 1 and w.dtype == weight_dtype
-            for w in (w_gate, w_up)
-        )
-        and (scales is None or all(sc.dtype == x.dtype and sc.shape == w_gate.shape[:1] for sc in scales))
-        and (scales is None or all(sc.stride(0) == 1 for sc in scales))
-        and (norm is None or (norm[0].dtype == x.dtype and norm[0].shape == (k_len,) and norm[0].stride(0) == 1))
-    )
+    return w_gate.shape == w_up.shape and operands_supported(x, (w_gate, w_up), scales, norm)
 
 
 @functools.cache
@@ -111,20 +92,13 @@ def launch(
     return out
 
 
-def _unpack(
-    scales: list[torch.Tensor], norm_weight: list[torch.Tensor], eps: float
-) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, tuple[torch.Tensor, float] | None]:
-    """The ops take optional tensors as lists (empty: none), which a schema can express."""
-    return ((scales[0], scales[1]) if scales else None), ((norm_weight[0], eps) if norm_weight else None)
-
-
 @torch.library.custom_op("llamaforge::gate_up_silu_reference", mutates_args=())
 def _reference_op(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, scales: list[torch.Tensor],
     norm_weight: list[torch.Tensor], eps: float,
 ) -> torch.Tensor:  # fmt: skip
     """The PyTorch reference as an opaque op (compiled graphs off CUDA keep it whole, like the kernel on CUDA)."""
-    return reference(x, w_gate, w_up, *_unpack(scales, norm_weight, eps))
+    return reference(x, w_gate, w_up, *unpack_extras(scales, norm_weight, eps))
 
 
 @_reference_op.register_fake
@@ -139,7 +113,7 @@ if hasattr(torch.library, "triton_op"):  # torch >= 2.6
         x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, scales: list[torch.Tensor],
         norm_weight: list[torch.Tensor], eps: float,
     ) -> torch.Tensor:  # fmt: skip
-        return launch(x, w_gate, w_up, *_unpack(scales, norm_weight, eps), wrap=torch.library.wrap_triton)
+        return launch(x, w_gate, w_up, *unpack_extras(scales, norm_weight, eps), wrap=torch.library.wrap_triton)
 
 else:  # older torch: no way to trace Triton launches into a compiled graph
     _triton_op = None
@@ -155,5 +129,4 @@ def gate_up_silu(
     """SiLU(gate) * up of one (optionally RMS-normalised) row: the Triton kernel on CUDA (a custom op torch.compile
     traces), the reference elsewhere."""
     op = _triton_op if x.device.type == "cuda" and _triton_op is not None else _reference_op
-    norm_weight, eps = ([norm[0]], float(norm[1])) if norm is not None else ([], 0.0)
-    return op(x, w_gate, w_up, [] if scales is None else list(scales), norm_weight, eps)
+    return op(x, w_gate, w_up, *pack_extras(scales, norm))

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from llamaforge.kernels import operands_supported, pack_extras, rms_row, row_products, unpack_extras
+
 # Launch settings (module-level for same-run A/Bs): row pairs per program (a power of two dividing head_dim / 2),
 # values per row per loop step, warps per program. 4 pairs give the 1B shape 48 heads x 8 = 384 programs.
 _PAIRS = 4
@@ -35,17 +37,6 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int
     half = head_dim // 2
     swapped = torch.cat((heads[:, half:], heads[:, :half]), dim=-1)
     return (heads * cos.float() + swapped * sin.float()).view(t.shape)
-
-
-def rms_row(x: torch.Tensor, norm: tuple[torch.Tensor, float] | None) -> torch.Tensor:
-    """x as fp32 after llamaforge's RMSNorm with (weight, eps) in x's dtype (fp32 statistics, the normalised row
-    rounded to x's dtype, then times the weight, rounded again), or x itself without a norm."""
-    xf = x.float()
-    if norm is None:
-        return xf
-    weight, eps = norm
-    xf = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).float()
-    return (xf * weight.float()).to(x.dtype).float()
 
 
 def reference(
@@ -66,10 +57,7 @@ def reference(
     (weight, eps) of an RMSNorm to apply to x first (as llamaforge's RMSNorm: fp32 statistics, the normalised row
     rounded to x's dtype, then times the weight). Writes k and v at the position; returns q (1, Hq*D) after RoPE."""
     dtype, head_dim = x.dtype, cos.shape[-1]
-    xf = rms_row(x, norm)
-    q, k, v = (torch.nn.functional.linear(xf, w.float()).to(dtype).float() for w in (wq, wk, wv))
-    if scales is not None:  # as int8_weight_only_linear: the product in x's dtype, times the row's scale
-        q, k, v = ((t * sc.float()).to(dtype).float() for t, sc in zip((q, k, v), scales))
+    q, k, v = row_products(rms_row(x, norm), (wq, wk, wv), scales, dtype)
     q, k = _rotate(q, cos, sin, head_dim), _rotate(k, cos, sin, head_dim)
     n_kv = k_cache.shape[1]
     k_cache[0, :, cache_position] = k.view(n_kv, 1, head_dim).to(k_cache.dtype)
@@ -91,25 +79,13 @@ def supported(
     in x's dtype, or int8 with per-row scales in x's dtype; a folded norm's weight in x's dtype, one per column."""
     head_dim = cos.shape[-1]
     dtype = x.dtype
-    k_len = x.shape[-1]
     return (
-        x.dim() == 2
-        and x.size(0) == 1
-        and k_len > 1
-        and x.stride(-1) == 1
+        operands_supported(x, weights, scales, norm)
         and head_dim % (2 * _PAIRS) == 0
         and cos.numel() == head_dim == sin.numel()
         and cos.is_contiguous()
         and sin.is_contiguous()
         and all(t.dtype == dtype for t in (cos, sin, k_cache, v_cache))
-        and all(w.dtype == (dtype if scales is None else torch.int8) for w in weights)
-        and (
-            scales is None
-            or all(
-                sc.dtype == dtype and sc.shape == (w.size(0),) and sc.stride(0) == 1 for sc, w in zip(scales, weights)
-            )
-        )
-        and all(w.dim() == 2 and w.size(1) == k_len and w.stride(-1) == 1 for w in weights)
         and all(w.size(0) % head_dim == 0 for w in weights)
         and weights[1].shape == weights[2].shape
         and all(
@@ -117,7 +93,6 @@ def supported(
         )
         and k_cache.size(1) * head_dim == weights[1].size(0)
         and v_cache.size(1) == k_cache.size(1)
-        and (norm is None or (norm[0].dtype == dtype and norm[0].shape == (k_len,) and norm[0].stride(0) == 1))
     )
 
 
@@ -191,17 +166,9 @@ def _reference_op(
 ) -> torch.Tensor:
     """The PyTorch reference as an opaque op: compiled graphs off CUDA keep it whole, as they keep the kernel on CUDA
     (tracing the Triton op's body needs a GPU driver, even to analyse which arguments the kernel writes)."""
-    return reference(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, _three(scales), _norm(norm_weight, eps))
-
-
-def _three(scales: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """The ops take the int8 scales as a list, empty for floating-point weights (a schema has no optional list)."""
-    return (scales[0], scales[1], scales[2]) if scales else None
-
-
-def _norm(weight: list[torch.Tensor], eps: float) -> tuple[torch.Tensor, float] | None:
-    """The ops take the folded RMSNorm's weight as a list, empty when there is none."""
-    return (weight[0], eps) if weight else None
+    return reference(
+        x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, *unpack_extras(scales, norm_weight, eps)
+    )
 
 
 @_reference_op.register_fake
@@ -226,8 +193,8 @@ if hasattr(torch.library, "triton_op"):  # torch >= 2.6
         norm_weight: list[torch.Tensor],
         eps: float,
     ) -> torch.Tensor:
-        return launch(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, _three(scales),
-                      _norm(norm_weight, eps), wrap=torch.library.wrap_triton)  # fmt: skip
+        return launch(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position,
+                      *unpack_extras(scales, norm_weight, eps), wrap=torch.library.wrap_triton)  # fmt: skip
 
 else:  # older torch: no way to trace Triton launches into a compiled graph
     _triton_op = None
@@ -250,6 +217,4 @@ def qkv_rope_cache(
     The Triton kernel on CUDA (as a custom op torch.compile traces), the reference elsewhere. `scales`: the per-row
     scales of int8 weight-only weights; `norm`: an RMSNorm's (weight, eps) to apply to x first."""
     op = _triton_op if x.device.type == "cuda" and _triton_op is not None else _reference_op
-    scale_list = [] if scales is None else list(scales)
-    norm_weight, eps = ([norm[0]], float(norm[1])) if norm is not None else ([], 0.0)
-    return op(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, scale_list, norm_weight, eps)
+    return op(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, *pack_extras(scales, norm))
