@@ -19,7 +19,8 @@ Each variant is a comma-separated list of settings (`base` is none):
                                   gemv_rows (int: products with at most this many rows become reductions; 0: off)
     fused q/k/v + RoPE + cache    qkv_rope (0/1: batch-1 steps through llamaforge.kernels.qkv_rope), qkv_norm (0/1:
     write kernel                  the block's RMSNorm folded into it, on by default), qkv_pairs, qkv_block_k,
-                                  qkv_warps (its launch settings)
+                                  qkv_warps (its launch settings), qkv_one_pass (0/1: the folded norm's statistics
+                                  gathered in the products' loop)
     fused RMSNorm + gate/up +     gate_up (0/1: one-row calls through llamaforge.kernels.gate_up), gate_up_block_n,
     SiLU kernel                   gate_up_block_k, gate_up_warps
     the decoding loop             side_copy (0/1: the per-step read-back on a stream of its own, the default, or on
@@ -90,6 +91,7 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "qkv_pairs": ("llamaforge.kernels.qkv_rope", "_PAIRS", "int"),
     "qkv_block_k": ("llamaforge.kernels.qkv_rope", "_BLOCK_K", "int"),
     "qkv_warps": ("llamaforge.kernels.qkv_rope", "_WARPS", "int"),
+    "qkv_one_pass": ("llamaforge.kernels.qkv_rope", "_ONE_PASS", "bool"),
     "side_copy": (GEN, "_SIDE_COPY", "bool"),
 }
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool", "gemv_route": "str"}

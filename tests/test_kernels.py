@@ -742,10 +742,10 @@ def test_qkv_rope_kernel_in_the_interpreter_matches_the_reference():
             for norm in (None, (g, 1e-5)):  # an RMSNorm folded in: its statistics over the row in every program
                 want_k, want_v = kc.clone(), vc.clone()
                 want = qkv_rope.reference(x, wq, wk, wv, cos, sin, want_k, want_v, position, scales, norm)
-                for pairs, block_k in ((4, 64), (8, 128), (2, 1024)):
+                for pairs, block_k, one_pass in ((4, 64, False), (8, 128, False), (2, 1024, False), (4, 64, True)):
                     got_k, got_v = kc.clone(), vc.clone()
                     got = qkv_rope.launch(x, wq, wk, wv, cos, sin, got_k, got_v, position, scales, norm, pairs=pairs,
-                                          block_k=block_k, warps=2)
+                                          block_k=block_k, warps=2, one_pass=one_pass)
                     tol = 2e-2 if dtype is torch.bfloat16 else 1e-5
                     for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
                         torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
@@ -759,8 +759,11 @@ def test_qkv_rope_kernel_in_the_interpreter_matches_the_reference():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-@pytest.mark.parametrize(("dtype", "norm"), [("bf16", False), ("i8", False), ("bf16", True)])
-def test_qkv_rope_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, norm):
+@pytest.mark.parametrize(
+    ("dtype", "norm", "one_pass"),
+    [("bf16", False, False), ("i8", False, False), ("bf16", True, False), ("bf16", True, True)],
+)
+def test_qkv_rope_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, norm, one_pass):
     from llamaforge.kernels import qkv_rope
 
     k, t = 2048, 2048  # Llama-3.2-1B's width; the static cache's length
@@ -770,7 +773,7 @@ def test_qkv_rope_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, 
             "swq": k, "swk": k, "swv": k, "progs_q": 256, "progs_qk": 320, "kc_head": t * 64, "kc_pos": 64,
             "vc_head": t * 64, "vc_pos": 64}  # fmt: skip
     constexprs = {"HALF": 32, "PAIRS": qkv_rope._PAIRS, "BLOCK_K": qkv_rope._BLOCK_K, "INT8": dtype == "i8",
-                  "NORM": norm}  # fmt: skip
+                  "NORM": norm, "ONE_PASS": one_pass}  # fmt: skip
     ptx = _sm90_ptx(qkv_rope._kernel(), args, constexprs, qkv_rope._WARPS)
     loads = _global_loads(ptx)
     assert any(".v4." in ld for ld in loads), loads

@@ -41,6 +41,7 @@ def qkv_rope_kernel(
     x_ptr, wq_ptr, wk_ptr, wv_ptr, sq_ptr, sk_ptr, sv_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos_ptr,
     g_ptr, eps, k_len, swq, swk, swv, progs_q, progs_qk, kc_head, kc_pos, vc_head, vc_pos,
     HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, NORM: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     per_head = HALF // PAIRS
@@ -56,16 +57,22 @@ def qkv_rope_kernel(
     rows_a = head * 2 * HALF + j
     rows_b = rows_a + HALF  # their RoPE partners
     out_ty = q_ptr.dtype.element_ty
-    if NORM:  # every program takes the row's statistics itself (a few KB, read from L2): no norm kernel
+    if NORM and not ONE_PASS:  # every program takes the row's statistics itself (a few KB, from L2): no norm kernel
         inv_rms = row_inv_rms(x_ptr, k_len, eps, BLOCK_K)
     else:
         inv_rms = 1.0
+    squares = tl.zeros((BLOCK_K,), tl.float32)
     acc_a = tl.zeros((PAIRS, BLOCK_K), tl.float32)
     acc_b = tl.zeros((PAIRS, BLOCK_K), tl.float32)
     for k0 in range(0, k_len, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < k_len
-        xv = row_tile(x_ptr, g_ptr, q_ptr, k, k_ok, inv_rms, NORM)[None, :]
+        if ONE_PASS:  # the statistics gathered alongside the products, 1/rms applied to the sums at the end
+            raw = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+            squares += raw * raw
+            xv = (raw * tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32))[None, :]
+        else:
+            xv = row_tile(x_ptr, g_ptr, q_ptr, k, k_ok, inv_rms, NORM)[None, :]
         wa = tl.load(w_ptr + rows_a[:, None] * stride + k[None, :], mask=k_ok[None, :], other=0)
         wb = tl.load(w_ptr + rows_b[:, None] * stride + k[None, :], mask=k_ok[None, :], other=0)
         if INT8:
@@ -74,8 +81,14 @@ def qkv_rope_kernel(
         else:
             acc_a += wa.to(tl.float32) * xv
             acc_b += wb.to(tl.float32) * xv
-    ya = tl.sum(acc_a, axis=1).to(out_ty).to(tl.float32)  # rounded like the linear's output
-    yb = tl.sum(acc_b, axis=1).to(out_ty).to(tl.float32)
+    ya = tl.sum(acc_a, axis=1)
+    yb = tl.sum(acc_b, axis=1)
+    if ONE_PASS:
+        inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / k_len + eps)
+        ya = ya * inv_rms
+        yb = yb * inv_rms
+    ya = ya.to(out_ty).to(tl.float32)  # rounded like the linear's output
+    yb = yb.to(out_ty).to(tl.float32)
     if INT8:  # times the rows' scales, rounded again (int8_weight_only_linear)
         ya = (ya * tl.load(s_ptr + rows_a).to(tl.float32)).to(out_ty).to(tl.float32)
         yb = (yb * tl.load(s_ptr + rows_b).to(tl.float32)).to(out_ty).to(tl.float32)
