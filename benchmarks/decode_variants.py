@@ -94,6 +94,11 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "qkv_one_pass": ("llamaforge.kernels.qkv_rope", "_ONE_PASS", "bool"),
     "side_copy": (GEN, "_SIDE_COPY", "bool"),
 }
+# Read inside the fused kernels' Triton ops when torch.compile traces them, which inductor's on-disk cache does not
+# key on: a variant setting one of these replayed the default kernel from the cache (2026-12-02 run20, five "launch
+# setting" variants with one kernel time), so such variants always compile into an empty cache
+UNCACHED = {"qkv_pairs", "qkv_block_k", "qkv_warps", "qkv_one_pass", "gate_up_block_n", "gate_up_block_k",
+            "gate_up_warps"}  # fmt: skip
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool", "gemv_route": "str"}
 
 
@@ -265,7 +270,8 @@ def run_variant(args: argparse.Namespace, text: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="inductor-") as fresh:
         env = dict(os.environ)
-        if args.fresh_cache:  # compiled and tuned from scratch: no kernel or tuning result from an earlier process
+        keys = {item.partition("=")[0].strip() for item in text.split(",")}
+        if args.fresh_cache or keys & UNCACHED:  # compiled and tuned from scratch: nothing from an earlier process
             env["TORCHINDUCTOR_CACHE_DIR"] = fresh
             env["TRITON_CACHE_DIR"] = os.path.join(fresh, "triton")
         try:

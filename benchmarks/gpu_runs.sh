@@ -11,12 +11,14 @@
 #   gemv      each one-row product alone (benchmarks/gemv_micro.py): which kernel and launch setting is fastest
 #   fused     the fused decode kernels (q/k/v + RoPE + cache write; RMSNorm + gate/up + SiLU): their GPU tests, then
 #             the decode step without and with them in bf16 (six variants, ~8 minutes on a fresh machine)
+#   micro     the fused decode kernels alone over their launch settings, against inductor (benchmarks/fused_micro.py,
+#             ~2 minutes)
 #   train     training throughput against transformers+compile, with variants and the kernel table
 #   final     generate_throughput at batch 1/8/32 and quant_speed --gpu, with transformers in the same run
 #
 # Extra arguments after OUT_DIR are passed to the stage's script (e.g. more variants for `decode`).
 set -uo pipefail
-stage=${1:?stage: tests, decode, int8, gemv, fused, train or final}
+stage=${1:?stage: tests, decode, int8, gemv, fused, micro, train or final}
 out=${2:?output directory}
 shift 2
 mkdir -p "$out"
@@ -75,6 +77,11 @@ gemv)
         >"$out/gemv.log" 2>&1
     tail -n 12 "$out/gemv.log"
     ;;
+micro)
+    (cd benchmarks && $py fused_micro.py --device "${DEVICE:-cuda}" "$@" --json "$out/fused_micro.json") \
+        >"$out/fused_micro.log" 2>&1
+    tail -n 6 "$out/fused_micro.log"
+    ;;
 train)
     extra=("$@")
     # llamaforge against transformers+compile; each contender compiles with coordinate-descent tuning (~70-190 s on
@@ -93,7 +100,7 @@ final)
     tail -n 6 "$out/quant.log"
     ;;
 *)
-    echo "unknown stage '$stage': tests, decode, int8, gemv, fused, train or final" >&2
+    echo "unknown stage '$stage': tests, decode, int8, gemv, fused, micro, train or final" >&2
     exit 2
     ;;
 esac

@@ -3,6 +3,7 @@ the benchmarks, not in timed tests), so a refactor cannot silently break the com
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -274,3 +275,56 @@ def test_gemv_micro_cpu_times_each_contender_and_rejects_bad_shapes(tmp_path):
         proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gemv_micro.py"), "--device", "cpu", *bad],
                               capture_output=True, text=True, timeout=120)  # fmt: skip
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_fused_micro_checks_and_times_the_kernels_in_the_interpreter_and_rejects_bad_settings(tmp_path, monkeypatch):
+    """The fused-kernel sweep on the CPU with Triton's interpreter: both kernels, their values checked against the
+    compiled reference before timing, the best setting named; bad settings stop it before anything is timed."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    res = _run("fused_micro.py", "--device", "cpu", "--shape", "4", "2", "16", "64", "128", "8", "--no-int8",
+               "--qkv", "2:64:4", "4:32:4:1", "--gate-up", "4:64:4", "--calls", "1", "--repeats", "1", "--copies",
+               "2", tmp_path=tmp_path)  # fmt: skip
+    qkv, gate_up = res["rows"]
+    assert qkv["weight_bytes"] == (4 + 2 * 2) * 16 * 64 * 4 and gate_up["weight_bytes"] == 2 * 128 * 64 * 4
+    assert set(qkv["us"]) == {"inductor (compiled reference)", "qkv_rope 2:64:4", "qkv_rope 4:32:4:1"}
+    assert set(gate_up["us"]) == {"inductor (compiled reference)", "gate_up 4:64:4"}
+    assert all(isinstance(v, float) and v > 0 for row in (qkv, gate_up) for v in row["us"].values()), res
+    assert qkv["best"].startswith("qkv_rope") and gate_up["best"] == "gate_up 4:64:4"
+    monkeypatch.delenv("TRITON_INTERPRET")
+    bad_args = [
+        (["--qkv", "3:64:4"], "powers of two"),
+        (["--qkv", "4:64:4:2"], "0 or 1"),
+        (["--gate-up", "4:64:4:1"], "3 integers"),
+        (["--shape", "4", "3", "16", "64", "128", "8"], "multiple"),
+    ]
+    for bad, words in bad_args:
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fused_micro.py"), "--device", "cpu", *bad],
+                              capture_output=True, text=True, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and words in proc.stderr, proc.stderr
+
+
+def test_decode_variants_compiles_kernel_launch_setting_variants_into_an_empty_cache(monkeypatch):
+    """Inductor's on-disk cache does not key on settings read inside the fused kernels' Triton ops, so such variants
+    (and every variant under --fresh-cache) get cache directories of their own; others share the user's cache."""
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import decode_variants
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    seen = {}
+
+    def fake_run(cmd, env, **kwargs):
+        seen[cmd[cmd.index("--child") + 1]] = env.get("TORCHINDUCTOR_CACHE_DIR")
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"e2e_tok_s": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(decode_variants.subprocess, "run", fake_run)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    for fresh in (False, True):
+        args = argparse.Namespace(passthrough=[], timeout=5, fresh_cache=fresh)
+        for text in ("base", "qkv_rope=1", "qkv_rope=1,qkv_block_k=2048", "gate_up_warps=8"):
+            assert decode_variants.run_variant(args, text)["e2e_tok_s"] == 1.0
+        assert (seen["base"] is None) is (not fresh) and (seen["qkv_rope=1"] is None) is (not fresh)
+        assert seen["qkv_rope=1,qkv_block_k=2048"] and seen["gate_up_warps=8"]

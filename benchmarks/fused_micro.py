@@ -1,0 +1,224 @@
+"""The fused batch-1 decode kernels alone (llamaforge.kernels.qkv_rope, llamaforge.kernels.gate_up) over a sweep of
+their launch settings, against the same arithmetic in PyTorch compiled by inductor with coordinate-descent tuning
+(what the decode step runs when the kernels are off), at Llama-3.2-1B's shapes with the RMSNorm folded in.
+
+    python benchmarks/fused_micro.py --json fused_micro.json       # H200: bf16 and int8 weight-only
+    python benchmarks/fused_micro.py --device cpu --calls 2        # CPU smoke run (the compiled references only;
+                                                                   # TRITON_INTERPRET=1 adds the kernels)
+
+Why standalone: inside the decode step each kernel's time drifts with its neighbours and with how inductor's tuning
+of the other kernels landed in that process (5-10% between runs), so launch settings cannot be compared there. Weights
+are cycled over `--copies` copies (more bytes than the L2 cache holds) so every call reads them from HBM, and on CUDA
+`--calls` calls are captured in one CUDA graph whose replays are timed (benchmarks/gemv_micro.py's timer). Every
+setting's output is checked against the reference, so a fast wrong setting cannot win.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import platform
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from gemv_micro import _timer  # benchmarks/ is on sys.path when run as a script
+
+# (q heads, kv heads, head size, width, FFN width, cache length): Llama-3.2-1B
+SHAPE_1B = (32, 8, 64, 2048, 8192, 2048)
+QKV_SWEEP = [f"{p}:{k}:{w}" for p, k, w in itertools.product((2, 4, 8), (512, 1024, 2048), (4, 8))] + [
+    f"4:{k}:4:1" for k in (512, 1024, 2048)
+]  # PAIRS:BLOCK_K:WARPS[:ONE_PASS]
+GATE_UP_SWEEP = [f"{n}:{k}:{w}" for n, k, w in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
+
+
+def parse_setting(text: str, length: tuple[int, ...]) -> tuple[int, ...]:
+    """`A:B:C[:D]` -> ints (powers of two for the first three; D, when allowed, 0 or 1)."""
+    try:
+        values = tuple(int(v) for v in text.split(":"))
+    except ValueError:
+        values = ()
+    if len(values) not in length:
+        raise ValueError(f"setting {text!r}: expected {' or '.join(str(n) for n in length)} integers joined by ':'")
+    if any(v < 1 or v & (v - 1) for v in values[:3]):
+        raise ValueError(f"setting {text!r}: the first three values must be powers of two")
+    if len(values) == 4 and values[3] not in (0, 1):
+        raise ValueError(f"setting {text!r}: the fourth value (one pass) is 0 or 1")
+    return values
+
+
+def _weights(rows: list[int], k: int, int8: bool, dtype: torch.dtype, device: torch.device, copies: int, g):
+    """`copies` sets of (weights, scales or None): enough bytes to overflow the L2 cache."""
+    from llamaforge.plugins.quantizers import quantize_int8_rows
+
+    out = []
+    for _ in range(copies):
+        mats = [torch.randn(n, k, generator=g) / k**0.5 for n in rows]
+        if int8:
+            pairs = [quantize_int8_rows(m) for m in mats]
+            out.append(([q.to(device) for q, _ in pairs], tuple(s.to(device, dtype) for _, s in pairs)))
+        else:
+            out.append(([m.to(device, dtype) for m in mats], None))
+    return out
+
+
+def _kernels_here(device: torch.device) -> bool:
+    """The Triton kernels run on CUDA, or on CPUs in Triton's interpreter (slowly: the smoke test)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _sweep(
+    out: dict[str, Any], time_it: Callable, reference: Callable[[int], Any], contenders: dict[str, Callable[[int], Any]]
+) -> None:
+    """Times the compiled reference and each contender (checked against the reference's values first)."""
+    want = reference(0)
+    want = [t.float().clone() for t in (want if isinstance(want, tuple) else (want,))]
+    out["us"]["inductor (compiled reference)"] = round(time_it(reference), 2)
+    for label, fn in contenders.items():
+        try:
+            got = fn(0)
+            got = got if isinstance(got, tuple) else (got,)
+            err = max(float((a.float() - b).abs().max() / b.abs().max().clamp_min(1e-6)) for a, b in zip(got, want))
+            if err > 2e-2:
+                out["us"][label] = f"error: wrong values (relative error {err:.2e})"
+                continue
+            out["us"][label] = round(time_it(fn), 2)
+        except Exception as exc:  # a setting Triton rejects must not end the sweep
+            out["us"][label] = f"error: {type(exc).__name__}: {str(exc)[:160]}"
+    timed = {label: us for label, us in out["us"].items() if isinstance(us, float)}
+    out["tb_s"] = {label: round(out["weight_bytes"] / us / 1e6, 2) for label, us in timed.items()}
+    kernels = {label: us for label, us in timed.items() if not label.startswith("inductor")}
+    if kernels:
+        best = min(kernels, key=kernels.get)
+        out["best"] = best
+        out["best_speedup_vs_inductor"] = round(timed["inductor (compiled reference)"] / kernels[best], 3)
+
+
+def measure_qkv(int8: bool, args: argparse.Namespace, settings: list[tuple[int, ...]]) -> dict[str, Any]:
+    from llamaforge.kernels import qkv_rope
+
+    hq, hkv, d, k, _, length = args.shape
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, k, generator=g).to(device, dtype)
+    norm = ((torch.rand(k, generator=g) + 0.5).to(device, dtype), 1e-5)
+    angle = torch.rand(d // 2, generator=g) * 6
+    cos = torch.cat((angle.cos(), angle.cos())).to(device, dtype)
+    sin = torch.cat((-angle.sin(), angle.sin())).to(device, dtype)
+    kc, vc = (torch.zeros(1, hkv, length, d, device=device, dtype=dtype) for _ in range(2))
+    pos = torch.tensor([length // 2], device=device)
+    one = (1 if int8 else dtype.itemsize) * (hq + 2 * hkv) * d * k
+    copies = _weights([hq * d, hkv * d, hkv * d], k, int8, dtype, device, max(2, min(args.copies, (1 << 30) // one)), g)
+    out: dict[str, Any] = {"kernel": "qkv_rope", "weights": "int8" if int8 else str(dtype).removeprefix("torch."),
+                           "weight_bytes": one, "us": {}}  # fmt: skip
+    torch._dynamo.reset()
+    compiled = torch.compile(qkv_rope.reference, options={"coordinate_descent_tuning": True}, dynamic=False)
+
+    def reference(i: int) -> torch.Tensor:
+        ws, sc = copies[i % len(copies)]
+        return compiled(x, *ws, cos, sin, kc, vc, pos, sc, norm)
+
+    contenders = {}
+    if _kernels_here(device):
+        for pairs, block_k, warps, *rest in settings:
+            one_pass = bool(rest and rest[0])
+
+            def kernel(i: int, pairs=pairs, block_k=block_k, warps=warps, one_pass=one_pass) -> torch.Tensor:
+                ws, sc = copies[i % len(copies)]
+                return qkv_rope.launch(x, *ws, cos, sin, kc, vc, pos, sc, norm, pairs=pairs, block_k=block_k,
+                                       warps=warps, one_pass=one_pass)  # fmt: skip
+
+            contenders[f"qkv_rope {pairs}:{block_k}:{warps}" + (":1" if one_pass else "")] = kernel
+    _sweep(out, _timer(device, args.calls, args.repeats), reference, contenders)
+    return out
+
+
+def measure_gate_up(int8: bool, args: argparse.Namespace, settings: list[tuple[int, ...]]) -> dict[str, Any]:
+    from llamaforge.kernels import gate_up
+
+    *_, k, n, _ = args.shape
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, k, generator=g).to(device, dtype)
+    norm = ((torch.rand(k, generator=g) + 0.5).to(device, dtype), 1e-5)
+    one = (1 if int8 else dtype.itemsize) * 2 * n * k
+    copies = _weights([n, n], k, int8, dtype, device, max(2, min(args.copies, (1 << 30) // one)), g)
+    out: dict[str, Any] = {"kernel": "gate_up", "weights": "int8" if int8 else str(dtype).removeprefix("torch."),
+                           "weight_bytes": one, "us": {}}  # fmt: skip
+    torch._dynamo.reset()
+    compiled = torch.compile(gate_up.reference, options={"coordinate_descent_tuning": True}, dynamic=False)
+
+    def reference(i: int) -> torch.Tensor:
+        ws, sc = copies[i % len(copies)]
+        return compiled(x, *ws, sc, norm)
+
+    contenders = {}
+    if _kernels_here(device):
+        for block_n, block_k, warps in settings:
+
+            def kernel(i: int, block_n=block_n, block_k=block_k, warps=warps) -> torch.Tensor:
+                ws, sc = copies[i % len(copies)]
+                return gate_up.launch(x, *ws, sc, norm, block_n=block_n, block_k=block_k, warps=warps)
+
+            contenders[f"gate_up {block_n}:{block_k}:{warps}"] = kernel
+    _sweep(out, _timer(device, args.calls, args.repeats), reference, contenders)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument(
+        "--shape",
+        type=int,
+        nargs=6,
+        default=SHAPE_1B,
+        metavar=("HQ", "HKV", "D", "K", "N", "LEN"),
+        help="q heads, kv heads, head size, width, FFN width, cache length (default: Llama-3.2-1B)",
+    )
+    ap.add_argument("--qkv", nargs="*", default=QKV_SWEEP, help="qkv_rope settings PAIRS:BLOCK_K:WARPS[:ONE_PASS]")
+    ap.add_argument("--gate-up", nargs="*", default=GATE_UP_SWEEP, help="gate_up settings BLOCK_N:BLOCK_K:WARPS")
+    ap.add_argument("--no-int8", action="store_true", help="bf16 weights only")
+    ap.add_argument("--copies", type=int, default=8, help="weight copies cycled through (to read from HBM)")
+    ap.add_argument("--calls", type=int, default=20, help="calls per timing (per CUDA graph on a GPU)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()  # fmt: skip
+    try:
+        qkv = [parse_setting(s, (3, 4)) for s in args.qkv]
+        gu = [parse_setting(s, (3,)) for s in args.gate_up]
+    except ValueError as exc:
+        ap.error(str(exc))
+    hq, hkv, d, *_ = args.shape
+    if min(args.shape) < 1 or d % 2 or hq % hkv:
+        ap.error("--shape: positive sizes, an even head size and q heads a multiple of kv heads")
+    if args.copies < 1 or args.calls < 1 or args.repeats < 1:
+        ap.error("--copies, --calls and --repeats must be at least 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU here (use --device cpu for a smoke run)")
+    results = []
+    for int8 in (False,) if args.no_int8 else (False, True):
+        for measure, settings in ((measure_qkv, qkv), (measure_gate_up, gu)):
+            row = measure(int8, args, settings)
+            results.append(row)
+            timed = sorted((us, label) for label, us in row["us"].items() if isinstance(us, float))
+            top = ", ".join(f"{label} {us} us ({row['tb_s'][label]} TB/s)" for us, label in timed[:4])
+            print(f"{row['kernel']} {row['weights']}: {top}", flush=True)
+    meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
+            "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine(),
+            "shape": args.shape, "copies": args.copies, "calls": args.calls}  # fmt: skip
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": results}, f, indent=1)
+    print(json.dumps({"meta": meta, "best": {f"{r['kernel']} {r['weights']}": [r.get("best"),
+                      r.get("best_speedup_vs_inductor")] for r in results}}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())
