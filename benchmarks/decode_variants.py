@@ -303,6 +303,18 @@ def summary(rows: list[dict[str, Any]]) -> str:
         )
         if "warning" in r:
             lines.append(f"  warning: {r['warning']}")
+    repeated = {}  # a variant timed in several processes (--rounds, or named twice): its spread is the noise floor
+    for r in rows:
+        if "error" not in r and r.get("graph_step_ms"):
+            repeated.setdefault(r["variant"], []).append(r)
+    repeated = {v: rs for v, rs in repeated.items() if len(rs) > 1}
+    if repeated:
+        lines.append(f"{'variant (repeated)':<42} {'n':>2} {'e2e mean':>9} {'e2e min-max':>15} {'step mean':>9}")
+    for variant, rs in repeated.items():
+        e2e = [r["e2e_tok_s"] for r in rs]
+        step = sum(r["graph_step_ms"] for r in rs) / len(rs)
+        spread = f"{min(e2e):.0f}-{max(e2e):.0f}"
+        lines.append(f"{variant[:42]:<42} {len(rs):>2} {sum(e2e) / len(e2e):>9.1f} {spread:>15} {step:>9.4f}")
     return "\n".join(lines)
 
 

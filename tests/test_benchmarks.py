@@ -328,3 +328,18 @@ def test_decode_variants_compiles_kernel_launch_setting_variants_into_an_empty_c
             assert decode_variants.run_variant(args, text)["e2e_tok_s"] == 1.0
         assert (seen["base"] is None) is (not fresh) and (seen["qkv_rope=1"] is None) is (not fresh)
         assert seen["qkv_rope=1,qkv_block_k=2048"] and seen["gate_up_warps=8"]
+
+
+def test_decode_variants_summary_gives_a_repeated_variants_mean_and_spread():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from decode_variants import summary
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = [{"variant": "base", "e2e_tok_s": 950.0, "graph_step_ms": 1.0}, {"variant": "x", "error": "boom"},
+            {"variant": "x", "e2e_tok_s": 990.0, "graph_step_ms": 0.97},
+            {"variant": "base", "e2e_tok_s": 1010.0, "graph_step_ms": 0.96}]  # fmt: skip
+    text = summary(rows)
+    assert "ERROR boom" in text
+    repeated = text.split("variant (repeated)")[1].splitlines()[1:]
+    assert len(repeated) == 1 and repeated[0].split() == ["base", "2", "980.0", "950-1010", "0.9800"]
