@@ -752,6 +752,13 @@ def test_qkv_rope_kernel_in_the_interpreter_matches_the_reference():
                     untouched = torch.arange(length) != pos
                     assert torch.equal(got_k[:, :, untouched], kc[:, :, untouched])
                     assert torch.equal(got_v[:, :, untouched], vc[:, :, untouched])
+            # a position past the cache (the generation loop never gives one): q as usual, no store anywhere
+            got_k, got_v = kc.clone(), vc.clone()
+            got = qkv_rope.launch(x, wq, wk, wv, cos, sin, got_k, got_v, torch.tensor([length]), scales, None,
+                                  warps=2)
+            want = qkv_rope.reference(x, wq, wk, wv, cos, sin, kc.clone(), vc.clone(), position, scales, None)
+            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+            assert torch.equal(got_k, kc) and torch.equal(got_v, vc)
         print("ok", len(cases))
         """
     )
@@ -771,7 +778,7 @@ def test_qkv_rope_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, 
             "sk_ptr": "*bf16", "sv_ptr": "*bf16", "cos_ptr": "*bf16", "g_ptr": "*bf16", "eps": "fp32",
             "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "pos_ptr": "*i64", "k_len": k,
             "swq": k, "swk": k, "swv": k, "progs_q": 256, "progs_qk": 320, "kc_head": t * 64, "kc_pos": 64,
-            "vc_head": t * 64, "vc_pos": 64}  # fmt: skip
+            "vc_head": t * 64, "vc_pos": 64, "cache_len": t}  # fmt: skip
     constexprs = {"HALF": 32, "PAIRS": qkv_rope._PAIRS, "BLOCK_K": qkv_rope._BLOCK_K, "INT8": dtype == "i8",
                   "NORM": norm, "ONE_PASS": one_pass}  # fmt: skip
     ptx = _sm90_ptx(qkv_rope._kernel(), args, constexprs, qkv_rope._WARPS)

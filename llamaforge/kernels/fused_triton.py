@@ -39,7 +39,7 @@ def widen_int8(w):
 @triton.jit(do_not_specialize=["progs_q", "progs_qk"])
 def qkv_rope_kernel(
     x_ptr, wq_ptr, wk_ptr, wv_ptr, sq_ptr, sk_ptr, sv_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos_ptr,
-    g_ptr, eps, k_len, swq, swk, swv, progs_q, progs_qk, kc_head, kc_pos, vc_head, vc_pos,
+    g_ptr, eps, k_len, swq, swk, swv, progs_q, progs_qk, kc_head, kc_pos, vc_head, vc_pos, cache_len,
     HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, NORM: tl.constexpr,
     ONE_PASS: tl.constexpr,
 ):  # fmt: skip
@@ -111,8 +111,9 @@ def qkv_rope_kernel(
             base = kc_ptr + head * kc_head + pos * kc_pos
         else:
             base = vc_ptr + head * vc_head + pos * vc_pos
-        tl.store(base + j, oa.to(out_ty))
-        tl.store(base + HALF + j, ob.to(out_ty))
+        inside = (j * 0 + pos) < cache_len  # a position past the cache writes nothing (no stray store to memory)
+        tl.store(base + j, oa.to(out_ty), mask=inside)
+        tl.store(base + HALF + j, ob.to(out_ty), mask=inside)
 
 
 @triton.jit

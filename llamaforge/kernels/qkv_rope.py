@@ -100,7 +100,7 @@ def supported(
             c.dim() == 4 and c.size(0) == 1 and c.size(-1) == head_dim and c.stride(-1) == 1 for c in (k_cache, v_cache)
         )
         and k_cache.size(1) * head_dim == weights[1].size(0)
-        and v_cache.size(1) == k_cache.size(1)
+        and v_cache.shape[1:3] == k_cache.shape[1:3]
     )
 
 
@@ -151,7 +151,7 @@ def launch(
     kernel[(sum(progs),)](
         x, wq, wk, wv, sq, sk, sv, cos, sin, q, k_cache, v_cache, cache_position, g, float(eps),
         k_len, wq.stride(0), wk.stride(0), wv.stride(0), progs[0], progs[0] + progs[1],
-        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2),
+        k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), k_cache.size(2),
         HALF=half, PAIRS=pairs, BLOCK_K=block_k, INT8=scales is not None,
         NORM=norm is not None, ONE_PASS=norm is not None and (_ONE_PASS if one_pass is None else one_pass),
         num_warps=warps or _WARPS,
