@@ -51,19 +51,34 @@ def parse_setting(text: str, length: tuple[int, ...]) -> tuple[int, ...]:
     return values
 
 
-def _weights(rows: list[int], k: int, int8: bool, dtype: torch.dtype, device: torch.device, copies: int, g):
-    """`copies` sets of (weights, scales or None): enough bytes to overflow the L2 cache."""
+def _operands(kernel: str, rows: list[int], k: int, int8: bool, args: argparse.Namespace, seed: int):
+    """(generator, device, the row, an RMSNorm's (weight, eps), weight copies, the result row to fill): copies of
+    (weights, scales or None), enough bytes to overflow the L2 cache."""
     from llamaforge.plugins.quantizers import quantize_int8_rows
 
-    out = []
-    for _ in range(copies):
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, k, generator=g).to(device, dtype)
+    norm = ((torch.rand(k, generator=g) + 0.5).to(device, dtype), 1e-5)
+    one = (1 if int8 else dtype.itemsize) * sum(rows) * k
+    copies = []
+    for _ in range(max(2, min(args.copies, (1 << 30) // one))):
         mats = [torch.randn(n, k, generator=g) / k**0.5 for n in rows]
         if int8:
             pairs = [quantize_int8_rows(m) for m in mats]
-            out.append(([q.to(device) for q, _ in pairs], tuple(s.to(device, dtype) for _, s in pairs)))
+            copies.append(([q.to(device) for q, _ in pairs], tuple(s.to(device, dtype) for _, s in pairs)))
         else:
-            out.append(([m.to(device, dtype) for m in mats], None))
-    return out
+            copies.append(([m.to(device, dtype) for m in mats], None))
+    out = {"kernel": kernel, "weights": "int8" if int8 else str(dtype).removeprefix("torch."), "weight_bytes": one,
+           "us": {}}  # fmt: skip
+    return g, device, x, norm, copies, out
+
+
+def _compiled(fn: Callable) -> Callable:
+    """`fn` compiled as the decode step compiles (coordinate-descent tuning, static shapes), from a clean slate."""
+    torch._dynamo.reset()
+    return torch.compile(fn, options={"coordinate_descent_tuning": True}, dynamic=False)
 
 
 def _kernels_here(device: torch.device) -> bool:
@@ -102,22 +117,13 @@ def measure_qkv(int8: bool, args: argparse.Namespace, settings: list[tuple[int, 
     from llamaforge.kernels import qkv_rope
 
     hq, hkv, d, k, _, length = args.shape
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, k, generator=g).to(device, dtype)
-    norm = ((torch.rand(k, generator=g) + 0.5).to(device, dtype), 1e-5)
+    g, device, x, norm, copies, out = _operands("qkv_rope", [hq * d, hkv * d, hkv * d], k, int8, args, seed=0)
     angle = torch.rand(d // 2, generator=g) * 6
-    cos = torch.cat((angle.cos(), angle.cos())).to(device, dtype)
-    sin = torch.cat((-angle.sin(), angle.sin())).to(device, dtype)
-    kc, vc = (torch.zeros(1, hkv, length, d, device=device, dtype=dtype) for _ in range(2))
+    cos = torch.cat((angle.cos(), angle.cos())).to(device, x.dtype)
+    sin = torch.cat((-angle.sin(), angle.sin())).to(device, x.dtype)
+    kc, vc = (torch.zeros(1, hkv, length, d, device=device, dtype=x.dtype) for _ in range(2))
     pos = torch.tensor([length // 2], device=device)
-    one = (1 if int8 else dtype.itemsize) * (hq + 2 * hkv) * d * k
-    copies = _weights([hq * d, hkv * d, hkv * d], k, int8, dtype, device, max(2, min(args.copies, (1 << 30) // one)), g)
-    out: dict[str, Any] = {"kernel": "qkv_rope", "weights": "int8" if int8 else str(dtype).removeprefix("torch."),
-                           "weight_bytes": one, "us": {}}  # fmt: skip
-    torch._dynamo.reset()
-    compiled = torch.compile(qkv_rope.reference, options={"coordinate_descent_tuning": True}, dynamic=False)
+    compiled = _compiled(qkv_rope.reference)
 
     def reference(i: int) -> torch.Tensor:
         ws, sc = copies[i % len(copies)]
@@ -142,17 +148,8 @@ def measure_gate_up(int8: bool, args: argparse.Namespace, settings: list[tuple[i
     from llamaforge.kernels import gate_up
 
     *_, k, n, _ = args.shape
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, k, generator=g).to(device, dtype)
-    norm = ((torch.rand(k, generator=g) + 0.5).to(device, dtype), 1e-5)
-    one = (1 if int8 else dtype.itemsize) * 2 * n * k
-    copies = _weights([n, n], k, int8, dtype, device, max(2, min(args.copies, (1 << 30) // one)), g)
-    out: dict[str, Any] = {"kernel": "gate_up", "weights": "int8" if int8 else str(dtype).removeprefix("torch."),
-                           "weight_bytes": one, "us": {}}  # fmt: skip
-    torch._dynamo.reset()
-    compiled = torch.compile(gate_up.reference, options={"coordinate_descent_tuning": True}, dynamic=False)
+    _, device, x, norm, copies, out = _operands("gate_up", [n, n], k, int8, args, seed=1)
+    compiled = _compiled(gate_up.reference)
 
     def reference(i: int) -> torch.Tensor:
         ws, sc = copies[i % len(copies)]
