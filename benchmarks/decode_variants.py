@@ -274,10 +274,16 @@ def run_variant(args: argparse.Namespace, text: str) -> dict[str, Any]:
         if args.fresh_cache or keys & UNCACHED:  # compiled and tuned from scratch: nothing from an earlier process
             env["TORCHINDUCTOR_CACHE_DIR"] = fresh
             env["TRITON_CACHE_DIR"] = os.path.join(fresh, "triton")
+        if getattr(args, "output_code", None):  # inductor's generated kernels, to read a step's configs offline
+            env["TORCH_LOGS"] = "output_code"
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         except subprocess.TimeoutExpired:
             return {"variant": text, "error": f"timed out after {args.timeout} s"}
+    if getattr(args, "output_code", None):
+        Path(args.output_code).mkdir(parents=True, exist_ok=True)
+        name = "".join(c if c.isalnum() or c in "=._-" else "_" for c in text)
+        (Path(args.output_code) / f"{name}.log").write_text(done.stderr)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
@@ -339,6 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fresh-cache", action="store_true",
                     help="an empty inductor/Triton cache per variant (no kernel or tuned launch setting reused from "
                          "an earlier process; compiles take longer)")  # fmt: skip
+    ap.add_argument(
+        "--output-code",
+        default=None,
+        metavar="DIR",
+        help="write each variant's inductor-generated code (TORCH_LOGS=output_code) to DIR/VARIANT.log",
+    )
     ap.add_argument("--json", default=None, help="write all rows here")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -352,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         print(json.dumps(child(args, parsed[args.child])), flush=True)
         return
-    skip = {"--json", "--rounds", "--timeout", "--fresh-cache"}
+    skip = {"--json", "--rounds", "--timeout", "--fresh-cache", "--output-code"}
     args.passthrough = []
     for key, value in vars(args).items():
         flag = "--" + key.replace("_", "-")

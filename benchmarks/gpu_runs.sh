@@ -46,6 +46,8 @@ decode)
     [ "${PHASES:-0}" = 1 ] && phases=(--phases)
     # CALLS=N profiles whole generate() calls of 1 and N tokens per variant (decode_variants --call-profile)
     [ -n "${CALLS:-}" ] && phases+=(--call-profile "$CALLS")
+    # CODE=1 keeps each variant's inductor-generated kernels (their tuned configs) in OUT_DIR/code/VARIANT.log
+    [ "${CODE:-0}" = 1 ] && phases+=(--output-code "$out/code")
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile ${phases[@]+"${phases[@]}"} \
         ${fresh[@]+"${fresh[@]}"} --json "$out/decode.json") >"$out/decode.log" 2>&1
     tail -n 12 "$out/decode.log"

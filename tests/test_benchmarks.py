@@ -304,7 +304,7 @@ def test_fused_micro_checks_and_times_the_kernels_in_the_interpreter_and_rejects
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr
 
 
-def test_decode_variants_compiles_kernel_launch_setting_variants_into_an_empty_cache(monkeypatch):
+def test_decode_variants_compiles_kernel_launch_setting_variants_into_an_empty_cache(monkeypatch, tmp_path):
     """Inductor's on-disk cache does not key on settings read inside the fused kernels' Triton ops, so such variants
     (and every variant under --fresh-cache) get cache directories of their own; others share the user's cache."""
     import argparse
@@ -318,7 +318,7 @@ def test_decode_variants_compiles_kernel_launch_setting_variants_into_an_empty_c
 
     def fake_run(cmd, env, **kwargs):
         seen[cmd[cmd.index("--child") + 1]] = env.get("TORCHINDUCTOR_CACHE_DIR")
-        return subprocess.CompletedProcess(cmd, 0, stdout='{"e2e_tok_s": 1.0}\n', stderr="")
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"e2e_tok_s": 1.0}\n', stderr=env.get("TORCH_LOGS", ""))
 
     monkeypatch.setattr(decode_variants.subprocess, "run", fake_run)
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
@@ -328,6 +328,10 @@ def test_decode_variants_compiles_kernel_launch_setting_variants_into_an_empty_c
             assert decode_variants.run_variant(args, text)["e2e_tok_s"] == 1.0
         assert (seen["base"] is None) is (not fresh) and (seen["qkv_rope=1"] is None) is (not fresh)
         assert seen["qkv_rope=1,qkv_block_k=2048"] and seen["gate_up_warps=8"]
+    # --output-code: the child logs inductor's generated code, kept per variant under a file-safe name
+    args = argparse.Namespace(passthrough=[], timeout=5, fresh_cache=False, output_code=str(tmp_path / "code"))
+    decode_variants.run_variant(args, "quant=int8_weight_only,qkv_rope=1")
+    assert (tmp_path / "code" / "quant=int8_weight_only_qkv_rope=1.log").read_text() == "output_code"
 
 
 def test_decode_variants_summary_gives_a_repeated_variants_mean_and_spread():
