@@ -57,6 +57,19 @@ def qkv_rope_kernel(
     rows_a = head * 2 * HALF + j
     rows_b = rows_a + HALF  # their RoPE partners
     out_ty = q_ptr.dtype.element_ty
+    # the small operands of the epilogue are loaded before the weights stream, so their latency overlaps it instead of
+    # following it (each load after the loop is one more memory round trip on the kernel's critical path)
+    ca = tl.load(cos_ptr + j).to(tl.float32)
+    cb = tl.load(cos_ptr + HALF + j).to(tl.float32)
+    sa = tl.load(sin_ptr + j).to(tl.float32)  # rotate-half's minus is folded into this half of sin
+    sb = tl.load(sin_ptr + HALF + j).to(tl.float32)
+    pos = tl.load(pos_ptr)
+    if INT8:
+        scale_a = tl.load(s_ptr + rows_a).to(tl.float32)
+        scale_b = tl.load(s_ptr + rows_b).to(tl.float32)
+    else:
+        scale_a = 1.0
+        scale_b = 1.0
     if NORM and not ONE_PASS:  # every program takes the row's statistics itself (a few KB, from L2): no norm kernel
         inv_rms = row_inv_rms(x_ptr, k_len, eps, BLOCK_K)
     else:
@@ -90,13 +103,9 @@ def qkv_rope_kernel(
     ya = ya.to(out_ty).to(tl.float32)  # rounded like the linear's output
     yb = yb.to(out_ty).to(tl.float32)
     if INT8:  # times the rows' scales, rounded again (int8_weight_only_linear)
-        ya = (ya * tl.load(s_ptr + rows_a).to(tl.float32)).to(out_ty).to(tl.float32)
-        yb = (yb * tl.load(s_ptr + rows_b).to(tl.float32)).to(out_ty).to(tl.float32)
+        ya = (ya * scale_a).to(out_ty).to(tl.float32)
+        yb = (yb * scale_b).to(out_ty).to(tl.float32)
     if which < 2:
-        ca = tl.load(cos_ptr + j).to(tl.float32)
-        cb = tl.load(cos_ptr + HALF + j).to(tl.float32)
-        sa = tl.load(sin_ptr + j).to(tl.float32)  # rotate-half's minus is folded into this half of sin
-        sb = tl.load(sin_ptr + HALF + j).to(tl.float32)
         oa = ya * ca + yb * sa
         ob = yb * cb + ya * sb
     else:
@@ -106,7 +115,6 @@ def qkv_rope_kernel(
         tl.store(q_ptr + rows_a, oa.to(out_ty))
         tl.store(q_ptr + rows_b, ob.to(out_ty))
     else:
-        pos = tl.load(pos_ptr)
         if which == 1:
             base = kc_ptr + head * kc_head + pos * kc_pos
         else:
