@@ -96,7 +96,8 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
 }
 # Read inside the fused kernels' Triton ops when torch.compile traces them, which inductor's on-disk cache does not
 # key on: a variant setting one of these replayed the default kernel from the cache (2026-12-02 run20, five "launch
-# setting" variants with one kernel time), so such variants always compile into an empty cache
+# setting" variants with one kernel time). The decode pass's uuid now carries them, but a variant without the pass
+# (gemv_rows=0) has no such key, so these variants always compile into an empty cache
 UNCACHED = {"qkv_pairs", "qkv_block_k", "qkv_warps", "qkv_one_pass", "gate_up_block_n", "gate_up_block_k",
             "gate_up_warps"}  # fmt: skip
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool", "gemv_route": "str"}

@@ -380,6 +380,23 @@ def test_gemv_pass_cache_key_follows_the_row_gemv_launch_settings(monkeypatch):
     assert generation._gemv_pass().uuid() != before
 
 
+def test_decode_cache_key_follows_the_fused_kernels_launch_settings(monkeypatch):
+    """The fused decode kernels' settings are read while torch.compile traces their Triton ops, which inductor's
+    on-disk cache does not key on (an H200 run replayed the default kernel for other settings): the decode pass's
+    uuid, which it does key on, carries them."""
+    from llamaforge.core import generation
+    from llamaforge.kernels import gate_up, qkv_rope
+
+    before = generation._gemv_pass().uuid()
+    for module, name, value in ((qkv_rope, "_PAIRS", 2), (qkv_rope, "_BLOCK_K", 2048), (qkv_rope, "_WARPS", 8),
+                                (qkv_rope, "_ONE_PASS", not qkv_rope._ONE_PASS), (gate_up, "_BLOCK_N", 16),
+                                (gate_up, "_BLOCK_K", 512), (gate_up, "_WARPS", 8)):  # fmt: skip
+        with monkeypatch.context() as m:
+            m.setattr(module, name, value)
+            assert generation._gemv_pass().uuid() != before, name
+    assert generation._gemv_pass().uuid() == before
+
+
 def _pass_input_graph(layer, args, form: str) -> torch.fx.GraphModule:
     """`layer` as inductor's aten graph, the graph the decode pass gets: `mm` gives one-row products as `mm` (the
     CPU's form); `decomposed` traces on the meta device with coordinate-descent tuning on, where inductor's own

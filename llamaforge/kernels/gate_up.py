@@ -30,6 +30,11 @@ _BLOCK_K = 1024
 _WARPS = 4
 
 
+def launch_tag() -> str:
+    """The launch settings in force, for the decode step's compile cache key (see qkv_rope.launch_tag)."""
+    return f"gate_up-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}"
+
+
 def reference(
     x: torch.Tensor,
     w_gate: torch.Tensor,

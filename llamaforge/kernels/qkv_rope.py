@@ -39,6 +39,13 @@ _WARPS = 4
 _ONE_PASS = True
 
 
+def launch_tag() -> str:
+    """The launch settings in force, for the decode step's compile cache key: the Triton op reads them when
+    torch.compile traces it, and inductor's on-disk cache does not key on them (an H200 run replayed the default
+    kernel for five variants with other settings, 2026-12-02 run20)."""
+    return f"qkv_rope-{_PAIRS}-{_BLOCK_K}-{_WARPS}-{_ONE_PASS}"
+
+
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
     """RoPE (rotate-half layout, sign folded into `sin`) on fp32 rows laid out head after head."""
     heads = t.view(-1, head_dim)
