@@ -65,8 +65,8 @@ def build_component(kind: str, comp: ComponentSpec, **structural: Any) -> Any:
 
 # One-row inference calls (batch-1 decoding) compute the feed-forward's RMSNorm, gate/up and SiLU(gate) * up in one
 # kernel (llamaforge.kernels.gate_up): True on any device (CPUs run the op's PyTorch reference: the tests), None on
-# CUDA only, False never. Off until the decode step is timed with it on a GPU (benchmarks/decode_variants.py
-# `gate_up=1`).
+# CUDA only, False never. Off: on an H200 (1B, bf16, 2026-12-02 run19) its kernel took 24 us per call in the step
+# against inductor's 17.5 for its own fused gate/up + SiLU reduction (1.125 vs 1.033 ms per step).
 _FUSED_GATE_UP: bool | None = False
 
 

@@ -7,14 +7,20 @@ import triton.language as tl
 
 
 @triton.jit
+def inv_rms_of(squares, k_len, eps):
+    """1 / sqrt(mean(x ** 2) + eps) from the row's squares summed per lane (RMSNorm's statistics, fp32)."""
+    return 1.0 / tl.sqrt(tl.sum(squares, axis=0) / k_len + eps)
+
+
+@triton.jit
 def row_inv_rms(x_ptr, k_len, eps, BLOCK_K: tl.constexpr):
-    """1 / sqrt(mean(x ** 2) + eps) of the row, in fp32 (RMSNorm's statistics)."""
+    """RMSNorm's 1/rms of the row, in a loop of its own over it."""
     squares = tl.zeros((BLOCK_K,), tl.float32)
     for k0 in range(0, k_len, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         h = tl.load(x_ptr + k, mask=k < k_len, other=0.0).to(tl.float32)
         squares += h * h
-    return 1.0 / tl.sqrt(tl.sum(squares, axis=0) / k_len + eps)
+    return inv_rms_of(squares, k_len, eps)
 
 
 @triton.jit
@@ -97,7 +103,7 @@ def qkv_rope_kernel(
     ya = tl.sum(acc_a, axis=1)
     yb = tl.sum(acc_b, axis=1)
     if ONE_PASS:
-        inv_rms = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / k_len + eps)
+        inv_rms = inv_rms_of(squares, k_len, eps)
         ya = ya * inv_rms
         yb = yb * inv_rms
     ya = ya.to(out_ty).to(tl.float32)  # rounded like the linear's output

@@ -6,7 +6,8 @@ post-attention RMSNorm (2.2-2.8 us), the stacked gate/up reduction (18.4 us, 3.6
 a hand-written Triton GEMV streamed the stacked gate/up matrix at 4.0 TB/s alone in an earlier micro-benchmark. Here
 every program takes the normalised row (each program computes the row's statistics itself: a few KB from L2), reduces
 the same few rows of the gate and up matrices side by side and writes SiLU(gate) * up for them, so the two small
-kernels go. The switch is `llamaforge.core.model._FUSED_GATE_UP` (off until an A/B on a GPU says otherwise).
+kernels go. The switch is `llamaforge.core.model._FUSED_GATE_UP`, off: on the H200 it lost to inductor's own
+fused reduction (24 vs 17.5 us per call in the step; alone at its best setting 21.2 vs 20.7 us, 2026-12-02).
 
 Arithmetic, as the compiled decode step does it: the RMSNorm's roundings (normalised row, then times its weight),
 fp32 sums rounded to the model's dtype (each linear's output; int8 weight-only: times the row's scale, rounded

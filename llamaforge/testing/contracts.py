@@ -158,13 +158,13 @@ def _check_prenorm(model: nn.Module, spec: ModelSpec) -> None:
             "cache_position": torch.arange(6)}  # fmt: skip
     step = {"position_state": positions(torch.tensor([[5]]), x.dtype), "cache_position": torch.tensor([5]),
             "mask": AttentionMask(causal=False, mask=torch.arange(8)[None, None, None, :] <= 5)}  # fmt: skip
+    first = {"position_state": positions(torch.arange(5)[None], x.dtype), "mask": AttentionMask(),
+             "cache_position": torch.arange(5)}  # fmt: skip
     with torch.no_grad():
         for rows, args in ((slice(0, 6), full), (slice(5, 6), step)):
             out = []
             for prenorm in (False, True):
                 cache = model.new_cache(1, 8)
-                first = {"position_state": positions(torch.arange(5)[None], x.dtype), "mask": AttentionMask(),
-                         "cache_position": torch.arange(5)}  # fmt: skip
                 attn(norm(x[:, :5]), positions=positions, cache=cache, **first)  # the cache holds the first five
                 inp = x[:, rows] if prenorm else norm(x[:, rows])
                 extra = {"prenorm": norm} if prenorm else {}
