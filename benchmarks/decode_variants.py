@@ -98,8 +98,8 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
 # key on: a variant setting one of these replayed the default kernel from the cache (2026-12-02 run20, five "launch
 # setting" variants with one kernel time). The decode pass's uuid now carries them, but a variant without the pass
 # (gemv_rows=0) has no such key, so these variants always compile into an empty cache
-UNCACHED = {"qkv_pairs", "qkv_block_k", "qkv_warps", "qkv_one_pass", "gate_up_block_n", "gate_up_block_k",
-            "gate_up_warps"}  # fmt: skip
+FUSED_KERNELS = ("llamaforge.kernels.qkv_rope", "llamaforge.kernels.gate_up")
+UNCACHED = {name for name, (module, _, _) in SWITCHES.items() if module in FUSED_KERNELS}
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool", "gemv_route": "str"}
 
 
@@ -275,16 +275,17 @@ def run_variant(args: argparse.Namespace, text: str) -> dict[str, Any]:
         if args.fresh_cache or keys & UNCACHED:  # compiled and tuned from scratch: nothing from an earlier process
             env["TORCHINDUCTOR_CACHE_DIR"] = fresh
             env["TRITON_CACHE_DIR"] = os.path.join(fresh, "triton")
-        if getattr(args, "output_code", None):  # inductor's generated kernels, to read a step's configs offline
+        code_dir = getattr(args, "output_code", None)
+        if code_dir:  # inductor's generated kernels, to read a step's configs offline
             env["TORCH_LOGS"] = "output_code"
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
         except subprocess.TimeoutExpired:
             return {"variant": text, "error": f"timed out after {args.timeout} s"}
-    if getattr(args, "output_code", None):
-        Path(args.output_code).mkdir(parents=True, exist_ok=True)
+    if code_dir:
+        Path(code_dir).mkdir(parents=True, exist_ok=True)
         name = "".join(c if c.isalnum() or c in "=._-" else "_" for c in text)
-        (Path(args.output_code) / f"{name}.log").write_text(done.stderr)
+        (Path(code_dir) / f"{name}.log").write_text(done.stderr)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode != 0 or not lines:
         tail = (done.stderr or done.stdout).strip().splitlines()[-6:]
