@@ -25,7 +25,7 @@ Each variant is a comma-separated list of settings (`base` is none):
     SiLU kernel                   gate_up_block_k, gate_up_warps
     the decoding loop             side_copy (0/1: the per-step read-back on a stream of its own, the default, or on
                                   the decode stream); compare e2e tok/s and fixed ms
-    flash-decoding kernel         splits (int or auto), block, warps
+    flash-decoding kernel         splits (int or auto), block, warps, fd_dot (tensor-core block products)
     row GEMV kernel               gemv_int8, gemv_float (0/1/auto: the graph pass hands all / none / the products
                                   measured faster on this GPU (the default) of int8 weight-only / plain weights
                                   to llamaforge.kernels.row_gemv), gemv_block_n,
@@ -75,6 +75,7 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "splits": (KERNEL, "_SPLITS", "int_or_auto"),
     "block": (KERNEL, "_BLOCK", "int"),
     "warps": (KERNEL, "_WARPS", "int"),
+    "fd_dot": (KERNEL, "_DOT", "bool"),
     "gemv_int8": (GEMV, "INT8", "bool_or_auto"),
     "gemv_float": (GEMV, "FLOAT", "bool_or_auto"),
     "gemv_block_n": (GEMV, "_BLOCK_N", "int"),
@@ -98,7 +99,7 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
 # key on: a variant setting one of these replayed the default kernel from the cache (2026-12-02 run20, five "launch
 # setting" variants with one kernel time). The decode pass's uuid now carries them, but a variant without the pass
 # (gemv_rows=0) has no such key, so these variants always compile into an empty cache
-FUSED_KERNELS = ("llamaforge.kernels.qkv_rope", "llamaforge.kernels.gate_up")
+FUSED_KERNELS = ("llamaforge.kernels.qkv_rope", "llamaforge.kernels.gate_up", KERNEL)
 UNCACHED = {name for name, (module, _, _) in SWITCHES.items() if module in FUSED_KERNELS}
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool", "gemv_route": "str"}
 

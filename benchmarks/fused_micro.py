@@ -1,6 +1,9 @@
 """The fused batch-1 decode kernels alone (llamaforge.kernels.qkv_rope, llamaforge.kernels.gate_up) over a sweep of
 their launch settings, against the same arithmetic in PyTorch compiled by inductor with coordinate-descent tuning
-(what the decode step runs when the kernels are off), at Llama-3.2-1B's shapes with the RMSNorm folded in.
+(what the decode step runs when the kernels are off), at Llama-3.2-1B's shapes with the RMSNorm folded in; and the
+flash-decoding attention kernel (llamaforge.kernels.decode_attention, bounded by the position in use) against
+compiled SDPA over the whole static cache (cuDNN on an H200, what the decode step runs), per cache length and
+position.
 
     python benchmarks/fused_micro.py --json fused_micro.json       # H200: bf16 and int8 weight-only
     python benchmarks/fused_micro.py --device cpu --calls 2        # CPU smoke run (the compiled references only;
@@ -16,6 +19,7 @@ setting's output is checked against the reference, so a fast wrong setting canno
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -34,6 +38,10 @@ QKV_SWEEP = [f"{p}:{k}:{w}" for p, k, w in itertools.product((2, 4, 8), (512, 10
     f"4:{k}:4:1" for k in (512, 1024, 2048)
 ]  # PAIRS:BLOCK_K:WARPS[:ONE_PASS]
 GATE_UP_SWEEP = [f"{n}:{k}:{w}" for n, k, w in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
+ATTN_SWEEP = [f"{s}:{b}:{w}:1" for s, b, w in itertools.product((1, 2, 4, 8), (32, 64, 128), (4, 8))] + [
+    f"{s}:{b}:4:0" for s, b in itertools.product((1, 4, 8), (32, 64))
+]  # SPLITS:BLOCK:WARPS:DOT
+ATTN_CASES = ["384:144", "384:272", "2048:1024"]  # CACHE_LENGTH:POSITIONS_IN_USE (the 1B benchmark's cache is 384)
 
 
 def parse_setting(text: str, length: tuple[int, ...]) -> tuple[int, ...]:
@@ -47,8 +55,19 @@ def parse_setting(text: str, length: tuple[int, ...]) -> tuple[int, ...]:
     if any(v < 1 or v & (v - 1) for v in values[:3]):
         raise ValueError(f"setting {text!r}: the first three values must be powers of two")
     if len(values) == 4 and values[3] not in (0, 1):
-        raise ValueError(f"setting {text!r}: the fourth value (one pass) is 0 or 1")
+        raise ValueError(f"setting {text!r}: the fourth value (one pass, or tensor cores) is 0 or 1")
     return values
+
+
+def _parse_case(text: str) -> tuple[int, int]:
+    """`LENGTH:USED` -> (cache length, positions in use), 1 <= USED <= LENGTH."""
+    try:
+        length, used = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise ValueError(f"attention case {text!r}: expected CACHE_LENGTH:POSITIONS, e.g. 384:144") from None
+    if not 1 <= used <= length:
+        raise ValueError(f"attention case {text!r}: positions in use must be between 1 and the cache length")
+    return length, used
 
 
 def _operands(kernel: str, rows: list[int], k: int, int8: bool, args: argparse.Namespace, seed: int):
@@ -168,6 +187,54 @@ def measure_gate_up(int8: bool, args: argparse.Namespace, settings: list[tuple[i
     return out
 
 
+def measure_attention(case: tuple[int, int], args: argparse.Namespace, settings: list[tuple[int, ...]]):
+    """One layer's attention for one query at batch 1: `length` cache positions of which the first `used` are
+    written and allowed. The reference is SDPA given the additive mask (the decode step converts the mask once per
+    step, not per layer), compiled as the step compiles it; the kernel reads the boolean mask and the extent."""
+    from torch.nn import functional as F
+
+    from llamaforge.kernels import decode_attention as dec
+
+    hq, hkv, d, *_ = args.shape
+    length, used = case
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, hq, 1, d, generator=g).to(device, dtype)
+    one = 2 * hkv * length * d * dtype.itemsize  # one layer's keys and values
+    copies = [tuple(torch.randn(1, hkv, length, d, generator=g).to(device, dtype) for _ in range(2))
+              for _ in range(max(2, min(256, (128 << 20) // one)))]  # fmt: skip
+    allowed = torch.arange(length, device=device)[None, :] < used  # (1, L)
+    additive = torch.zeros(1, 1, 1, length, device=device, dtype=dtype).masked_fill(~allowed[:, None, None], -torch.inf)
+    extent = torch.tensor([used], device=device)
+    scale = 1 / d**0.5
+    out = {"kernel": "decode_attention", "weights": f"cache {length}, {used} in use",
+           "weight_bytes": one * used // length, "us": {}}  # fmt: skip
+
+    def sdpa(q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+
+    compiled = _compiled(sdpa)
+
+    def reference(i: int) -> torch.Tensor:
+        k, v = copies[i % len(copies)]
+        return compiled(q, k, v, additive)
+
+    contenders = {}
+    if _kernels_here(device):
+        for splits, block, warps, dot in [(0, 0, 0, 0), *settings]:  # (0, ...): the launch defaults
+
+            def kernel(i: int, splits=splits, block=block, warps=warps, dot=dot) -> torch.Tensor:
+                k, v = copies[i % len(copies)]
+                return dec.launch(q, k, v, allowed, scale, extent, splits=splits or None, block=block or None,
+                                  warps=warps or None, dot=bool(dot) if block else None)  # fmt: skip
+
+            label = f"{splits}:{block}:{warps}:{dot}" if block else f"defaults {dec.launch_tag()}"
+            contenders[f"decode_attention {label}"] = kernel
+    _sweep(out, _timer(device, args.calls, args.repeats), reference, contenders)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -181,7 +248,11 @@ def main() -> None:
     )
     ap.add_argument("--qkv", nargs="*", default=QKV_SWEEP, help="qkv_rope settings PAIRS:BLOCK_K:WARPS[:ONE_PASS]")
     ap.add_argument("--gate-up", nargs="*", default=GATE_UP_SWEEP, help="gate_up settings BLOCK_N:BLOCK_K:WARPS")
+    ap.add_argument("--attn", nargs="*", default=ATTN_SWEEP, help="decode_attention settings SPLITS:BLOCK:WARPS:DOT")
+    ap.add_argument("--attn-cases", nargs="*", default=ATTN_CASES, help="attention cases CACHE_LENGTH:POSITIONS")
     ap.add_argument("--no-int8", action="store_true", help="bf16 weights only")
+    ap.add_argument("--kernels", nargs="+", choices=("qkv", "gate_up", "attn"), default=["qkv", "gate_up", "attn"],
+                    help="which kernels to time (default: all three)")  # fmt: skip
     ap.add_argument("--copies", type=int, default=8, help="weight copies cycled through (to read from HBM)")
     ap.add_argument("--calls", type=int, default=20, help="calls per timing (per CUDA graph on a GPU)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -190,6 +261,8 @@ def main() -> None:
     try:
         qkv = [parse_setting(s, (3, 4)) for s in args.qkv]
         gu = [parse_setting(s, (3,)) for s in args.gate_up]
+        attn = [parse_setting(s, (4,)) for s in args.attn]
+        cases = [_parse_case(s) for s in args.attn_cases]
     except ValueError as exc:
         ap.error(str(exc))
     hq, hkv, d, *_ = args.shape
@@ -200,13 +273,17 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU here (use --device cpu for a smoke run)")
     results = []
-    for int8 in (False,) if args.no_int8 else (False, True):
-        for measure, settings in ((measure_qkv, qkv), (measure_gate_up, gu)):
-            row = measure(int8, args, settings)
-            results.append(row)
-            timed = sorted((us, label) for label, us in row["us"].items() if isinstance(us, float))
-            top = ", ".join(f"{label} {us} us ({row['tb_s'][label]} TB/s)" for us, label in timed[:4])
-            print(f"{row['kernel']} {row['weights']}: {top}", flush=True)
+    products = [(measure, settings) for name, measure, settings in (("qkv", measure_qkv, qkv),
+                ("gate_up", measure_gate_up, gu)) if name in args.kernels]  # fmt: skip
+    runs = [functools.partial(measure, int8, args, settings) for int8 in ((False,) if args.no_int8 else (False, True))
+            for measure, settings in products]  # fmt: skip
+    runs += [functools.partial(measure_attention, case, args, attn) for case in cases if "attn" in args.kernels]
+    for run in runs:
+        row = run()
+        results.append(row)
+        timed = sorted((us, label) for label, us in row["us"].items() if isinstance(us, float))
+        top = ", ".join(f"{label} {us} us ({row['tb_s'][label]} TB/s)" for us, label in timed[:4])
+        print(f"{row['kernel']} {row['weights']}: {top}", flush=True)
     meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
             "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine(),
             "shape": args.shape, "copies": args.copies, "calls": args.calls}  # fmt: skip

@@ -60,8 +60,9 @@ def test_split_plan_covers_the_cache_in_whole_blocks(b, kv, length, block):
     blocks = -(-length // block)
     assert splits & (splits - 1) == 0 and chunk % block == 0
     assert splits * chunk >= length and splits <= blocks  # covers the cache; never more splits than blocks
-    if blocks >= 128:
-        assert b * kv * splits >= 64  # a short batch still spreads over the GPU (one program per SM or more)
+    assert splits == 1 or length // splits >= dec._MIN_SPLIT  # no split too short to pay for the combining pass
+    if length >= 128 * dec._MIN_SPLIT and blocks >= 128:
+        assert b * kv * splits >= 64  # a short batch over a long cache still spreads over the GPU
 
 
 def _in_the_interpreter(script: str, expect: str) -> None:
@@ -76,28 +77,65 @@ def _in_the_interpreter(script: str, expect: str) -> None:
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_triton_kernel_in_the_interpreter_matches_the_reference():
+    """Every launch shape against the reference, without and with an extent, with and without tensor-core block
+    products (fp16 there: the interpreter's dot mistakes bf16 for integers; bf16 runs in the GPU test)."""
     script = textwrap.dedent(
         """
         import torch
         from llamaforge.kernels import decode_attention as dec
         from tests.test_kernels import _case
-        cases = [  # (seed, batch, kv heads, heads per kv head, cache length, head size, splits, dtype)
-            (0, 1, 8, 4, 64, 64, None, torch.float32),  # Llama-3.2-1B's grouping, automatic split
-            (1, 2, 2, 3, 37, 16, None, torch.float32),  # 3 query heads per group (padded to 4 in the kernel)
-            (2, 2, 4, 1, 100, 32, 1, torch.float32),  # one program per row and head: no combining pass
-            (3, 1, 1, 8, 300, 64, 4, torch.bfloat16),
-            (4, 3, 3, 2, 17, 16, 8, torch.float32),  # splits that see no allowed position at all
+        cases = [  # (seed, batch, kv heads, heads per kv head, cache length, head size, splits, block, dtype)
+            (0, 1, 8, 4, 64, 64, None, None, torch.float32),  # Llama-3.2-1B's grouping, automatic split
+            (1, 2, 2, 3, 37, 16, None, None, torch.float32),  # 3 query heads per group (padded to 4 in the kernel)
+            (2, 2, 4, 1, 100, 32, 1, None, torch.float32),  # one program per row and head: no combining pass
+            (3, 1, 1, 8, 300, 64, 4, None, torch.float16),
+            (4, 3, 3, 2, 17, 16, 8, None, torch.float32),  # splits that see no allowed position at all
+            (5, 2, 2, 4, 90, 32, 2, 64, torch.float16),  # the last block ragged
+            (6, 1, 1, 1, 1, 16, 1, None, torch.float32),  # a cache of one position
         ]
-        for seed, b, kv, rep, length, d, splits, dtype in cases:
+        checked = 0
+        for seed, b, kv, rep, length, d, splits, block, dtype in cases:
             q, k, v, allowed = _case(seed, b, kv, rep, length, d, dtype)
-            got = dec.launch(q, k, v, allowed, 0.3, splits=splits)
-            want = dec.reference(q, k, v, allowed, 0.3)
-            tol = 2e-2 if dtype is torch.bfloat16 else 1e-5
-            torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
-        print("ok", len(cases))
+            extent = torch.randint(1, length + 1, (b,), generator=torch.Generator().manual_seed(seed))
+            for ext in (None, extent):
+                want = dec.reference(q, k, v, allowed, 0.3, ext)
+                for dot in (False, True):
+                    got = dec.launch(q, k, v, allowed, 0.3, ext, splits=splits, block=block, dot=dot)
+                    seen = torch.isfinite(want)  # a row whose extent cuts off all it may see has no value
+                    assert torch.equal(torch.isfinite(got), seen)
+                    tol = 1e-5 if dtype is torch.float32 else 2e-2
+                    torch.testing.assert_close(got.float()[seen], want.float()[seen], atol=tol, rtol=tol)
+                    checked += 1
+        print("ok", checked)
         """
     )
-    _in_the_interpreter(script, "ok 5")
+    _in_the_interpreter(script, "ok 28")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    b=st.integers(1, 4),
+    length=st.integers(1, 40),
+    data=st.data(),
+)
+def test_the_models_decoding_mask_allows_nothing_at_or_past_its_extent(b, length, data):
+    """The extent lets `flash_decode` skip the unwritten cache; a wrong one would drop keys. Over random padding
+    (rows that allow nothing included, which the model opens to every position) and positions."""
+    from llamaforge.core.model import LlamaForgeModel
+
+    pos = data.draw(st.integers(0, length - 1))
+    seen = data.draw(st.lists(st.lists(st.booleans(), min_size=pos + 1, max_size=pos + 1), min_size=b, max_size=b))
+    cache = type("Cache", (), {"max_length": length})()
+    m = LlamaForgeModel._attention_mask(b, 1, torch.device("cpu"), torch.tensor(seen), cache, torch.tensor([pos]))
+    assert m.extent is not None and m.extent.shape == (b,)
+    beyond = torch.arange(length)[None, :] >= m.extent[:, None]
+    assert not (m.mask.reshape(b, length) & beyond).any()
+    assert ((1 <= m.extent) & (m.extent <= length)).all()
+    q, k, v, _ = _case(0, b, 2, 2, length, 16)
+    torch.testing.assert_close(
+        dec.reference(q, k, v, m.mask.reshape(b, length), 0.25, m.extent),
+        dec.reference(q, k, v, m.mask.reshape(b, length), 0.25),
+    )
 
 
 def test_flash_decode_route_check_traces_without_a_graph_break():
@@ -118,10 +156,18 @@ def test_flash_decode_route_check_traces_without_a_graph_break():
 def test_triton_kernel_on_cuda_matches_the_reference(dtype):
     for seed, b, kv, rep, length, d in [(0, 1, 8, 4, 512, 64), (1, 4, 2, 3, 129, 32), (2, 32, 8, 4, 384, 64)]:
         q, k, v, allowed = (t.cuda() for t in _case(seed, b, kv, rep, length, d, dtype))
+        extent = torch.randint(length // 2, length + 1, (b,), generator=torch.Generator().manual_seed(seed)).cuda()
+        allowed[:, length // 2 - 1] = True  # every row sees something below its extent
         assert dec.available(q, k)
-        got = dec.decode_attention(q, k, v, allowed, 0.125)
         tol = 2e-2 if dtype is torch.bfloat16 else 1e-5
-        torch.testing.assert_close(got.float(), dec.reference(q, k, v, allowed, 0.125).float(), atol=tol, rtol=tol)
+        for ext in (None, extent):
+            want = dec.reference(q, k, v, allowed, 0.125, ext).float()
+            torch.testing.assert_close(dec.decode_attention(q, k, v, allowed, 0.125, ext).float(), want, atol=tol,
+                                       rtol=tol)  # fmt: skip
+            for dot in (False, True):  # dot: tensor cores in bf16 (fp32 stays off them)
+                for splits in (1, 4):
+                    got = dec.launch(q, k, v, allowed, 0.125, ext, splits=splits, block=64, dot=dot).float()
+                    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
 @pytest.mark.gpu
@@ -274,38 +320,44 @@ def test_row_gemv_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype):
     assert not re.findall(r"cvt\.rn\.f32\.[su]", ptx)
 
 
+def _decode_attention_ptx(scale: str = "fp32", **constexprs) -> str:
+    """The flash-decoding kernel's sm_90 PTX at the 1B shape (8 kv heads of 64, 4 query heads each; a cache of
+    2,048 positions; an int64 extent as the model makes it)."""
+    from llamaforge.kernels import decode_attention
+
+    t = 2048
+    args = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "ok_ptr": "*u8", "ext_ptr": "*i64", "m_ptr": "*fp32",
+            "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": "*bf16", "scale": scale, "length": t, "sq_b": 2048,
+            "sq_h": 64, "sk_b": 8 * t * 64, "sk_h": t * 64, "sk_l": 64, "sv_b": 8 * t * 64, "sv_h": t * 64, "sv_l": 64,
+            "sok_b": t, "so_b": 2048, "so_h": 64}  # fmt: skip
+    settings = {"KV_HEADS": 8, "REP": 4, "REP_P": 4, "D": 64, "BLOCK": 32, "SPLITS": 2, "EXTENT": True, "DOT": False}
+    settings.update(constexprs)
+    return _sm90_ptx(decode_attention._kernels()[0], args, settings, decode_attention._WARPS)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.parametrize("scale", ["fp32", "fp64"])
-def test_flash_decode_kernel_compiles_whatever_float_type_the_scale_arrives_as(scale):
+@pytest.mark.parametrize("dot", [False, True])
+def test_flash_decode_kernel_compiles_whatever_float_type_the_scale_arrives_as(scale, dot):
     """Inside torch.compile (inductor's launch of the custom op, H200, 1B shape) the softmax scale reached the kernel
     as fp64, the scores were promoted to fp64, and Triton rejected the loop (the running maximum changed type), so
-    decoding with `flash_decode` silently fell back to eager. The kernel casts the scaled query to fp32."""
-    from llamaforge.kernels import decode_attention
-
-    t = 512
-    args = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "ok_ptr": "*u8", "m_ptr": "*fp32", "l_ptr": "*fp32",
-            "acc_ptr": "*fp32", "o_ptr": "*bf16", "scale": scale, "length": 272, "chunk": 32, "sq_b": 2048,
-            "sq_h": 64, "sk_b": 8 * t * 64, "sk_h": t * 64, "sk_l": 64, "sv_b": 8 * t * 64, "sv_h": t * 64, "sv_l": 64,
-            "sok_b": t, "so_b": 2048, "so_h": 64}  # fmt: skip
-    constexprs = {"KV_HEADS": 8, "REP": 4, "REP_P": 4, "D": 64, "BLOCK": decode_attention._BLOCK, "SPLITS": 16}
-    assert _sm90_global_loads(decode_attention._kernels()[0], args, constexprs, decode_attention._WARPS)
+    decoding with `flash_decode` silently fell back to eager. The kernel keeps the scaled scores in fp32."""
+    constexprs = {"REP_P": 16, "BLOCK": 64, "DOT": True} if dot else {"SPLITS": 16}
+    assert _global_loads(_decode_attention_ptx(scale, **constexprs))
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_flash_decode_kernel_loads_keys_and_values_sixteen_bytes_at_a_time_on_hopper():
-    """The same check for the flash-decoding kernel at the 1B shape (8 kv heads of 64, 4 query heads each): the
-    cache rows are read in 16-byte vectors (only the byte mask is read a value at a time)."""
-
-    from llamaforge.kernels import decode_attention
-
-    t = 2048  # the static cache's length
-    args = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "ok_ptr": "*u8", "m_ptr": "*fp32", "l_ptr": "*fp32",
-            "acc_ptr": "*fp32", "o_ptr": "*bf16", "scale": "fp32", "length": 300, "chunk": 160, "sq_b": 2048,
-            "sq_h": 64, "sk_b": 8 * t * 64, "sk_h": t * 64, "sk_l": 64, "sv_b": 8 * t * 64, "sv_h": t * 64, "sv_l": 64,
-            "sok_b": t, "so_b": 2048, "so_h": 64}  # fmt: skip
-    constexprs = {"KV_HEADS": 8, "REP": 4, "REP_P": 4, "D": 64, "BLOCK": decode_attention._BLOCK, "SPLITS": 2}
-    loads = _sm90_global_loads(decode_attention._kernels()[0], args, constexprs, decode_attention._WARPS)
+    """The cache rows are read in 16-byte vectors (only the byte mask and the extent a value at a time); with
+    tensor-core products (`DOT`) they are copied to shared memory asynchronously (cp.async: the loop's next blocks
+    load while this one is computed) and the products are mma instructions."""
+    loads = _global_loads(_decode_attention_ptx())
     assert sum(".v4." in ld for ld in loads) >= 2, loads  # keys and values
     assert not [ld for ld in loads if ld.endswith((".b16", ".u16"))], loads  # no bf16 read one value at a time
+    ptx = _decode_attention_ptx(REP_P=16, BLOCK=64, DOT=True, SPLITS=1)
+    assert len(re.findall(r"cp\.async\.\w+\.shared\.global [^;]*, 0x10", ptx)) >= 2, "no 16-byte async copies"
+    assert "mma.sync" in ptx
+    assert not [ld for ld in _global_loads(ptx) if ld.endswith((".b16", ".u16"))]
 
 
 def test_row_gemv_launch_settings_come_from_the_measured_table_else_the_defaults(monkeypatch):
@@ -385,12 +437,14 @@ def test_decode_cache_key_follows_the_fused_kernels_launch_settings(monkeypatch)
     on-disk cache does not key on (an H200 run replayed the default kernel for other settings): the decode pass's
     uuid, which it does key on, carries them."""
     from llamaforge.core import generation
-    from llamaforge.kernels import gate_up, qkv_rope
+    from llamaforge.kernels import decode_attention, gate_up, qkv_rope
 
     before = generation._gemv_pass().uuid()
     for module, name, value in ((qkv_rope, "_PAIRS", 2), (qkv_rope, "_BLOCK_K", 2048), (qkv_rope, "_WARPS", 8),
                                 (qkv_rope, "_ONE_PASS", not qkv_rope._ONE_PASS), (gate_up, "_BLOCK_N", 16),
-                                (gate_up, "_BLOCK_K", 512), (gate_up, "_WARPS", 8)):  # fmt: skip
+                                (gate_up, "_BLOCK_K", 512), (gate_up, "_WARPS", 8), (decode_attention, "_SPLITS", 3),
+                                (decode_attention, "_BLOCK", 128), (decode_attention, "_WARPS", 2),
+                                (decode_attention, "_DOT", not decode_attention._DOT)):  # fmt: skip
         with monkeypatch.context() as m:
             m.setattr(module, name, value)
             assert generation._gemv_pass().uuid() != before, name

@@ -70,10 +70,15 @@ class AttentionMask:
     `causal=True` with `mask=None` is the fast path (training, full prefill): kernels may use a fused causal kernel.
     Otherwise `mask` is a boolean tensor broadcastable to (batch, heads, q_len, kv_len), True where attention is
     allowed; it already includes causality, padding and cache validity.
+
+    `extent`, when set (one-query decoding over a cache), is a (batch,) integer tensor with no allowed key position
+    of row b at or past extent[b]: a kernel may read only the keys below it (a static cache is mostly unwritten
+    early in a generation) and must give the same result as with `mask` alone. Kernels may ignore it.
     """
 
     causal: bool = True
     mask: torch.Tensor | None = None
+    extent: torch.Tensor | None = None
 
 
 class Norm(nn.Module, abc.ABC):

@@ -408,14 +408,24 @@ class LlamaForgeModel(nn.Module):
             if am.size(-1) < kv_len:  # mask given for the tokens so far only
                 am = F.pad(am, (0, kv_len - am.size(-1)), value=True)
             allowed = allowed & am[:, None, None, :kv_len]
-        return AttentionMask(causal=False, mask=_ensure_row(allowed.expand(bsz, 1, seq, kv_len)))
+        allowed = allowed.expand(bsz, 1, seq, kv_len)
+        empty = _empty_rows(allowed)
+        extent = None
+        if cache is not None and seq == 1:
+            # nothing is allowed past the query's own position, except in a row that allowed nothing and is opened
+            # to every position (a padding query): there the extent is the whole cache
+            extent = torch.where(empty.reshape(bsz), kv_len, q_pos.reshape(1) + 1)
+        return AttentionMask(causal=False, mask=allowed | empty, extent=extent)
+
+
+def _empty_rows(mask: torch.Tensor) -> torch.Tensor:
+    return ~mask.any(dim=-1, keepdim=True)
 
 
 def _ensure_row(mask: torch.Tensor) -> torch.Tensor:
     """Rows with nothing to attend to (padding queries) would give NaN; let them attend everywhere instead.
     Their outputs are never used (they are padding), but NaNs would poison later layers via residual sums."""
-    empty = ~mask.any(dim=-1, keepdim=True)
-    return mask | empty
+    return mask | _empty_rows(mask)
 
 
 def submodules(model: nn.Module) -> list[nn.Module]:

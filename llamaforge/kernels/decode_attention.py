@@ -1,13 +1,19 @@
 """One-query attention over a static KV cache (flash-decoding), for the decode step on CUDA.
 
 Why a kernel of our own: in the compiled decode step of a Llama-3.2-1B shape at batch 1 on an H200, cuDNN's
-attention took 5.7 us per layer plus ~1 us to turn the boolean mask into its additive form, for ~1 MB of keys and
-values per layer. Here the grouped query heads that share a key/value head are handled by one program, so keys
-and values are read once per group, not once per query head; the cache length is split over programs
-(partial softmax statistics, then one combining pass) so a single sequence still spreads over the whole GPU; and
-the mask is read as booleans in place.
+attention took 5.7-6.0 us per layer plus ~1.4 us per step to turn the boolean mask into its additive form, and it
+reads the whole static cache whatever the position: a cache sized for 2,048 tokens costs as much at token 20 as at
+token 2,000. Here
+- the model's `AttentionMask.extent` (per row, no allowed key at or past it) bounds the work, so a step reads only
+  the keys and values written so far;
+- the grouped query heads that share a key/value head are handled by one program, so keys and values are read
+  once per group, not once per query head;
+- the cache length can be split over programs (partial softmax statistics, then one combining pass) so a single
+  long sequence still spreads over the GPU; with one split the program writes its output directly;
+- the mask is read as bytes in place (a view of the booleans, no conversion kernel);
+- with `DOT` the block products run on tensor cores (16-bit inputs; the query group padded to 16 rows).
 
-`decode_attention(q, k, v, allowed, scale)` is a custom op (`torch.ops.llamaforge.decode_attention`) that
+`decode_attention(q, k, v, allowed, scale, extent)` is a custom op (`torch.ops.llamaforge.decode_attention`) that
 torch.compile traces into the compiled step on CUDA (Triton through `torch.library.triton_op`) and that runs the
 PyTorch reference elsewhere.
 """
@@ -22,20 +28,48 @@ import torch
 
 from llamaforge.kernels import TRITON_OPS
 
-# Launch settings, module-level so a same-run A/B on the GPU can change them (benchmarks/decode_variants.py): a
-# fixed number of cache-length splits instead of plan()'s, positions per loop step, warps per program.
+# Launch settings, module-level so a same-run A/B on the GPU can change them (benchmarks/decode_variants.py,
+# benchmarks/fused_micro.py): a fixed number of cache-length splits instead of plan()'s, positions per loop step
+# (None: 128 with one split, else 64, on tensor cores; 32 without), warps per program, tensor-core block products
+# for 16-bit inputs.
 _SPLITS: int | None = None
-_BLOCK = 32
+_BLOCK: int | None = None
 _WARPS = 4
-# Tried and timed slower on the H200, so gone: the block products on tensor cores (tl.dot, the query group padded
-# to 16 rows): 1.170 ms per 1B decode step vs 1.047 with cuDNN SDPA (benchmarks/results/decode_variants_h200.json
-# run12).
+_DOT = True
+# Positions of the cache per split at least (plan()): below that the combining pass and each program's fixed
+# latency cost more than the parallelism gains.
+_MIN_SPLIT = 256
+# H200, Llama-3.2-1B heads (32 query / 8 kv heads of 64), bf16, batch 1, one layer alone (benchmarks/fused_micro.py,
+# 2026-12-02 ninth session, benchmarks/results/fused_micro_h200.json "attention"), against compiled SDPA (cuDNN) over
+# the whole cache: a 384-position cache with 144 / 272 in use 4.66 / 5.76 us (one split, blocks of 128, tensor
+# cores) vs 5.92 / 6.12; 2,048 positions with 1,024 in use 9.02 us (8 splits of 64) vs 7.93, so cuDNN, reading
+# twice the bytes, still wins on long caches: each of this kernel's loop steps costs ~1.2 us of latency. Without
+# tensor cores the same cases took 8.1 / 12.0 / 13.2 us at best (the 3-D broadcast products compile to ~400 warp
+# shuffles per step), and one split without them 22.5-139 us. Earlier (no extent, the mask converted per layer):
+# 9 us per layer in the decode step against cuDNN's 5.8 (decode_variants_h200.json run11), tensor-core products
+# with 16 splits 3.0 + 4.6 us for the combining pass, 1.170 ms per step vs 1.047 with cuDNN SDPA (run12). So
+# `flash_decode` stays opt-in and `sdpa` the default.
 
 
-def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
-    """q (B, H, 1, D); k, v (B, Hkv, L, D) with H a multiple of Hkv; allowed (B, L) bool. Softmax in fp32."""
+def launch_tag() -> str:
+    """The launch settings in force, for the decode step's compile cache key (see qkv_rope.launch_tag)."""
+    return f"{_SPLITS}-{_BLOCK}-{_WARPS}-{_DOT}"
+
+
+def reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    scale: float,
+    extent: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """q (B, H, 1, D); k, v (B, Hkv, L, D) with H a multiple of Hkv; allowed (B, L) bool; extent (B,) integers or
+    None: row b attends only to allowed positions below extent[b]. Softmax in fp32."""
     b, h, _, d = q.shape
     hk, length = k.size(1), k.size(2)
+    if extent is not None:
+        allowed = allowed & (torch.arange(length, device=allowed.device)[None, :] < extent.reshape(b, 1))
     qg = q.reshape(b, hk, h // hk, d).float()
     scores = torch.einsum("bgrd,bgld->bgrl", qg, k.float()) * scale
     scores = scores.masked_fill(~allowed.reshape(b, 1, 1, length), float("-inf"))
@@ -62,18 +96,24 @@ def _pow2(n: int) -> int:
 
 
 def plan(
-    batch: int, kv_heads: int, length: int, block: int = 32, programs: int = 128, splits: int | None = None
+    batch: int, kv_heads: int, length: int, block: int = 64, programs: int = 128, splits: int | None = None
 ) -> tuple[int, int]:
-    """(splits, chunk): unless `splits` is given, enough splits of the cache length that batch x kv_heads x splits
-    programs fill the GPU, and no more splits than blocks; a power of two, as the combining pass indexes splits
-    with tl.arange (a split left without positions by the rounding weighs nothing there). Each chunk is a whole
-    number of blocks."""
+    """(splits, chunk) for a cache of `length` positions, all of them used: unless `splits` is given, enough splits
+    that batch x kv_heads x splits programs fill the GPU, but no more splits than blocks and none of fewer than
+    `_MIN_SPLIT` positions; a power of two, as the combining pass indexes splits with tl.arange (a split left
+    without positions weighs nothing there). Each chunk is a whole number of blocks. With an extent the kernel
+    recomputes the chunk from the positions in use."""
     blocks = max(1, -(-length // block))
     if splits is None:
-        splits = min(_pow2(max(1, -(-programs // (batch * kv_heads)))), 1 << (blocks.bit_length() - 1))
-    chunk = -(-length // splits)
-    chunk = -(-chunk // block) * block
-    return splits, chunk
+        fill = _pow2(max(1, -(-programs // (batch * kv_heads))))
+        splits = min(fill, 1 << (blocks.bit_length() - 1), 1 << (max(1, length // _MIN_SPLIT).bit_length() - 1))
+    return splits, _chunk(length, splits, block)
+
+
+def _chunk(n: int, splits: int, block: int) -> int:
+    """Positions per split: n shared over the splits, rounded up to whole blocks (the kernel's own formula)."""
+    per_split = -(-n // splits)
+    return -(-per_split // block) * block
 
 
 @functools.cache
@@ -81,13 +121,15 @@ def _kernels() -> tuple[Any, Any]:
     import triton
     import triton.language as tl
 
-    @triton.jit
+    # `length` stays a runtime integer: a cache of one position would otherwise become a constant of another type
+    # than the extent it is compared with
+    @triton.jit(do_not_specialize=["length"])
     def partial_kernel(
-        q_ptr, k_ptr, v_ptr, ok_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
-        scale, length, chunk,
+        q_ptr, k_ptr, v_ptr, ok_ptr, ext_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
+        scale, length,
         sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sok_b, so_b, so_h,
         KV_HEADS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
-        BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+        BLOCK: tl.constexpr, SPLITS: tl.constexpr, EXTENT: tl.constexpr, DOT: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)  # batch row x kv head
         split = tl.program_id(1)
@@ -97,27 +139,39 @@ def _kernels() -> tuple[Any, Any]:
         d = tl.arange(0, D)
         heads = g * REP + r
         q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(r < REP)[:, None], other=0.0)
-        q = (q.to(tl.float32) * scale).to(tl.float32)  # scale may arrive as fp64 (inductor): keep fp32
+        if not DOT:
+            q = (q.to(tl.float32) * scale).to(tl.float32)  # scale may arrive as fp64 (inductor): keep fp32
+        n = length + 0 * pid  # a tensor in both branches
+        if EXTENT:
+            n = tl.minimum(tl.load(ext_ptr + b).to(tl.int32), length)
+        chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK) * BLOCK
+        start = split * chunk
+        end = tl.minimum(start + chunk, n)
         m_i = tl.full((REP_P,), float("-inf"), tl.float32)
         l_i = tl.zeros((REP_P,), tl.float32)
         acc = tl.zeros((REP_P, D), tl.float32)
-        start = split * chunk
-        end = tl.minimum(start + chunk, length)
         for l0 in range(start, end, BLOCK):
             offs = l0 + tl.arange(0, BLOCK)
             inside = offs < end
-            ok = tl.load(ok_ptr + b * sok_b + offs, mask=inside, other=0) != 0
             rows = offs[:, None]
+            # all three loads issued before any arithmetic, so their latencies overlap
             kt = tl.load(k_ptr + b * sk_b + g * sk_h + rows * sk_l + d[None, :], mask=inside[:, None], other=0.0)
-            s = tl.sum(q[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)  # (REP_P, BLOCK)
+            vt = tl.load(v_ptr + b * sv_b + g * sv_h + rows * sv_l + d[None, :], mask=inside[:, None], other=0.0)
+            ok = tl.load(ok_ptr + b * sok_b + offs, mask=inside, other=0) != 0
+            if DOT:
+                s = (tl.dot(q, tl.trans(kt)) * scale).to(tl.float32)  # (REP_P, BLOCK)
+            else:
+                s = tl.sum(q[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)  # (REP_P, BLOCK)
             s = tl.where(ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep the sums at zero
             alpha = tl.exp(m_i - m_use)
             p = tl.exp(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            vt = tl.load(v_ptr + b * sv_b + g * sv_h + rows * sv_l + d[None, :], mask=inside[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+            if DOT:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            else:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
             m_i = m_new
         if SPLITS == 1:  # the whole length in one program: normalise and write the output directly
             out = acc / l_i[:, None]
@@ -142,11 +196,12 @@ def _kernels() -> tuple[Any, Any]:
         d = tl.arange(0, D)
         row = (pid * SPLITS + s)[:, None] * REP_P + r[None, :]  # (SPLITS, REP_P)
         m = tl.load(m_ptr + row)
+        total_l = tl.load(l_ptr + row)
+        acc = tl.load(acc_ptr + row[:, :, None] * D + d[None, None, :])  # (SPLITS, REP_P, D)
         top = tl.max(m, axis=0)
         top = tl.where(top == float("-inf"), 0.0, top)
         w = tl.exp(m - top[None, :])  # a split that allowed nothing weighs 0
-        total = tl.sum(tl.load(l_ptr + row) * w, axis=0)
-        acc = tl.load(acc_ptr + row[:, :, None] * D + d[None, None, :])  # (SPLITS, REP_P, D)
+        total = tl.sum(total_l * w, axis=0)
         out = tl.sum(acc * w[:, :, None], axis=0) / total[:, None]
         heads = g * REP + r
         dst = o_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
@@ -161,35 +216,44 @@ def launch(
     v: torch.Tensor,
     allowed: torch.Tensor,
     scale: float,
+    extent: torch.Tensor | None = None,
     *,
     splits: int | None = None,
     block: int | None = None,
+    warps: int | None = None,
+    dot: bool | None = None,
     wrap: Any = None,
 ) -> torch.Tensor:
     """Run the Triton kernels (on CUDA, or on CPU tensors under TRITON_INTERPRET=1). `wrap` is
-    torch.library.wrap_triton inside the custom op, so torch.compile can trace the launches."""
+    torch.library.wrap_triton inside the custom op, so torch.compile can trace the launches. Settings left None
+    come from the module's (`_SPLITS` None: plan()); `dot` applies to 16-bit inputs only (fp32 would run on TF32)."""
     partial_kernel, combine_kernel = _kernels()
     if wrap is not None:
         partial_kernel, combine_kernel = wrap(partial_kernel), wrap(combine_kernel)
     b, h, _, d = q.shape
     hk, length = k.size(1), k.size(2)
     rep = h // hk
-    rep_p = _pow2(rep)
-    block = block or _BLOCK
-    splits, chunk = plan(b, hk, length, block, splits=splits if splits is not None else _SPLITS)
+    dot = (_DOT if dot is None else dot) and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
+    rep_p = max(16, _pow2(rep)) if dot else _pow2(rep)  # tensor-core products need 16 rows
+    splits, _ = plan(b, hk, length, 64 if dot else 32, splits=splits if splits is not None else _SPLITS)
+    block = block or _BLOCK or ((128 if splits == 1 else 64) if dot else 32)
+    if dot:
+        block = max(block, 16)
     out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
-    ok = allowed.reshape(b, length).to(torch.uint8)
+    ok = allowed.reshape(b, length).view(torch.uint8)  # the booleans' bytes, read in place
+    ext = extent.reshape(b) if extent is not None else ok  # unread without an extent
     m_buf = l_buf = acc_buf = out  # one split writes the output directly: no partial statistics to hold
     if splits > 1:
         n = b * hk * splits * rep_p
         stats = torch.empty(n * (2 + d), dtype=torch.float32, device=q.device)
         m_buf, l_buf, acc_buf = stats[:n], stats[n : 2 * n], stats[2 * n :]
     partial_kernel[(b * hk, splits)](
-        q, k, v, ok, m_buf, l_buf, acc_buf, out,
-        scale, length, chunk,
+        q, k, v, ok, ext, m_buf, l_buf, acc_buf, out,
+        scale, length,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         ok.stride(0), out.stride(0), out.stride(1),
-        KV_HEADS=hk, REP=rep, REP_P=rep_p, D=d, BLOCK=block, SPLITS=splits, num_warps=_WARPS,
+        KV_HEADS=hk, REP=rep, REP_P=rep_p, D=d, BLOCK=block, SPLITS=splits, EXTENT=extent is not None, DOT=dot,
+        num_warps=warps or _WARPS,
     )  # fmt: skip
     if splits > 1:
         combine_kernel[(b * hk,)](
@@ -203,23 +267,39 @@ if hasattr(torch.library, "triton_op"):  # torch >= 2.6
 
     @torch.library.triton_op("llamaforge::decode_attention", mutates_args=())
     def decode_attention(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        allowed: torch.Tensor,
+        scale: float,
+        extent: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Attention of one query per row over the whole cache; `allowed` (B, L) marks what it may see."""
-        return launch(q, k, v, allowed, scale, wrap=torch.library.wrap_triton)
+        """Attention of one query per row over the cache; `allowed` (B, L) marks what it may see, `extent` (B,),
+        when given, bounds it (and the work) to the positions below it."""
+        return launch(q, k, v, allowed, scale, extent, wrap=torch.library.wrap_triton)
 
     @decode_attention.register_kernel("cpu")
     def _decode_attention_cpu(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        allowed: torch.Tensor,
+        scale: float,
+        extent: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return reference(q, k, v, allowed, scale)
+        return reference(q, k, v, allowed, scale, extent)
 
 else:  # older torch: no way to trace Triton launches into a compiled graph, so no kernel route
 
     def decode_attention(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor, scale: float
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        allowed: torch.Tensor,
+        scale: float,
+        extent: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        return reference(q, k, v, allowed, scale)
+        return reference(q, k, v, allowed, scale, extent)
 
 
 def available(q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -202,14 +202,17 @@ def flash_decode(
 ) -> torch.Tensor:
     """`sdpa`, except that one-query calls on CUDA with an explicit (B, 1, 1, L) mask, which is what decoding over
     the static KV cache makes, run the Triton flash-decoding kernel of `llamaforge.kernels.decode_attention`:
-    query heads sharing a key/value head read it once, and the cache length is split over the GPU."""
-    allowed = mask.mask
-    if q.is_cuda and allowed is not None and not dropout_p and allowed.shape == (q.size(0), 1, 1, k.size(2)):
+    query heads sharing a key/value head read it once, only the positions below the mask's `extent` are read, and
+    a long cache is split over the GPU."""
+    allowed, extent = mask.mask, mask.extent
+    b = q.size(0)
+    if q.is_cuda and allowed is not None and not dropout_p and allowed.shape == (b, 1, 1, k.size(2)):
         from llamaforge.kernels import decode_attention as dec  # imported on CUDA only: it registers a Triton op
 
         if dec.available(q, k):
             scale = scale if scale is not None else dec.default_scale(q)
-            return dec.decode_attention(q, k, v, allowed.reshape(q.size(0), k.size(2)), scale)
+            extent = extent if extent is not None and extent.shape == (b,) else None
+            return dec.decode_attention(q, k, v, allowed.reshape(b, k.size(2)), scale, extent)
     return sdpa(q, k, v, mask=mask, dropout_p=dropout_p, scale=scale)
 
 
