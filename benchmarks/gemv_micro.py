@@ -172,6 +172,18 @@ def measure_shape(
     return out
 
 
+def route_text(results: list[dict[str, Any]]) -> str:
+    """Each timed product's fastest row GEMV setting as decode_variants' `gemv_route` value
+    (BYTES/ROWS/K/BLOCK_N/BLOCK_K/WARPS/SPLIT_K joined by `+`), so the next run can time the decode step with
+    exactly those products on the kernel (`gpu_runs.sh route` does both in one call)."""
+    entries = []
+    for row in results:
+        if "settings_entry" in row:
+            (nbytes, rows, k), (bn, bk, warps, *split) = row["settings_entry"]
+            entries.append(f"{nbytes}/{rows}/{k}/{bn}/{bk}/{warps}/{split[0] if split else 1}")
+    return "+".join(entries)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -204,9 +216,10 @@ def main() -> None:
     meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
             "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine(),
             "copies": args.copies, "calls": args.calls}  # fmt: skip
+    route = route_text(results)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": results}, f, indent=1)
+            json.dump({"meta": meta, "rows": results, "gemv_route": route}, f, indent=1)
     print(json.dumps({"meta": meta, "best_row_gemv": {f"{r['weights']} {r['rows']}x{r['k']}": r.get("best_row_gemv")
                                                        for r in results}}))  # fmt: skip
 

@@ -13,12 +13,17 @@
 #             the decode step without and with them in bf16 (six variants, ~8 minutes on a fresh machine)
 #   micro     the fused decode kernels alone over their launch settings, against inductor (benchmarks/fused_micro.py,
 #             ~2 minutes)
+#   route     the products whose inductor tuning spreads the decode step between processes (stacked gate/up and the
+#             output head: 276-347 and 115-133 us per step across six processes of one code, 2026-12-02) timed
+#             alone over a wide row GEMV sweep (gemv_micro), then the step with exactly the fastest settings routed to
+#             the row GEMV kernel (a fixed, untuned kernel) against the default, three fresh processes each
+#             (QUANT=int8_weight_only: int8 products and steps instead of bf16; ~9 minutes)
 #   train     training throughput against transformers+compile, with variants and the kernel table
 #   final     generate_throughput at batch 1/8/32 and quant_speed --gpu, with transformers in the same run
 #
 # Extra arguments after OUT_DIR are passed to the stage's script (e.g. more variants for `decode`).
 set -uo pipefail
-stage=${1:?stage: tests, decode, int8, gemv, fused, micro, train or final}
+stage=${1:?stage: tests, decode, int8, gemv, fused, micro, route, train or final}
 out=${2:?output directory}
 shift 2
 mkdir -p "$out"
@@ -84,6 +89,32 @@ micro)
         >"$out/fused_micro.log" 2>&1
     tail -n 6 "$out/fused_micro.log"
     ;;
+route)
+    # QUANT=METHOD: that quantizer's products and steps; ROUTE=TEXT: skip the sweep and route exactly TEXT (a
+    # gemv_route value); extra arguments go to decode_variants
+    quant=${QUANT:-}
+    kind=(); base=base
+    if [ -n "$quant" ]; then kind=(--int8-only); base="quant=$quant"; fi
+    route=${ROUTE:-}
+    if [ -z "$route" ] && [ "${DEVICE:-cuda}" = cpu ]; then
+        echo "route: the row GEMV sweep needs a CUDA GPU; give ROUTE=BYTES/ROWS/K/BLOCK_N/BLOCK_K/WARPS/SPLIT_K[+...]" >&2
+        exit 1
+    fi
+    if [ -z "$route" ]; then
+        sweep=(1:2048:4 1:2048:8 2:2048:4 2:2048:8 4:2048:4 4:2048:8 8:2048:8 4:2048:16 8:2048:16 1:4096:8 2:4096:8
+            4:4096:8 4:1024:4 8:1024:8 8:512:4 16:1024:8)
+        (cd benchmarks && $py gemv_micro.py --device "${DEVICE:-cuda}" --shapes 8192+8192:2048 128256:2048 \
+            ${kind[@]+"${kind[@]}"} --sweep "${sweep[@]}" --json "$out/route_gemv.json") >"$out/route_gemv.log" 2>&1
+        tail -n 3 "$out/route_gemv.log"
+        route=$($py -c 'import json, sys; print(json.load(open(sys.argv[1]))["gemv_route"])' "$out/route_gemv.json")
+    fi
+    [ -n "$route" ] || { echo "no row GEMV setting to route (gemv_micro timed none: no GPU?)" >&2; exit 1; }
+    routed="gemv_route=$route"
+    [ "$base" != base ] && routed="$base,$routed"
+    (cd benchmarks && $py decode_variants.py "${spec[@]}" "$base" "$routed" "$base" "$routed" "$base" "$routed" \
+        --profile --fresh-cache "$@" --json "$out/route.json") >"$out/route.log" 2>&1
+    tail -n 6 "$out/route.log"
+    ;;
 train)
     extra=("$@")
     # llamaforge against transformers+compile; each contender compiles with coordinate-descent tuning (~70-190 s on
@@ -102,7 +133,7 @@ final)
     tail -n 6 "$out/quant.log"
     ;;
 *)
-    echo "unknown stage '$stage': tests, decode, int8, gemv, fused, micro, train or final" >&2
+    echo "unknown stage '$stage': tests, decode, int8, gemv, fused, micro, route, train or final" >&2
     exit 2
     ;;
 esac

@@ -237,6 +237,31 @@ def test_gpu_runs_script_decode_stage_runs_on_the_cpu(tmp_path):
     assert bad.returncode == 2 and "unknown stage" in bad.stderr
 
 
+def test_gpu_runs_script_route_stage_alternates_the_routed_and_default_steps(tmp_path):
+    """The route stage on the CPU with its route given (the sweep needs a GPU): three fresh processes each of the
+    int8 step with and without the products routed, alternating; without a route and without a GPU it stops at
+    once with a clear message."""
+    import os
+
+    route = "1/16384/2048/4/2048/8/1+1/128256/2048/8/1024/8/1"
+    env = {**os.environ, "DEVICE": "cpu", "SPEC": "tiny", "DTYPE": "float32", "PYTHON": sys.executable,
+           "QUANT": "int8_weight_only", "ROUTE": route}  # fmt: skip
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_runs.sh"), "route", str(tmp_path), "--new-tokens", "4", "--repeats",
+         "1", "--compile", "off"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "route.json").read_text())["rows"]
+    plain, routed = {"quant": "int8_weight_only"}, {"quant": "int8_weight_only", "gemv_route": route}
+    assert [r["settings"] for r in rows] == [plain, routed] * 3
+    assert all("error" not in r and r["cache_hits"] == 0 for r in rows)
+    env = {k: v for k, v in env.items() if k != "ROUTE"}
+    no_gpu = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_runs.sh"), "route", str(tmp_path / "b")],
+                            capture_output=True, text=True, timeout=300, env={**env, "QUANT": ""})  # fmt: skip
+    assert no_gpu.returncode == 1 and "needs a CUDA GPU; give ROUTE=" in no_gpu.stderr
+
+
 def test_gpu_runs_script_fused_stage_runs_on_the_cpu(tmp_path):
     """The fused-kernel stage on the CPU (its GPU tests skip; the route runs the op's reference): the variants run
     and decode the tokens of the plain step."""
