@@ -442,7 +442,7 @@ def test_decode_cache_key_follows_the_fused_kernels_launch_settings(monkeypatch)
     before = generation._gemv_pass().uuid()
     for module, name, value in ((qkv_rope, "_PAIRS", 2), (qkv_rope, "_BLOCK_K", 2048), (qkv_rope, "_WARPS", 8),
                                 (qkv_rope, "_ONE_PASS", not qkv_rope._ONE_PASS), (gate_up, "_BLOCK_N", 16),
-                                (gate_up, "_BLOCK_K", 512), (gate_up, "_WARPS", 8), (decode_attention, "_SPLITS", 3),
+                                (gate_up, "_BLOCK_K", 2048), (gate_up, "_WARPS", 8), (decode_attention, "_SPLITS", 3),
                                 (decode_attention, "_BLOCK", 128), (decode_attention, "_WARPS", 2),
                                 (decode_attention, "_DOT", not decode_attention._DOT)):  # fmt: skip
         with monkeypatch.context() as m:

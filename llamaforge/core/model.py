@@ -66,7 +66,10 @@ def build_component(kind: str, comp: ComponentSpec, **structural: Any) -> Any:
 # One-row inference calls (batch-1 decoding) compute the feed-forward's RMSNorm, gate/up and SiLU(gate) * up in one
 # kernel (llamaforge.kernels.gate_up): True on any device (CPUs run the op's PyTorch reference: the tests), None on
 # CUDA only, False never. Off: on an H200 (1B, bf16, 2026-12-02 run19) its kernel took 24 us per call in the step
-# against inductor's 17.5 for its own fused gate/up + SiLU reduction (1.125 vs 1.033 ms per step).
+# against inductor's 17.5 for its own fused gate/up + SiLU reduction (1.125 vs 1.033 ms per step), at a launch
+# setting since found slower alone than the current default (gate_up._BLOCK_K). Inductor's reduction itself ranged
+# 17.2-21.7 us per call (int8 13.4-18.5) across six processes of one code (ninth session), plus ~3 us per layer of
+# norm and SiLU kernels that this kernel absorbs; the int8 step has not been timed with it yet.
 _FUSED_GATE_UP: bool | None = False
 
 

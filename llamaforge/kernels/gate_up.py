@@ -25,9 +25,11 @@ import torch.nn.functional as F
 from llamaforge.kernels import operands_supported, pack_extras, rms_row, row_products, unpack_extras
 
 # Launch settings (module-level for same-run A/Bs): rows of each matrix per program, values per row per loop step,
-# warps per program. 8 rows give the 1B shape (8,192 rows) 1,024 programs.
+# warps per program. 8 rows give the 1B shape (8,192 rows) 1,024 programs. 512 values per step: the fastest of 18
+# settings alone on an H200 in bf16 and in int8 (21.2 / 14.87 us per call vs 23.46 / 20.07 at 1,024, which the
+# kernel's one in-step timing used; inductor's unfused chain 20.72 / 15.2; benchmarks/results/fused_micro_h200.json)
 _BLOCK_N = 8
-_BLOCK_K = 1024
+_BLOCK_K = 512
 _WARPS = 4
 
 
