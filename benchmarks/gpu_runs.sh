@@ -91,7 +91,7 @@ micro)
     ;;
 route)
     # QUANT=METHOD: that quantizer's products and steps; ROUTE=TEXT: skip the sweep and route exactly TEXT (a
-    # gemv_route value); extra arguments go to decode_variants
+    # gemv_route value); ROUNDS=N: processes of each (default 3); extra arguments go to decode_variants
     quant=${QUANT:-}
     kind=(); base=base
     if [ -n "$quant" ]; then kind=(--int8-only); base="quant=$quant"; fi
@@ -111,8 +111,10 @@ route)
     [ -n "$route" ] || { echo "no row GEMV setting to route (gemv_micro timed none: no GPU?)" >&2; exit 1; }
     routed="gemv_route=$route"
     [ "$base" != base ] && routed="$base,$routed"
-    (cd benchmarks && $py decode_variants.py "${spec[@]}" "$base" "$routed" "$base" "$routed" "$base" "$routed" \
-        --profile --fresh-cache "$@" --json "$out/route.json") >"$out/route.log" 2>&1
+    pairs=()
+    for _ in $(seq "${ROUNDS:-3}"); do pairs+=("$base" "$routed"); done  # ROUNDS: processes of each, alternating
+    (cd benchmarks && $py decode_variants.py "${spec[@]}" "${pairs[@]}" --profile --fresh-cache "$@" \
+        --json "$out/route.json") >"$out/route.log" 2>&1
     tail -n 6 "$out/route.log"
     ;;
 train)

@@ -238,14 +238,14 @@ def test_gpu_runs_script_decode_stage_runs_on_the_cpu(tmp_path):
 
 
 def test_gpu_runs_script_route_stage_alternates_the_routed_and_default_steps(tmp_path):
-    """The route stage on the CPU with its route given (the sweep needs a GPU): three fresh processes each of the
-    int8 step with and without the products routed, alternating; without a route and without a GPU it stops at
-    once with a clear message."""
+    """The route stage on the CPU with its route given (the sweep needs a GPU): fresh processes of the int8 step
+    with and without the products routed, alternating (ROUNDS=2 pairs here; three on the GPU); without a route and
+    without a GPU it stops at once with a clear message."""
     import os
 
     route = "1/16384/2048/4/2048/8/1+1/128256/2048/8/1024/8/1"
     env = {**os.environ, "DEVICE": "cpu", "SPEC": "tiny", "DTYPE": "float32", "PYTHON": sys.executable,
-           "QUANT": "int8_weight_only", "ROUTE": route}  # fmt: skip
+           "QUANT": "int8_weight_only", "ROUTE": route, "ROUNDS": "2"}  # fmt: skip
     proc = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_runs.sh"), "route", str(tmp_path), "--new-tokens", "4", "--repeats",
          "1", "--compile", "off"],
@@ -254,7 +254,7 @@ def test_gpu_runs_script_route_stage_alternates_the_routed_and_default_steps(tmp
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads((tmp_path / "route.json").read_text())["rows"]
     plain, routed = {"quant": "int8_weight_only"}, {"quant": "int8_weight_only", "gemv_route": route}
-    assert [r["settings"] for r in rows] == [plain, routed] * 3
+    assert [r["settings"] for r in rows] == [plain, routed] * 2
     assert all("error" not in r and r["cache_hits"] == 0 for r in rows)
     env = {k: v for k, v in env.items() if k != "ROUTE"}
     no_gpu = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_runs.sh"), "route", str(tmp_path / "b")],
