@@ -272,8 +272,8 @@ def run_variant(args: argparse.Namespace, text: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="inductor-") as fresh:
         env = dict(os.environ)
-        keys = {item.partition("=")[0].strip() for item in text.split(",")}
-        if args.fresh_cache or keys & UNCACHED:  # compiled and tuned from scratch: nothing from an earlier process
+        # compiled and tuned from scratch: nothing from an earlier process
+        if args.fresh_cache or parse_variant(text).keys() & UNCACHED:
             env["TORCHINDUCTOR_CACHE_DIR"] = fresh
             env["TRITON_CACHE_DIR"] = os.path.join(fresh, "triton")
         code_dir = getattr(args, "output_code", None)

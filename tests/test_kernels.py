@@ -56,7 +56,8 @@ def test_reference_is_the_models_attention_for_one_query(seed, b, kv, rep, lengt
 @settings(max_examples=60, deadline=None)
 @given(b=st.integers(1, 64), kv=st.integers(1, 32), length=st.integers(1, 8192), block=st.sampled_from([16, 32, 64]))
 def test_split_plan_covers_the_cache_in_whole_blocks(b, kv, length, block):
-    splits, chunk = dec.plan(b, kv, length, block)
+    splits = dec.plan(b, kv, length, block)
+    chunk = dec._chunk(length, splits, block)
     blocks = -(-length // block)
     assert splits & (splits - 1) == 0 and chunk % block == 0
     assert splits * chunk >= length and splits <= blocks  # covers the cache; never more splits than blocks

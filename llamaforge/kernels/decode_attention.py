@@ -97,21 +97,21 @@ def _pow2(n: int) -> int:
 
 def plan(
     batch: int, kv_heads: int, length: int, block: int = 64, programs: int = 128, splits: int | None = None
-) -> tuple[int, int]:
-    """(splits, chunk) for a cache of `length` positions, all of them used: unless `splits` is given, enough splits
-    that batch x kv_heads x splits programs fill the GPU, but no more splits than blocks and none of fewer than
-    `_MIN_SPLIT` positions; a power of two, as the combining pass indexes splits with tl.arange (a split left
-    without positions weighs nothing there). Each chunk is a whole number of blocks. With an extent the kernel
-    recomputes the chunk from the positions in use."""
+) -> int:
+    """Splits of a cache of `length` positions: unless `splits` is given, enough that batch x kv_heads x splits
+    programs fill the GPU, but no more splits than blocks and none of fewer than `_MIN_SPLIT` positions; a power of
+    two, as the combining pass indexes splits with tl.arange (a split left without positions weighs nothing
+    there). The kernel itself shares the positions in use over them (`_chunk`)."""
     blocks = max(1, -(-length // block))
     if splits is None:
         fill = _pow2(max(1, -(-programs // (batch * kv_heads))))
         splits = min(fill, 1 << (blocks.bit_length() - 1), 1 << (max(1, length // _MIN_SPLIT).bit_length() - 1))
-    return splits, _chunk(length, splits, block)
+    return splits
 
 
 def _chunk(n: int, splits: int, block: int) -> int:
-    """Positions per split: n shared over the splits, rounded up to whole blocks (the kernel's own formula)."""
+    """Positions per split: n shared over the splits, rounded up to whole blocks (the partial kernel's formula,
+    written out here for the tests)."""
     per_split = -(-n // splits)
     return -(-per_split // block) * block
 
@@ -235,7 +235,7 @@ def launch(
     rep = h // hk
     dot = (_DOT if dot is None else dot) and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
     rep_p = max(16, _pow2(rep)) if dot else _pow2(rep)  # tensor-core products need 16 rows
-    splits, _ = plan(b, hk, length, 64 if dot else 32, splits=splits if splits is not None else _SPLITS)
+    splits = plan(b, hk, length, 64 if dot else 32, splits=splits if splits is not None else _SPLITS)
     block = block or _BLOCK or ((128 if splits == 1 else 64) if dot else 32)
     if dot:
         block = max(block, 16)
