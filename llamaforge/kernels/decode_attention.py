@@ -10,7 +10,7 @@ token 2,000. Here
   once per group, not once per query head;
 - the cache length can be split over programs (partial softmax statistics, then one combining pass) so a single
   long sequence still spreads over the GPU; with one split the program writes its output directly;
-- the mask is read as bytes in place (a view of the booleans, no conversion kernel);
+- the mask is read as bytes (in the compiled step their conversion fuses into the kernel computing the mask);
 - with `DOT` the block products run on tensor cores (16-bit inputs; the query group padded to 16 rows).
 
 `decode_attention(q, k, v, allowed, scale, extent)` is a custom op (`torch.ops.llamaforge.decode_attention`) that
@@ -240,7 +240,10 @@ def launch(
     if dot:
         block = max(block, 16)
     out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
-    ok = allowed.reshape(b, length).view(torch.uint8)  # the booleans' bytes, read in place
+    # bytes for the kernel: inside the compiled step the mask is computed there and the conversion fuses into the
+    # kernel that computes it (a dtype view of it, free in eager mode, fails to lower in inductor of torch 2.11)
+    ok = allowed.reshape(b, length)
+    ok = ok if ok.dtype == torch.uint8 else ok.to(torch.uint8)
     ext = extent.reshape(b) if extent is not None else ok  # unread without an extent
     m_buf = l_buf = acc_buf = out  # one split writes the output directly: no partial statistics to hold
     if splits > 1:
