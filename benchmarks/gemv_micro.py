@@ -48,7 +48,8 @@ def parse_shape(text: str) -> tuple[list[int], int]:
 
 def parse_setting(text: str) -> tuple[int, int, int, int, bool, int]:
     """`BLOCK_N:BLOCK_K:WARPS[:SPLIT_K]` (the per-value kernel) or `mBLOCK_N:BLOCK_K:WARPS[:SPLIT_K[:STAGES]]`
-    (int8 on tensor cores; SPLIT_K 0 = automatic) -> (block_n, block_k, warps, split, mma, stages)."""
+    (the tensor-core form, for int8 and 16-bit weights; SPLIT_K 0 = automatic)
+    -> (block_n, block_k, warps, split, mma, stages)."""
     mma = text.startswith("m")
     try:
         values = [int(v) for v in text.removeprefix("m").split(":")]
@@ -150,8 +151,8 @@ def measure_shape(
         from llamaforge.kernels import row_gemv
 
         for bn, bk, warps, split, mma, stages in settings:
-            if mma and not int8:
-                continue  # the tensor-core form is for int8 weights
+            if mma and dtype == torch.float32 and not int8:
+                continue  # fp32 weights never take the tensor-core form (TF32 would round them)
 
             def kernel(i: int, bn=bn, bk=bk, warps=warps, split=split, mma=mma, stages=stages) -> torch.Tensor:
                 ws = copies[i % len(copies)][0]
@@ -172,7 +173,7 @@ def measure_shape(
     timed = {label: us for label, us in out["us"].items() if isinstance(us, float)}
     out["tb_s"] = {label: round(nbytes / us / 1e6, 2) for label, us in timed.items()}
     mma = {label: us for label, us in timed.items() if label.startswith("row_gemv m")}
-    if mma:  # the tensor-core int8 form: reported on its own (the routing tables below take the per-value form)
+    if mma:  # the tensor-core form: reported on its own (the routing tables below take the per-value form)
         out["best_mma"] = min(mma, key=mma.get)
         if isinstance(out["us"].get("inductor reduction"), float):
             out["mma_speedup_vs_inductor"] = round(out["us"]["inductor reduction"] / mma[out["best_mma"]], 3)

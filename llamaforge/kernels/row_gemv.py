@@ -55,6 +55,9 @@ _SPLIT_K = 1
 # products, no per-weight conversion at all. Off until the H200 decode step says otherwise; `_STAGES` is its
 # software-pipelining depth (tiles in flight per program).
 _INT8_MMA = False
+# bf16/fp16 weights on tensor cores too (the row as hi + lo values of the weights' type in a 16-column operand):
+# asynchronous multi-stage copies of the weight tiles, against inductor's reductions, which load as they go
+_FLOAT_MMA = False
 _STAGES = 3
 _MMA_BLOCK_N = 64
 _MMA_BLOCK_K = 256
@@ -105,7 +108,7 @@ def launch_tag() -> str:
     the kernel is only reused under the settings it was compiled with (inductor's on-disk cache outlives the
     process, and the benchmarks change the settings between processes)."""
     return (
-        f"{INT8}-{FLOAT}-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{_SPLIT_K}-{_INT8_MMA}-{_STAGES}-{_MMA_BLOCK_N}-"
+        f"{INT8}-{FLOAT}-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{_SPLIT_K}-{_INT8_MMA}-{_FLOAT_MMA}-{_STAGES}-{_MMA_BLOCK_N}-"
         f"{_MMA_BLOCK_K}-{_MMA_WARPS}-{_MMA_SPLIT_K}-{sorted(_SETTINGS.items())}-{sorted(_MEASURED.items())}"
     )
 
@@ -182,14 +185,16 @@ def _mma_kernel() -> Any:
     d2/254**2 (each in [-127, 127]), which reproduce x to ~6e-8 of the tile's largest value, finer than fp32
     rounding of most of its values and far below bf16's. The digits are columns 0-2 of a 16-column int8 operand
     (the smallest a dot takes; the others zero), the int32 products are exact, and each tile's three columns are
-    scaled back and added in fp32."""
+    scaled back and added in fp32. bf16/fp16 weights take the row as two values of their type (hi and the
+    remainder lo, so an fp32 row keeps 16 significant bits; a row of the weights' own type is exact), products
+    accumulated in fp32 by the tensor cores; there the point is the multi-stage asynchronous weight copies."""
     import triton
     import triton.language as tl
 
     @triton.jit(do_not_specialize=["n0", "n1", "n2", "blocks0", "blocks01"])
     def mma_kernel(
         x_ptr, w0_ptr, w1_ptr, w2_ptr, y_ptr, n0, n1, n2, k_len, sw0, sw1, sw2, blocks0, blocks01, k_chunk, sy,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, INT8: tl.constexpr,
     ):  # fmt: skip
         pid = tl.program_id(0)
         part = tl.program_id(1)
@@ -210,18 +215,27 @@ def _mma_kernel() -> Any:
             k_ok = k < k_end
             w = tl.load(w_ptr + n[:, None] * stride + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
             x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            top = tl.max(tl.abs(x), axis=0)
-            s = tl.where(top > 0, top / 127.0, 1.0)
-            r = x / s  # in [-127, 127]
-            d0 = tl.floor(r + 0.5)
-            r = (r - d0) * 254.0  # the remainder, in [-127, 127]
-            d1 = tl.floor(r + 0.5)
-            d2 = tl.floor((r - d1) * 254.0 + 0.5)
-            digits = tl.where(col == 2, d2[:, None], 0.0)
-            digits = tl.where(col == 0, d0[:, None], tl.where(col == 1, d1[:, None], digits))
-            prod = tl.dot(w, digits.to(tl.int8), out_dtype=tl.int32)  # (BLOCK_N, 16), exact
-            acc += prod.to(tl.float32) * s
-        place = tl.where(col == 0, 1.0, tl.where(col == 1, 1.0 / 254.0, tl.where(col == 2, 1.0 / 64516.0, 0.0)))
+            if INT8:
+                top = tl.max(tl.abs(x), axis=0)
+                s = tl.where(top > 0, top / 127.0, 1.0)
+                r = x / s  # in [-127, 127]
+                d0 = tl.floor(r + 0.5)
+                r = (r - d0) * 254.0  # the remainder, in [-127, 127]
+                d1 = tl.floor(r + 0.5)
+                d2 = tl.floor((r - d1) * 254.0 + 0.5)
+                digits = tl.where(col == 2, d2[:, None], 0.0)
+                digits = tl.where(col == 0, d0[:, None], tl.where(col == 1, d1[:, None], digits))
+                prod = tl.dot(w, digits.to(tl.int8), out_dtype=tl.int32)  # (BLOCK_N, 16), exact
+                acc += prod.to(tl.float32) * s
+            else:  # 16-bit weights: the row as two values of their type (hi + lo: an fp32 row keeps 16 bits)
+                hi = x.to(w.dtype)
+                lo = (x - hi.to(tl.float32)).to(w.dtype)
+                parts = tl.where(col == 0, hi[:, None], tl.where(col == 1, lo[:, None], 0.0)).to(w.dtype)
+                acc = tl.dot(w, parts, acc)
+        if INT8:
+            place = tl.where(col == 0, 1.0, tl.where(col == 1, 1.0 / 254.0, tl.where(col == 2, 1.0 / 64516.0, 0.0)))
+        else:
+            place = tl.where(col < 2, 1.0, 0.0)
         tl.store(y_ptr + part * sy + out0 + n, tl.sum(acc * place, axis=1), mask=n_ok)
 
     return mma_kernel
@@ -252,12 +266,15 @@ def launch(
 ) -> torch.Tensor:
     """Run the Triton kernel (on CUDA, or on CPU tensors under TRITON_INTERPRET=1). `wrap` is
     torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch. `mma` picks the
-    tensor-core form for int8 weights (default `_INT8_MMA`); its split-K, unless set, gives the GPU about two
-    programs per SM."""
+    tensor-core form (default `_INT8_MMA` for int8 weights, `_FLOAT_MMA` for bf16/fp16 ones, never for fp32); its
+    split-K, unless set, gives the GPU about two programs per SM."""
     import triton
 
     int8 = weights[0].dtype == torch.int8
-    mma = int8 and (_INT8_MMA if mma is None else mma)
+    if weights[0].dtype not in (torch.int8, torch.bfloat16, torch.float16):
+        mma = False  # fp32 weights: a tensor-core product would round them (TF32)
+    elif mma is None:
+        mma = _INT8_MMA if int8 else _FLOAT_MMA
     kernel = _mma_kernel() if mma else _kernel()
     if wrap is not None:
         kernel = wrap(kernel)
@@ -283,7 +300,9 @@ def launch(
     )  # fmt: skip
     if mma:
         stages = stages or (rest[1] if len(rest) > 1 else _STAGES)
-        kernel[(sum(blocks), split)](*common, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, num_warps=warps)
+        kernel[(sum(blocks), split)](
+            *common, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, INT8=int8, num_warps=warps
+        )
     else:
         kernel[(sum(blocks), split)](*common, BLOCK_N=block_n, BLOCK_K=block_k, INT8=int8, num_warps=warps)
     return y if split == 1 else y.sum(0, keepdim=True)
