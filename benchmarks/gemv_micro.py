@@ -46,26 +46,21 @@ def parse_shape(text: str) -> tuple[list[int], int]:
     return parts, width
 
 
-def parse_setting(text: str) -> tuple[int, int, int, int, bool, int]:
-    """`BLOCK_N:BLOCK_K:WARPS[:SPLIT_K]` (the per-value kernel) or `mBLOCK_N:BLOCK_K:WARPS[:SPLIT_K[:STAGES]]`
-    (the tensor-core form, for int8 and 16-bit weights; SPLIT_K 0 = automatic)
-    -> (block_n, block_k, warps, split, mma, stages)."""
-    mma = text.startswith("m")
+def parse_setting(text: str) -> tuple[int, int, int, int]:
+    """`BLOCK_N:BLOCK_K:WARPS[:SPLIT_K]` -> the four (split-K 1 when left out)."""
     try:
-        values = [int(v) for v in text.removeprefix("m").split(":")]
+        values = [int(v) for v in text.split(":")]
     except ValueError:
         values = []
-    if len(values) not in ((3, 4, 5) if mma else (3, 4)):
-        raise ValueError(f"setting {text!r}: expected BLOCK_N:BLOCK_K:WARPS[:SPLIT_K] or "
-                         "mBLOCK_N:BLOCK_K:WARPS[:SPLIT_K[:STAGES]]")  # fmt: skip
-    defaults = [0 if mma else 1, 3]  # split-K (automatic for the tensor-core form), pipelining stages
-    bn, bk, warps, split, stages = [*values, *defaults[len(values) - 3 :]]
+    if len(values) not in (3, 4):
+        raise ValueError(f"setting {text!r}: expected BLOCK_N:BLOCK_K:WARPS or BLOCK_N:BLOCK_K:WARPS:SPLIT_K")
+    bn, bk, warps, split = (*values, 1)[:4]
     for name, v in (("BLOCK_N", bn), ("BLOCK_K", bk), ("WARPS", warps)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"setting {text!r}: {name} must be a power of two")
-    if split < (0 if mma else 1) or stages < 1:
-        raise ValueError(f"setting {text!r}: SPLIT_K must be at least {0 if mma else 1} and STAGES at least 1")
-    return bn, bk, warps, split, mma, stages
+    if split < 1:
+        raise ValueError(f"setting {text!r}: SPLIT_K must be at least 1")
+    return bn, bk, warps, split
 
 
 def _timer(device: torch.device, calls: int, repeats: int) -> Callable[[Callable[[int], Any]], float]:
@@ -101,7 +96,7 @@ def _timer(device: torch.device, calls: int, repeats: int) -> Callable[[Callable
 
 
 def measure_shape(
-    rows: list[int], k: int, int8: bool, args: argparse.Namespace, settings: list[tuple[int, int, int, int, bool, int]]
+    rows: list[int], k: int, int8: bool, args: argparse.Namespace, settings: list[tuple[int, int, int, int]]
 ) -> dict[str, Any]:
     from torch.nn import functional as F
 
@@ -150,20 +145,13 @@ def measure_shape(
     if device.type == "cuda":
         from llamaforge.kernels import row_gemv
 
-        for bn, bk, warps, split, mma, stages in settings:
-            if mma and dtype == torch.float32 and not int8:
-                continue  # fp32 weights never take the tensor-core form (TF32 would round them)
+        for bn, bk, warps, split in settings:
 
-            def kernel(i: int, bn=bn, bk=bk, warps=warps, split=split, mma=mma, stages=stages) -> torch.Tensor:
+            def kernel(i: int, bn=bn, bk=bk, warps=warps, split=split) -> torch.Tensor:
                 ws = copies[i % len(copies)][0]
-                return row_gemv.launch(
-                    x, ws, block_n=bn, block_k=bk, warps=warps, split=split or None, mma=mma, stages=stages
-                )
+                return row_gemv.launch(x, ws, block_n=bn, block_k=bk, warps=warps, split=split)
 
-            if mma:
-                label = f"row_gemv m{bn}:{bk}:{warps}:{split}:{stages}"
-            else:
-                label = f"row_gemv {bn}:{bk}:{warps}" + (f":{split}" if split > 1 else "")
+            label = f"row_gemv {bn}:{bk}:{warps}" + (f":{split}" if split > 1 else "")
             record(label, kernel)
             want = row_gemv.reference(x, copies[0][0])  # and its values, so a fast wrong setting cannot win
             err = float((kernel(0) - want).abs().max() / want.abs().max().clamp_min(1e-6))
@@ -172,12 +160,7 @@ def measure_shape(
                 out["us"][label] = f"error: wrong values (relative error {err:.2e})"
     timed = {label: us for label, us in out["us"].items() if isinstance(us, float)}
     out["tb_s"] = {label: round(nbytes / us / 1e6, 2) for label, us in timed.items()}
-    mma = {label: us for label, us in timed.items() if label.startswith("row_gemv m")}
-    if mma:  # the tensor-core form: reported on its own (the routing tables below take the per-value form)
-        out["best_mma"] = min(mma, key=mma.get)
-        if isinstance(out["us"].get("inductor reduction"), float):
-            out["mma_speedup_vs_inductor"] = round(out["us"]["inductor reduction"] / mma[out["best_mma"]], 3)
-    gemv = {label: us for label, us in timed.items() if label.startswith("row_gemv") and label not in mma}
+    gemv = {label: us for label, us in timed.items() if label.startswith("row_gemv")}
     if gemv:
         best = min(gemv, key=gemv.get)
         out["best_row_gemv"] = best

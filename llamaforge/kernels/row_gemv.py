@@ -25,6 +25,12 @@ checks for 16-byte loads) and lost clearly (65 launches per token, 1,068 us agai
 reductions). The vectorised build wins on some products timed alone but not in the step (see `_MEASURED`), so by
 default the decode step does not use it. torch.compile traces the op's Triton launch on CUDA
 (`torch.library.triton_op`); elsewhere it runs the PyTorch reference.
+
+A tensor-core form for int8 weights was built and timed on an H200 (2026-12-03, commit e14723e): the row written
+per tile as three int8 base-254 digits (fp32-level precision), int8 x int8 wgmma, so no instruction per weight
+value. It won no 1B product alone (int8 gate/up 17.9 us vs 16.9 here and 17.7 for inductor; the head 76.9 vs
+73.6 for inductor) and made the int8 step slower (1.12 vs 0.89 ms), so it was removed: the int8 products are not
+bound by per-weight instructions (benchmarks/results/gemv_micro_h200.json run3_mma).
 """
 
 from __future__ import annotations
@@ -51,18 +57,6 @@ _WARPS = 8
 # inductor fuses the addition into the product's consumer). More programs for products with few, long rows
 # (down_proj: 2,048 rows of 8,192), which otherwise leave much of the GPU without work.
 _SPLIT_K = 1
-# int8 weights on tensor cores (`_mma_kernel`): the row split into three int8 digits per tile, int8 x int8 -> int32
-# products, no per-weight conversion at all. Off until the H200 decode step says otherwise; `_STAGES` is its
-# software-pipelining depth (tiles in flight per program).
-_INT8_MMA = False
-# bf16/fp16 weights on tensor cores too (the row as hi + lo values of the weights' type in a 16-column operand):
-# asynchronous multi-stage copies of the weight tiles, against inductor's reductions, which load as they go
-_FLOAT_MMA = False
-_STAGES = 3
-_MMA_BLOCK_N = 64
-_MMA_BLOCK_K = 256
-_MMA_WARPS = 4
-_MMA_SPLIT_K = 0  # 0: automatic (about two programs per SM)
 # Per-product settings set by hand (benchmarks): (weight bytes per value, rows of all matrices together, K) ->
 # (BLOCK_N, BLOCK_K, warps) or (BLOCK_N, BLOCK_K, warps, split-K). An entry wins over `_MEASURED` and the defaults.
 _SETTINGS: dict[tuple[int, int, int], tuple[int, ...]] = {}
@@ -92,15 +86,13 @@ def _measured_here(device: torch.device) -> dict[tuple[int, int, int], tuple[int
     return _MEASURED.get(torch.cuda.get_device_capability(device), {})
 
 
-def settings_for(weights: list[torch.Tensor], k: int, mma: bool = False) -> tuple[int, ...]:
-    """(BLOCK_N, BLOCK_K, warps[, split-K[, stages]]) for one launch: a hand-set entry, else the measured one for
-    this GPU, else the defaults of the kernel form (split-K, when an entry leaves it out: `_SPLIT_K`, or
-    `_MMA_SPLIT_K` for the tensor-core form)."""
+def settings_for(weights: list[torch.Tensor], k: int) -> tuple[int, ...]:
+    """(BLOCK_N, BLOCK_K, warps[, split-K]) for one launch: a hand-set entry, else the measured one for this GPU,
+    else the defaults (split-K, when an entry leaves it out: `_SPLIT_K`)."""
     key = _product_key(weights, k)
     if key in _SETTINGS:
         return _SETTINGS[key]
-    default = (_MMA_BLOCK_N, _MMA_BLOCK_K, _MMA_WARPS) if mma else (_BLOCK_N, _BLOCK_K, _WARPS)
-    return _measured_here(weights[0].device).get(key, default)
+    return _measured_here(weights[0].device).get(key, (_BLOCK_N, _BLOCK_K, _WARPS))
 
 
 def launch_tag() -> str:
@@ -108,8 +100,8 @@ def launch_tag() -> str:
     the kernel is only reused under the settings it was compiled with (inductor's on-disk cache outlives the
     process, and the benchmarks change the settings between processes)."""
     return (
-        f"{INT8}-{FLOAT}-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{_SPLIT_K}-{_INT8_MMA}-{_FLOAT_MMA}-{_STAGES}-{_MMA_BLOCK_N}-"
-        f"{_MMA_BLOCK_K}-{_MMA_WARPS}-{_MMA_SPLIT_K}-{sorted(_SETTINGS.items())}-{sorted(_MEASURED.items())}"
+        f"{INT8}-{FLOAT}-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{_SPLIT_K}-{sorted(_SETTINGS.items())}-"
+        f"{sorted(_MEASURED.items())}"
     )
 
 
@@ -175,83 +167,6 @@ def _kernel() -> Any:
     return rows_kernel
 
 
-@functools.cache
-def _mma_kernel() -> Any:
-    """The int8 form on tensor cores. Why: on an H200 every int8 GEMV built from per-value widening (inductor's
-    I2F conversions, or `_kernel`'s float-bit trick) streamed ~2.5 TB/s at best, bound by the 3-4 instructions
-    each weight value costs, not by memory. An int8 x int8 tensor-core product needs no instruction per weight
-    value, so the row is brought to int8 instead, exactly enough to stay weight-only in effect: per tile of
-    `BLOCK_K` values, x / s (s = the tile's max |x| / 127) is written as three base-254 digits d0 + d1/254 +
-    d2/254**2 (each in [-127, 127]), which reproduce x to ~6e-8 of the tile's largest value, finer than fp32
-    rounding of most of its values and far below bf16's. The digits are columns 0-2 of a 16-column int8 operand
-    (the smallest a dot takes; the others zero), the int32 products are exact, and each tile's three columns are
-    scaled back and added in fp32. bf16/fp16 weights take the row as two values of their type (hi and the
-    remainder lo, so an fp32 row keeps 16 significant bits; a row of the weights' own type is exact), products
-    accumulated in fp32 by the tensor cores; there the point is the multi-stage asynchronous weight copies."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit(do_not_specialize=["n0", "n1", "n2", "blocks0", "blocks01"])
-    def mma_kernel(
-        x_ptr, w0_ptr, w1_ptr, w2_ptr, y_ptr, n0, n1, n2, k_len, sw0, sw1, sw2, blocks0, blocks01, k_chunk, sy,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, INT8: tl.constexpr,
-    ):  # fmt: skip
-        pid = tl.program_id(0)
-        part = tl.program_id(1)
-        if pid < blocks0:
-            w_ptr, stride, rows, local, out0 = w0_ptr, sw0, n0, pid, n0 * 0
-        elif pid < blocks01:
-            w_ptr, stride, rows, local, out0 = w1_ptr, sw1, n1, pid - blocks0, n0
-        else:
-            w_ptr, stride, rows, local, out0 = w2_ptr, sw2, n2, pid - blocks01, n0 + n1
-        n = local * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < rows
-        col = tl.arange(0, 16)[None, :]
-        acc = tl.zeros((BLOCK_N, 16), tl.float32)
-        k_start = part * k_chunk
-        k_end = tl.minimum(k_start + k_chunk, k_len)
-        for k0 in tl.range(k_start, k_end, BLOCK_K, num_stages=STAGES):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < k_end
-            w = tl.load(w_ptr + n[:, None] * stride + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-            x = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-            if INT8:
-                top = tl.max(tl.abs(x), axis=0)
-                s = tl.where(top > 0, top / 127.0, 1.0)
-                r = x / s  # in [-127, 127]
-                d0 = tl.floor(r + 0.5)
-                r = (r - d0) * 254.0  # the remainder, in [-127, 127]
-                d1 = tl.floor(r + 0.5)
-                d2 = tl.floor((r - d1) * 254.0 + 0.5)
-                digits = tl.where(col == 2, d2[:, None], 0.0)
-                digits = tl.where(col == 0, d0[:, None], tl.where(col == 1, d1[:, None], digits))
-                prod = tl.dot(w, digits.to(tl.int8), out_dtype=tl.int32)  # (BLOCK_N, 16), exact
-                acc += prod.to(tl.float32) * s
-            else:  # 16-bit weights: the row as two values of their type (hi + lo: an fp32 row keeps 16 bits)
-                hi = x.to(w.dtype)
-                lo = (x - hi.to(tl.float32)).to(w.dtype)
-                parts = tl.where(col == 0, hi[:, None], tl.where(col == 1, lo[:, None], 0.0)).to(w.dtype)
-                acc = tl.dot(w, parts, acc)
-        if INT8:
-            place = tl.where(col == 0, 1.0, tl.where(col == 1, 1.0 / 254.0, tl.where(col == 2, 1.0 / 64516.0, 0.0)))
-        else:
-            place = tl.where(col < 2, 1.0, 0.0)
-        tl.store(y_ptr + part * sy + out0 + n, tl.sum(acc * place, axis=1), mask=n_ok)
-
-    return mma_kernel
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # the interpreter on the CPU: an H100/H200's count, so its split choices are the GPU's
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _cuda_sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def launch(
     x: torch.Tensor,
     weights: list[torch.Tensor],
@@ -260,51 +175,31 @@ def launch(
     block_k: int | None = None,
     warps: int | None = None,
     split: int | None = None,
-    mma: bool | None = None,
-    stages: int | None = None,
     wrap: Any = None,
 ) -> torch.Tensor:
     """Run the Triton kernel (on CUDA, or on CPU tensors under TRITON_INTERPRET=1). `wrap` is
-    torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch. `mma` picks the
-    tensor-core form (default `_INT8_MMA` for int8 weights, `_FLOAT_MMA` for bf16/fp16 ones, never for fp32); its
-    split-K, unless set, gives the GPU about two programs per SM."""
+    torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch."""
     import triton
 
-    int8 = weights[0].dtype == torch.int8
-    if weights[0].dtype not in (torch.int8, torch.bfloat16, torch.float16):
-        mma = False  # fp32 weights: a tensor-core product would round them (TF32)
-    elif mma is None:
-        mma = _INT8_MMA if int8 else _FLOAT_MMA
-    kernel = _mma_kernel() if mma else _kernel()
+    kernel = _kernel()
     if wrap is not None:
         kernel = wrap(kernel)
     k_len = int(x.size(1))  # concrete even when traced with dynamic shapes (see _product_key)
-    chosen = settings_for(list(weights), k_len, mma=mma)
-    chosen_n, chosen_k, chosen_warps, *rest = chosen  # explicit arguments win
+    chosen_n, chosen_k, chosen_warps, *chosen_split = settings_for(list(weights), k_len)  # explicit arguments win
     block_n, warps = block_n or chosen_n, warps or chosen_warps
     block_k = min(block_k or chosen_k, triton.next_power_of_2(k_len))
-    if mma:  # a dot's smallest tiles: 16 rows, 32 int8 values deep
-        block_n, block_k = max(block_n, 16), max(block_k, 32)
+    split = split or (chosen_split[0] if chosen_split else _SPLIT_K)
+    k_chunk = triton.cdiv(triton.cdiv(k_len, split), block_k) * block_k  # whole tiles per slice
+    split = triton.cdiv(k_len, k_chunk)  # no slice left empty
     ws = list(weights) + [weights[0]] * (MAX_MATRICES - len(weights))  # unused slots: no program reads them
     rows = [int(w.size(0)) for w in weights] + [0] * (MAX_MATRICES - len(weights))
     blocks = [triton.cdiv(r, block_n) for r in rows]
-    split = split or (rest[0] if rest else (_MMA_SPLIT_K if mma else _SPLIT_K))
-    if not split:  # automatic: about two programs per SM, never a slice shorter than one tile
-        split = max(1, min(triton.cdiv(k_len, block_k), round(2 * _sm_count(x.device) / sum(blocks))))
-    k_chunk = triton.cdiv(triton.cdiv(k_len, split), block_k) * block_k  # whole tiles per slice
-    split = triton.cdiv(k_len, k_chunk)  # no slice left empty
     y = torch.empty(split, sum(rows), dtype=torch.float32, device=x.device)
-    common = (
+    kernel[(sum(blocks), split)](
         x, ws[0], ws[1], ws[2], y, rows[0], rows[1], rows[2], k_len,
         ws[0].stride(0), ws[1].stride(0), ws[2].stride(0), blocks[0], blocks[0] + blocks[1], k_chunk, y.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, INT8=weights[0].dtype == torch.int8, num_warps=warps,
     )  # fmt: skip
-    if mma:
-        stages = stages or (rest[1] if len(rest) > 1 else _STAGES)
-        kernel[(sum(blocks), split)](
-            *common, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, INT8=int8, num_warps=warps
-        )
-    else:
-        kernel[(sum(blocks), split)](*common, BLOCK_N=block_n, BLOCK_K=block_k, INT8=int8, num_warps=warps)
     return y if split == 1 else y.sum(0, keepdim=True)
 
 
