@@ -242,8 +242,7 @@ def launch(
     out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
     # bytes for the kernel: inside the compiled step the mask is computed there and the conversion fuses into the
     # kernel that computes it (a dtype view of it, free in eager mode, fails to lower in inductor of torch 2.11)
-    ok = allowed.reshape(b, length)
-    ok = ok if ok.dtype == torch.uint8 else ok.to(torch.uint8)
+    ok = allowed.reshape(b, length).to(torch.uint8)  # no copy when the mask is already bytes
     ext = extent.reshape(b) if extent is not None else ok  # unread without an extent
     m_buf = l_buf = acc_buf = out  # one split writes the output directly: no partial statistics to hold
     if splits > 1:
