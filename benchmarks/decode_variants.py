@@ -23,8 +23,6 @@ Each variant is a comma-separated list of settings (`base` is none):
                                   gathered in the products' loop)
     fused RMSNorm + gate/up +     gate_up (0/1: one-row calls through llamaforge.kernels.gate_up), gate_up_block_n,
     SiLU kernel                   gate_up_block_k, gate_up_warps
-    L2 prefetch                   l2_prefetch (0/1: the q/k/v kernel's extra programs bring o_proj's and gate/up's
-                                  weights into L2 during attention), l2_budget_mb (bytes per layer, MB)
     the decoding loop             side_copy (0/1: the per-step read-back on a stream of its own, the default, or on
                                   the decode stream); compare e2e tok/s and fixed ms
     flash-decoding kernel         splits (int or auto), block, warps, fd_dot (tensor-core block products)
@@ -96,14 +94,12 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "qkv_warps": ("llamaforge.kernels.qkv_rope", "_WARPS", "int"),
     "qkv_one_pass": ("llamaforge.kernels.qkv_rope", "_ONE_PASS", "bool"),
     "side_copy": (GEN, "_SIDE_COPY", "bool"),
-    "l2_prefetch": ("llamaforge.kernels.l2_prefetch", "ENABLED", "bool"),
-    "l2_budget_mb": ("llamaforge.kernels.l2_prefetch", "BUDGET_MB", "int"),
 }
 # Read inside the fused kernels' Triton ops when torch.compile traces them, which inductor's on-disk cache does not
 # key on: a variant setting one of these replayed the default kernel from the cache (2026-12-02 run20, five "launch
 # setting" variants with one kernel time). The decode pass's uuid now carries them, but a variant without the pass
 # (gemv_rows=0) has no such key, so these variants always compile into an empty cache
-FUSED_KERNELS = ("llamaforge.kernels.qkv_rope", "llamaforge.kernels.gate_up", KERNEL, "llamaforge.kernels.l2_prefetch")
+FUSED_KERNELS = ("llamaforge.kernels.qkv_rope", "llamaforge.kernels.gate_up", KERNEL)
 UNCACHED = {name for name, (module, _, _) in SWITCHES.items() if module in FUSED_KERNELS}
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool", "gemv_route": "str"}
 

@@ -20,7 +20,6 @@ from torch import nn
 from llamaforge.core.interfaces import Activation, AttentionMask, KVCache, PositionEmbedding
 from llamaforge.core.spec import IMPORT_PREFIX, ComponentSpec, ModelSpec, load_spec
 from llamaforge.errors import SpecError
-from llamaforge.kernels import l2_prefetch
 
 IGNORE_INDEX = -100
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -165,8 +164,6 @@ class Block(nn.Module):
         cache_position: torch.Tensor | None,
     ) -> torch.Tensor:
         state = {"positions": positions, "position_state": position_state, "mask": mask, "cache": cache}
-        if l2_prefetch.ENABLED and cache is not None and getattr(self.self_attn, "accepts_prefetch", False):
-            state["prefetch"] = self._prefetch_targets(x)
         if getattr(self.self_attn, "accepts_prenorm", False):  # it normalises x itself, maybe inside a kernel
             h = self.self_attn(x, **state, cache_position=cache_position, prenorm=self.input_layernorm)
         else:
@@ -178,25 +175,6 @@ class Block(nn.Module):
         if self.dropout and self.training:
             h = F.dropout(h, self.dropout, True)
         return x + h
-
-    def _prefetch_targets(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The weights read right after attention in a batch-1 step (o_proj, then gate and up, as far as
-        l2_prefetch.BUDGET_MB reaches), for the attention's fused kernel to bring into L2 while attention runs;
-        empty where that does not apply (not one row, no Hopper GPU, adapters or other layer types)."""
-        from llamaforge.plugins.quantizers import Int8Linear
-
-        if x.shape[:-1].numel() != 1 or torch.is_grad_enabled() or not l2_prefetch.available(x.device):
-            return []
-        linears = [self.self_attn.o_proj]
-        if self.mlp.gated:
-            linears.append(self.mlp.gate_proj)
-        linears.append(self.mlp.up_proj)
-        if not all(type(p) is nn.Linear or (type(p) is Int8Linear and not p.dynamic) for p in linears):
-            return []
-        weights = [p.weight for p in linears]
-        if not l2_prefetch.supported(weights):
-            return []
-        return l2_prefetch.within_budget(weights, l2_prefetch.BUDGET_MB << 20)
 
 
 class Backbone(nn.Module):

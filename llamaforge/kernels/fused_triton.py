@@ -42,19 +42,14 @@ def widen_int8(w):
     return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
 
-@triton.jit(do_not_specialize=["progs_q", "progs_qk", "progs_all", "pf_c1", "pf_c2"])
+@triton.jit(do_not_specialize=["progs_q", "progs_qk"])
 def qkv_rope_kernel(
     x_ptr, wq_ptr, wk_ptr, wv_ptr, sq_ptr, sk_ptr, sv_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos_ptr,
     g_ptr, eps, k_len, swq, swk, swv, progs_q, progs_qk, kc_head, kc_pos, vc_head, vc_pos, cache_len,
-    pf0, pfn0, pf1, pfn1, pf2, pfn2, pf_c1, pf_c2, progs_all,
     HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, NORM: tl.constexpr,
-    ONE_PASS: tl.constexpr, PF: tl.constexpr, PF_CHUNK: tl.constexpr, PF_BLOCK: tl.constexpr,
+    ONE_PASS: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    if PF:  # programs past the q/k/v ones prefetch later products' weights into L2 (llamaforge.kernels.l2_prefetch)
-        if pid >= progs_all:
-            l2_prefetch_program(pid - progs_all, pf0, pfn0, pf1, pfn1, pf2, pfn2, pf_c1, pf_c2, PF_CHUNK, PF_BLOCK)
-            return
     per_head = HALF // PAIRS
     # the first progs_q programs serve q's rows, then k's, then v's; `which` says whose
     if pid < progs_q:
@@ -168,38 +163,3 @@ def gate_up_kernel(
         gate = (gate * tl.load(sg_ptr + n, mask=n_ok, other=0.0).to(tl.float32)).to(out_ty).to(tl.float32)
         up = (up * tl.load(su_ptr + n, mask=n_ok, other=0.0).to(tl.float32)).to(out_ty).to(tl.float32)
     tl.store(out_ptr + n, (gate * tl.sigmoid(gate) * up).to(out_ty), mask=n_ok)
-
-
-@triton.jit
-def l2_prefetch_segment(ptr, nbytes, first, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Bulk-prefetch chunks first .. first+BLOCK-1 (CHUNK bytes each) of the nbytes at ptr (a byte pointer) into L2,
-    one `cp.async.bulk.prefetch.L2` per lane (sm_90+); lanes past the end issue nothing (llamaforge.kernels.
-    l2_prefetch says why)."""
-    off = (first + tl.arange(0, BLOCK)).to(tl.int64) * CHUNK
-    live = off < nbytes
-    size = tl.where(live, tl.minimum(nbytes - off, CHUNK), 0).to(tl.int32)
-    addr = ptr + tl.where(live, off, 0)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r",
-        [addr, size],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
-@triton.jit
-def l2_prefetch_program(rel, p0, n0, p1, n1, p2, n2, c1, c2, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    """Prefetch program `rel`: programs [0, c1) cover segment 0, [c1, c2) segment 1, the rest segment 2."""
-    if rel < c1:
-        l2_prefetch_segment(p0, n0, rel * BLOCK, CHUNK, BLOCK)
-    elif rel < c2:
-        l2_prefetch_segment(p1, n1, (rel - c1) * BLOCK, CHUNK, BLOCK)
-    else:
-        l2_prefetch_segment(p2, n2, (rel - c2) * BLOCK, CHUNK, BLOCK)
-
-
-@triton.jit
-def l2_prefetch_kernel(p0, n0, p1, n1, p2, n2, c1, c2, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    l2_prefetch_program(tl.program_id(0), p0, n0, p1, n1, p2, n2, c1, c2, CHUNK, BLOCK)

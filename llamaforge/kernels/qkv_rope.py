@@ -20,7 +20,6 @@ it on CPUs, and the tests compare the kernel against it in Triton's CPU interpre
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -44,9 +43,7 @@ def launch_tag() -> str:
     """The launch settings in force, for the decode step's compile cache key: the Triton op reads them when
     torch.compile traces it, and inductor's on-disk cache does not key on them (an H200 run replayed the default
     kernel for five variants with other settings, 2026-12-02 run20)."""
-    from llamaforge.kernels import l2_prefetch
-
-    return f"qkv_rope-{_PAIRS}-{_BLOCK_K}-{_WARPS}-{_ONE_PASS}-{l2_prefetch.launch_tag()}"
+    return f"qkv_rope-{_PAIRS}-{_BLOCK_K}-{_WARPS}-{_ONE_PASS}"
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -138,15 +135,11 @@ def launch(
     block_k: int | None = None,
     warps: int | None = None,
     one_pass: bool | None = None,
-    prefetch: Sequence[torch.Tensor] = (),
     wrap: Any = None,
 ) -> torch.Tensor:
     """Run the Triton kernel (on CUDA, or on CPU tensors under TRITON_INTERPRET=1); `wrap` is
-    torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch. `prefetch`: up to three
-    contiguous tensors that extra programs bring into L2 for the products after attention (l2_prefetch)."""
+    torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch."""
     import triton
-
-    from llamaforge.kernels import l2_prefetch
 
     kernel = _kernel()
     if wrap is not None:
@@ -162,18 +155,12 @@ def launch(
     q = torch.empty(1, int(wq.size(0)), dtype=x.dtype, device=x.device)
     sq, sk, sv = scales if scales is not None else (x, x, x)  # unread without INT8
     g, eps = norm if norm is not None else (x, 0.0)  # unread without NORM
-    if prefetch:
-        segs, sizes, bounds, extra = l2_prefetch.plan(prefetch)
-    else:  # unread: no program past the q/k/v ones
-        segs, sizes, bounds, extra = [x] * 3, [0] * 3, [0, 0], 0
-    kernel[(sum(progs) + extra,)](
+    kernel[(sum(progs),)](
         x, wq, wk, wv, sq, sk, sv, cos, sin, q, k_cache, v_cache, cache_position, g, float(eps),
         k_len, wq.stride(0), wk.stride(0), wv.stride(0), progs[0], progs[0] + progs[1],
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), k_cache.size(2),
-        segs[0], sizes[0], segs[1], sizes[1], segs[2], sizes[2], bounds[0], bounds[1], sum(progs),
         HALF=half, PAIRS=pairs, BLOCK_K=block_k, INT8=scales is not None,
         NORM=norm is not None, ONE_PASS=norm is not None and (_ONE_PASS if one_pass is None else one_pass),
-        PF=bool(prefetch), PF_CHUNK=l2_prefetch._CHUNK, PF_BLOCK=l2_prefetch._BLOCK,
         num_warps=warps or _WARPS,
     )  # fmt: skip
     return q
@@ -193,7 +180,6 @@ def _reference_op(
     scales: list[torch.Tensor],
     norm_weight: list[torch.Tensor],
     eps: float,
-    prefetch: list[torch.Tensor],
 ) -> torch.Tensor:
     """The PyTorch reference as an opaque op: compiled graphs off CUDA keep it whole, as they keep the kernel on CUDA
     (tracing the Triton op's body needs a GPU driver, even to analyse which arguments the kernel writes)."""
@@ -203,7 +189,7 @@ def _reference_op(
 
 
 @_reference_op.register_fake
-def _(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, scales, norm_weight, eps, prefetch):
+def _(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, scales, norm_weight, eps):
     return x.new_empty(1, wq.size(0))
 
 
@@ -223,11 +209,9 @@ if hasattr(torch.library, "triton_op"):  # torch >= 2.6
         scales: list[torch.Tensor],
         norm_weight: list[torch.Tensor],
         eps: float,
-        prefetch: list[torch.Tensor],
     ) -> torch.Tensor:
         return launch(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position,
-                      *unpack_extras(scales, norm_weight, eps), prefetch=prefetch,
-                      wrap=torch.library.wrap_triton)  # fmt: skip
+                      *unpack_extras(scales, norm_weight, eps), wrap=torch.library.wrap_triton)  # fmt: skip
 
 else:  # older torch: no way to trace Triton launches into a compiled graph
     _triton_op = None
@@ -245,11 +229,9 @@ def qkv_rope_cache(
     cache_position: torch.Tensor,
     scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     norm: tuple[torch.Tensor, float] | None = None,
-    prefetch: Sequence[torch.Tensor] = (),
 ) -> torch.Tensor:
     """q/k/v of one row, RoPE, k and v written into the caches at cache_position; returns q (1, Hq*D) after RoPE.
     The Triton kernel on CUDA (as a custom op torch.compile traces), the reference elsewhere. `scales`: the per-row
-    scales of int8 weight-only weights; `norm`: an RMSNorm's (weight, eps) to apply to x first; `prefetch`: tensors
-    to bring into L2 for later products (see l2_prefetch; only the kernel does, the reference ignores them)."""
+    scales of int8 weight-only weights; `norm`: an RMSNorm's (weight, eps) to apply to x first."""
     op = _triton_op if x.device.type == "cuda" and _triton_op is not None else _reference_op
-    return op(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, *pack_extras(scales, norm), list(prefetch))
+    return op(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, *pack_extras(scales, norm))

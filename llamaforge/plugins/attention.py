@@ -7,7 +7,6 @@ choosing `eager` for debugging or `sdpa` for speed never changes a state-dict ke
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -31,7 +30,6 @@ class RopeAttention(Attention):
     """Causal self-attention with separate q/k/v projections and grouped key/value heads."""
 
     accepts_prenorm = True  # the block's input norm can be folded into the fused decode kernel
-    accepts_prefetch = True  # the fused decode kernel can bring the block's next weights into L2 (l2_prefetch)
 
     def __init__(
         self,
@@ -67,13 +65,10 @@ class RopeAttention(Attention):
         cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
         prenorm: nn.Module | None = None,
-        prefetch: Sequence[torch.Tensor] = (),
     ) -> torch.Tensor:
-        """`prefetch`: weights the block reads after attention, which the fused one-row kernel (if it runs) brings
-        into L2 while attention runs; ignored otherwise."""
         bsz, seq, _ = x.shape
         if seq == 1 and cache is not None and _FUSED_QKV_ROPE is not False and not torch.is_grad_enabled():
-            fused = self._fused_decode(x, prenorm, positions, position_state, cache, cache_position, prefetch)
+            fused = self._fused_decode(x, prenorm, positions, position_state, cache, cache_position)
             if fused is not None:
                 q, k, v = fused
                 out = self.kernel(q, k, v, mask=mask, dropout_p=0.0)
@@ -100,7 +95,6 @@ class RopeAttention(Attention):
         position_state: Any,
         cache: KVCache,
         cache_position: torch.Tensor | None,
-        prefetch: Sequence[torch.Tensor] = (),
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """q (after RoPE) and the layer's full K/V caches through the fused kernel, with k and v of this step already
         written, from x not yet normalised when `prenorm` is given (an RMSNorm is folded into the kernel, another
@@ -133,9 +127,7 @@ class RopeAttention(Attention):
         cos, sin = cos.reshape(-1), sin.reshape(-1)
         if not qkv_rope.supported(row, weights, cos, sin, kc, vc, scales, norm):
             return None
-        q = qkv_rope.qkv_rope_cache(
-            row, *weights, cos, sin, kc, vc, cache_position.reshape(1), scales, norm, prefetch=prefetch
-        )
+        q = qkv_rope.qkv_rope_cache(row, *weights, cos, sin, kc, vc, cache_position.reshape(1), scales, norm)
         return q.view(1, self.n_heads, 1, self.head_dim), kc, vc
 
     def extra_repr(self) -> str:
