@@ -23,6 +23,8 @@ Each variant is a comma-separated list of settings (`base` is none):
                                   gathered in the products' loop)
     fused RMSNorm + gate/up +     gate_up (0/1: one-row calls through llamaforge.kernels.gate_up), gate_up_block_n,
     SiLU kernel                   gate_up_block_k, gate_up_warps
+    eager int8 products           int8_mm (0/1/auto: eager int8 weight-only calls of a few rows on CUDA, the prefill's,
+                                  through llamaforge.kernels.int8_mm; auto, the default: up to MAX_ROWS rows)
     the decoding loop             side_copy (0/1: the per-step read-back on a stream of its own, the default, or on
                                   the decode stream); compare e2e tok/s and fixed ms
     flash-decoding kernel         splits (int or auto), block, warps, fd_dot (tensor-core block products)
@@ -94,6 +96,7 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "qkv_warps": ("llamaforge.kernels.qkv_rope", "_WARPS", "int"),
     "qkv_one_pass": ("llamaforge.kernels.qkv_rope", "_ONE_PASS", "bool"),
     "side_copy": (GEN, "_SIDE_COPY", "bool"),
+    "int8_mm": ("llamaforge.kernels.int8_mm", "ENABLED", "bool_or_auto"),
 }
 # Read inside the fused kernels' Triton ops when torch.compile traces them, which inductor's on-disk cache does not
 # key on: a variant setting one of these replayed the default kernel from the cache (2026-12-02 run20, five "launch

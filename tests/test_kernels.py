@@ -1011,3 +1011,118 @@ def test_compiled_graphed_decoding_through_the_fused_kernels_gives_the_plain_tok
         out[on] = generate(model, [[3, 4, 5]], config)
     clear_sessions(model)
     assert out[True] == out[False]
+
+
+# ----- int8 weight-only products of a few rows (eager CUDA calls) -----------------------------------------------------
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_int8_mm_kernel_in_the_interpreter_matches_the_reference():
+    """Ragged row / output / width counts, a 3-D row block, one row, and other launch tiles, against the PyTorch
+    form (fp16 here: the interpreter's dot mistakes bf16 for integers; bf16 runs in the GPU test). The epilogue
+    rounds like the PyTorch form, so only the fp32 sums' order differs."""
+    script = textwrap.dedent(
+        """
+        import torch
+        import torch.nn.functional as F
+        from llamaforge.kernels import int8_mm
+        torch.manual_seed(0)
+        cases = [((16, 256), 96, {}), ((5, 200), 70, {}), ((1, 128), 64, {}), ((2, 33, 64), 130, {}),
+                 ((7, 300), 50, {"block_n": 32, "block_k": 64, "block_m": 32})]
+        for shape, n, launch in cases:
+            x = torch.randn(*shape, dtype=torch.float16)
+            w = torch.randint(-127, 128, (n, shape[-1]), dtype=torch.int8)
+            s = (torch.rand(n) / 100 + 1e-3).to(torch.float16)
+            want = (F.linear(x.float(), w.float()).to(torch.float16).float() * s.float()).to(torch.float16)
+            got = int8_mm.launch(x, w, s, **launch)
+            assert got.shape == (*shape[:-1], n) and got.dtype == x.dtype, (got.shape, got.dtype)
+            torch.testing.assert_close(got, want, atol=0.01, rtol=2e-3)
+        print("ok", len(cases))
+        """
+    )
+    _in_the_interpreter(script, "ok 5")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_int8_mm_kernel_reads_int8_weights_sixteen_bytes_at_a_time_on_hopper():
+    """Compiled for sm_90 here (no GPU needed): the weight tiles load as 16-byte vectors of int8 values (the point is
+    reading each weight's one byte once) and the products run on tensor cores (mma/wgmma)."""
+    from llamaforge.kernels import int8_mm
+
+    k = 2048
+    args = {"x_ptr": "*bf16", "w_ptr": "*i8", "s_ptr": "*bf16", "y_ptr": "*bf16", "m": 16, "n": 16384, "k_len": k,
+            "sx": k, "sw": k, "sy": 16384}  # fmt: skip
+    block_m, block_n, block_k, warps, _ = int8_mm.settings_for(16, 16384)
+    constexprs = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}
+    ptx = _sm90_ptx(int8_mm._kernel(), args, constexprs, warps)
+    # the tiles are staged through shared memory by asynchronous copies (the pipeline): every one 16 bytes
+    copies = re.findall(r"cp\.async\.c[ag]\.shared\.global \[[^]]+\], \[[^]]+\], (\w+)", ptx)
+    assert copies and set(copies) == {"0x10"}, copies
+    assert not [ld for ld in _global_loads(ptx) if ld.endswith((".b8", ".u8", ".s8"))]
+    assert re.search(r"\b(mma|wgmma)\.", ptx), "no tensor-core instruction"
+
+
+def test_int8_weight_only_linear_takes_the_pytorch_form_off_cuda_and_when_compiling(monkeypatch):
+    """The kernel is for eager CUDA calls: on the CPU (and under torch.compile on any device) the product is the
+    PyTorch form, and `supported` keeps out shapes the kernel does not take."""
+    from llamaforge.kernels import int8_mm
+    from llamaforge.plugins.quantizers import int8_weight_only_linear
+
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    w = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    s = torch.rand(32, dtype=torch.bfloat16)
+    assert not int8_mm.wanted(x)
+    torch.testing.assert_close(int8_weight_only_linear(x, w, s, None), int8_mm.reference(x, w, s))
+    assert int8_mm.supported(x, w, s)
+    assert not int8_mm.supported(x.float(), w, s)  # fp32 rows: the PyTorch form
+    assert not int8_mm.supported(torch.randn(65, 64, dtype=torch.bfloat16), w, s)  # past MAX_ROWS
+    monkeypatch.setattr(int8_mm, "ENABLED", True)
+    assert int8_mm.supported(torch.randn(65, 64, dtype=torch.bfloat16), w, s)  # forced on: any row count
+    assert not int8_mm.supported(x, w.t().contiguous().t(), s)  # column-major weights
+
+
+@pytest.mark.gpu
+@cuda
+def test_int8_mm_on_cuda_matches_the_pytorch_form_at_llama_shapes():
+    """bf16 rows times the 1B shape's int8 matrices (q, stacked gate/up, down, the head with one row), eagerly
+    through int8_weight_only_linear, against the PyTorch form's arithmetic."""
+    from llamaforge.kernels import int8_mm
+    from llamaforge.plugins.quantizers import int8_weight_only_linear
+
+    torch.manual_seed(0)
+    for rows, n, k in [(16, 2048, 2048), (16, 16384, 2048), (9, 2048, 8192), (1, 128256, 2048), (64, 512, 2048)]:
+        x = torch.randn(1, rows, k, device="cuda", dtype=torch.bfloat16)
+        w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8)
+        s = (torch.rand(n, device="cuda") / 500 + 1e-4).to(torch.bfloat16)
+        assert int8_mm.wanted(x) and int8_mm.supported(x, w, s)
+        got = int8_weight_only_linear(x, w, s, None)
+        want = int8_mm.reference(x, w, s)
+        torch.testing.assert_close(got, want, atol=0.02, rtol=0.02)
+
+
+@pytest.mark.gpu
+@cuda
+def test_int8_prefill_through_int8_mm_matches_the_pytorch_form_and_generates():
+    """A bf16 model quantized to int8 weight-only: its eager 16-token forward (what a prefill runs) gives the same
+    logits through the kernel as through the PyTorch form, and graphed generation with the kernel in the prefill
+    runs to the requested length."""
+    import llamaforge
+    from llamaforge.core.generation import GenerationConfig, clear_sessions, generate
+    from llamaforge.core.loading import apply_transform
+    from llamaforge.kernels import int8_mm
+
+    spec = llamaforge.load_spec("tiny").with_updates(eos_token_id=None)
+    model = apply_transform(
+        llamaforge.build_model(spec, device="cuda", seed=0, dtype=torch.bfloat16).eval(), "quantizer",
+        "int8_weight_only",
+    )  # fmt: skip
+    ids = torch.randint(0, spec.vocab_size, (1, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    with torch.no_grad():
+        got = model(ids).logits.float()
+        int8_mm.ENABLED = False
+        try:
+            want = model(ids).logits.float()
+        finally:
+            int8_mm.ENABLED = None
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.02)
+    out = generate(model, [list(range(3, 14))], GenerationConfig(max_new_tokens=12, eos_token_ids=[]))
+    clear_sessions(model)
+    assert len(out[0]) == 12

@@ -163,3 +163,27 @@ def gate_up_kernel(
         gate = (gate * tl.load(sg_ptr + n, mask=n_ok, other=0.0).to(tl.float32)).to(out_ty).to(tl.float32)
         up = (up * tl.load(su_ptr + n, mask=n_ok, other=0.0).to(tl.float32)).to(out_ty).to(tl.float32)
     tl.store(out_ptr + n, (gate * tl.sigmoid(gate) * up).to(out_ty), mask=n_ok)
+
+
+@triton.jit(do_not_specialize=["m"])
+def int8_mm_kernel(
+    x_ptr, w_ptr, s_ptr, y_ptr, m, n, k_len, sx, sw, sy,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """y = (x @ w.T rounded to y's dtype) * scale, rounded again: x (m, K) in y's dtype, w (n, K) int8 read once
+    (llamaforge.kernels.int8_mm)."""
+    out_ty = y_ptr.dtype.element_ty
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = rn < n
+    m_ok = rm < m
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(0, k_len, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_len
+        xt = tl.load(x_ptr + rm[:, None] * sx + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wt = tl.load(w_ptr + rn[:, None] * sw + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        acc = tl.dot(xt, tl.trans(wt.to(out_ty)), acc)
+    scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    y = (acc.to(out_ty).to(tl.float32) * scale[None, :]).to(out_ty)
+    tl.store(y_ptr + rm[:, None] * sy + rn[None, :], y, mask=m_ok[:, None] & n_ok[None, :])

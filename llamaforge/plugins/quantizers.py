@@ -168,7 +168,15 @@ def int8_weight_only_linear(
     """y = x @ (q * scale).T (+ b) in x's dtype; scaling after the matmul keeps one cast of the int8 matrix, which
     torch.compile fuses into the matmul's load (that is what makes int8 decoding faster than bf16 on GPU). In the
     compiled CUDA decode step the graph pass can hand the product to llamaforge's row GEMV kernel instead
-    (`llamaforge.kernels.row_gemv.INT8`); the scale stays here."""
+    (`llamaforge.kernels.row_gemv.INT8`); the scale stays here. Uncompiled on CUDA, a few rows (a prefill, eager
+    decoding) go through llamaforge.kernels.int8_mm, which reads the int8 weights once instead of writing and
+    reading back a 16-bit copy."""
+    if x.is_cuda:
+        from llamaforge.kernels import int8_mm
+
+        if int8_mm.wanted(x) and int8_mm.supported(x, weight, scale):
+            y = int8_mm.launch(x, weight, scale)
+            return y + bias.to(y.dtype) if bias is not None else y
     y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
     return y + bias.to(y.dtype) if bias is not None else y
 
