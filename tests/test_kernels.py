@@ -1126,3 +1126,38 @@ def test_int8_prefill_through_int8_mm_matches_the_pytorch_form_and_generates():
     out = generate(model, [list(range(3, 14))], GenerationConfig(max_new_tokens=12, eos_token_ids=[]))
     clear_sessions(model)
     assert len(out[0]) == 12
+
+
+@pytest.mark.gpu
+@cuda
+def test_lora_on_an_int8_base_gets_the_same_gradients_with_int8_mm_on():
+    """Training adapters on an int8 weight-only base needs gradients through the frozen int8 products; the kernel
+    has no backward, so those calls keep the PyTorch form (int8_mm.wanted) and the adapters' gradients match the
+    ones taken with the kernel switched off."""
+    import llamaforge
+    from llamaforge.core import finetune as ft
+    from llamaforge.core.loading import apply_transform
+    from llamaforge.kernels import int8_mm
+
+    spec = llamaforge.load_spec("tiny")
+    model = apply_transform(
+        llamaforge.build_model(spec, device="cuda", seed=0, dtype=torch.bfloat16), "quantizer", "int8_weight_only"
+    )
+    ft.add_adapter(model, "lora", rank=4, targets="q_proj,v_proj")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # not zero, so every adapter's gradient depends on the products after it
+            torch.nn.init.normal_(p, std=0.02)
+    ids = torch.randint(0, spec.vocab_size, (2, 16), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
+    grads = {}
+    for on in (None, False):
+        int8_mm.ENABLED = on
+        try:
+            model.zero_grad(set_to_none=True)
+            model(ids, targets=ids).loss.backward()
+        finally:
+            int8_mm.ENABLED = None
+        grads[on] = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[None].keys() == grads[False].keys() and any("layers.0." in n for n in grads[None])
+    for name, grad in grads[None].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grad, grads[False][name])

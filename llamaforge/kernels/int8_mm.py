@@ -67,9 +67,12 @@ def supported(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> boo
 
 
 def wanted(x: torch.Tensor) -> bool:
-    """Whether an eager int8 weight-only product on x should take the kernel (never while torch.compile traces:
-    compiled graphs fuse the cast into their own reductions)."""
+    """Whether an eager int8 weight-only product on x should take the kernel: not while torch.compile traces
+    (compiled graphs fuse the cast into their own reductions) and not when autograd must reach x (the kernel has no
+    backward; LoRA on an int8 base needs the gradient through the frozen product)."""
     if ENABLED is False or not TRITON_OPS or x.device.type != "cuda":
+        return False
+    if x.requires_grad and torch.is_grad_enabled():
         return False
     return not torch.compiler.is_compiling()
 
