@@ -18,12 +18,14 @@
 #             alone over a wide row GEMV sweep (gemv_micro), then the step with exactly the fastest settings routed to
 #             the row GEMV kernel (a fixed, untuned kernel) against the default, three fresh processes each
 #             (QUANT=int8_weight_only: int8 products and steps instead of bf16; ~9 minutes)
+#   int8mm    eager int8 weight-only products of 1/16/64 rows (the prefill's) through llamaforge.kernels.int8_mm over
+#             launch settings, against the cast-then-matmul form and bf16 cuBLAS (benchmarks/int8_mm_micro.py, ~1 min)
 #   train     training throughput against transformers+compile, with variants and the kernel table
 #   final     generate_throughput at batch 1/8/32 and quant_speed --gpu, with transformers in the same run
 #
 # Extra arguments after OUT_DIR are passed to the stage's script (e.g. more variants for `decode`).
 set -uo pipefail
-stage=${1:?stage: tests, decode, int8, gemv, fused, micro, route, train or final}
+stage=${1:?stage: tests, decode, int8, gemv, fused, micro, route, int8mm, train or final}
 out=${2:?output directory}
 shift 2
 mkdir -p "$out"
@@ -68,6 +70,10 @@ fused)
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile ${fresh[@]+"${fresh[@]}"} \
         --json "$out/fused.json") >"$out/fused.log" 2>&1
     tail -n 10 "$out/fused.log"
+    ;;
+int8mm)
+    (cd benchmarks && $py int8_mm_micro.py --json "$out/int8_mm.json" "$@") >"$out/int8_mm.log" 2>&1
+    tail -n 15 "$out/int8_mm.log"
     ;;
 int8)
     variants=("$@")
@@ -135,7 +141,7 @@ final)
     tail -n 6 "$out/quant.log"
     ;;
 *)
-    echo "unknown stage '$stage': tests, decode, int8, gemv, fused, micro, route, train or final" >&2
+    echo "unknown stage '$stage': tests, decode, int8, gemv, fused, micro, route, int8mm, train or final" >&2
     exit 2
     ;;
 esac

@@ -387,3 +387,15 @@ def test_decode_variants_summary_gives_a_repeated_variants_mean_and_spread():
     assert "ERROR boom" in text
     repeated = text.split("variant (repeated)")[1].splitlines()[1:]
     assert len(repeated) == 1 and repeated[0].split() == ["base", "2", "980.0", "950-1010", "0.9800"]
+
+
+def test_int8_mm_micro_needs_a_gpu_and_says_so():
+    """The eager int8 product benchmark times a CUDA kernel: without a GPU it stops at once with a clear message
+    (its GPU figures: benchmarks/results/int8_mm_h200.json)."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the benchmark would run for real")
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "int8_mm_micro.py")], capture_output=True,
+                          text=True, cwd=ROOT / "benchmarks", timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and "needs a CUDA GPU" in proc.stderr, proc.stderr[-2000:]
