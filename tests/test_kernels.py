@@ -1035,6 +1035,11 @@ def test_int8_mm_kernel_in_the_interpreter_matches_the_reference():
             got = int8_mm.launch(x, w, s, **launch)
             assert got.shape == (*shape[:-1], n) and got.dtype == x.dtype, (got.shape, got.dtype)
             torch.testing.assert_close(got, want, atol=0.01, rtol=2e-3)
+        # fp32 scales are rounded to the rows' dtype first, as the PyTorch form does
+        x, w = torch.randn(4, 64, dtype=torch.float16), torch.randint(-127, 128, (48, 64), dtype=torch.int8)
+        s = torch.rand(48) / 100 + 1e-3
+        want = (F.linear(x.float(), w.float()).to(torch.float16).float() * s.to(torch.float16).float())
+        torch.testing.assert_close(int8_mm.launch(x, w, s), want.to(torch.float16), atol=0.01, rtol=2e-3)
         print("ok", len(cases))
         """
     )

@@ -101,6 +101,7 @@ def launch(
 
     k_len, n = x.size(-1), weight.size(0)
     rows = x.reshape(-1, k_len)
+    scale = scale.to(x.dtype)  # as the PyTorch form rounds it (a no-op for scales kept in the model's dtype)
     m = rows.size(0)
     chosen = settings_for(m, n)  # explicit arguments win
     block_m, block_n = block_m or chosen[0], block_n or chosen[1]
