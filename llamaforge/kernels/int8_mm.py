@@ -29,14 +29,11 @@ MAX_ROWS = 64
 # settings (2026-12-03, benchmarks/results/int8_mm_h200.json run2): wide matrices (gate/up, the head) 12.2 / 67-71 us
 # with 16:64:256:4:3 for 1-16 rows (the PyTorch form 107-108 / 796-805 us; bf16 cuBLAS 18.5-18.9 / 126-131),
 # 64:64:64:4:4 for 64 rows; narrow ones (k/v, q/o, down) 4.9-18.5 us with 16:16:256:4:3 for 1-16 rows (the PyTorch
-# form 10-59 us), 16:32:256:4:3 for more. `_SETTINGS`, when set, overrides them all (benchmarks' A/Bs).
-_SETTINGS: tuple[int, int, int, int, int] | None = None
+# form 10-59 us), 16:32:256:4:3 for more. `launch` takes explicit settings for A/Bs (benchmarks/int8_mm_micro.py).
 
 
 def settings_for(m: int, n: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) for m rows times an n-row matrix."""
-    if _SETTINGS is not None:
-        return _SETTINGS
     if n >= 8192:
         return (16, 64, 256, 4, 3) if m <= 32 else (64, 64, 64, 4, 4)
     return (16, 16 if m <= 16 else 32, 256, 4, 3)
