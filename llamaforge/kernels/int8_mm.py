@@ -71,7 +71,14 @@ def wanted(x: torch.Tensor) -> bool:
         return False
     if x.requires_grad and torch.is_grad_enabled():
         return False
-    return not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and _tensor_cores(x.device.index)
+
+
+@functools.cache
+def _tensor_cores(index: int | None) -> bool:
+    """Whether the GPU has the bf16/fp16 tensor-core products the kernel is written with (compute capability 8.0+:
+    Ampere and newer); older GPUs keep the PyTorch form."""
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 @functools.cache
