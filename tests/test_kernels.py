@@ -1084,6 +1084,30 @@ def test_int8_weight_only_linear_takes_the_pytorch_form_off_cuda_and_when_compil
     assert not int8_mm.supported(x, w.t().contiguous().t(), s)  # column-major weights
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.parametrize(
+    ("capability", "grad", "expected"),
+    [((9, 0), False, True), ((8, 0), False, True), ((7, 5), False, False), ((9, 0), True, False)],
+)
+def test_int8_mm_is_wanted_on_tensor_core_gpus_for_calls_without_autograd(monkeypatch, capability, grad, expected):
+    """Decided from the row's device, the GPU's compute capability (bf16/fp16 tensor cores: 8.0+) and whether
+    autograd must reach the row; a stand-in with the attributes `wanted` reads plays a CUDA row here."""
+    from llamaforge.kernels import int8_mm
+
+    class CudaRow:
+        device = torch.device("cuda", 0)
+        requires_grad = grad
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    int8_mm._tensor_cores.cache_clear()
+    try:
+        assert int8_mm.wanted(CudaRow()) is expected
+        monkeypatch.setattr(int8_mm, "ENABLED", False)
+        assert int8_mm.wanted(CudaRow()) is False
+    finally:
+        int8_mm._tensor_cores.cache_clear()
+
+
 @pytest.mark.gpu
 @cuda
 def test_int8_mm_on_cuda_matches_the_pytorch_form_at_llama_shapes():
