@@ -40,7 +40,8 @@ def settings_for(m: int, n: int) -> tuple[int, int, int, int, int]:
 
 
 def reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (..., K) in bf16/fp16/fp32; weight (N, K) int8; scale (N,): int8_weight_only_linear's arithmetic."""
+    """x (..., K) in bf16/fp16/fp32; weight (N, K) int8; scale (N,): the PyTorch form, which int8_weight_only_linear
+    runs wherever the kernel does not."""
     return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
 
 

@@ -32,6 +32,7 @@ from torch import nn
 
 from llamaforge.core.interfaces import AdapterLayer, Quantizer
 from llamaforge.errors import LlamaforgeError
+from llamaforge.kernels import int8_mm
 from llamaforge.registry import hookimpl
 
 INT8_MAX = 127
@@ -171,13 +172,8 @@ def int8_weight_only_linear(
     (`llamaforge.kernels.row_gemv.INT8`); the scale stays here. Uncompiled on CUDA, a few rows (a prefill, eager
     decoding) go through llamaforge.kernels.int8_mm, which reads the int8 weights once instead of writing and
     reading back a 16-bit copy."""
-    if x.is_cuda:
-        from llamaforge.kernels import int8_mm
-
-        if int8_mm.wanted(x) and int8_mm.supported(x, weight, scale):
-            y = int8_mm.launch(x, weight, scale)
-            return y + bias.to(y.dtype) if bias is not None else y
-    y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+    kernel = x.is_cuda and int8_mm.wanted(x) and int8_mm.supported(x, weight, scale)
+    y = int8_mm.launch(x, weight, scale) if kernel else int8_mm.reference(x, weight, scale)
     return y + bias.to(y.dtype) if bias is not None else y
 
 
