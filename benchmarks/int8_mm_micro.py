@@ -3,8 +3,9 @@ over launch settings against the PyTorch form (`F.linear(x, w.to(bf16)) * scale`
 
     python benchmarks/int8_mm_micro.py --json int8_mm.json         # H200: Llama-3.2-1B's products, 1/16/64 rows
 
-Weights are cycled over `--copies` copies (more bytes than L2 holds) and `--copies` calls are captured in one CUDA
-graph, so every call reads its weights from HBM and launch gaps do not count. Microseconds per call, and the weight
+Weights are cycled over `--copies` copies (more bytes than L2 holds) and the calls over them are captured in one CUDA
+graph (gemv_micro's timer, best of `--repeats` replays), so every call reads its weights from HBM and launch gaps do
+not count. Microseconds per call, and the weight
 bytes of the int8 matrix over that time (TB/s).
 """
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from gemv_micro import _timer  # benchmarks/ is on sys.path when run as a script
 
 from llamaforge.kernels import int8_mm
 
@@ -28,34 +30,12 @@ SETTINGS = ["default", "16:64:256:4:3", "16:32:128:4:4", "16:16:128:4:4", "16:16
             "64:64:64:4:4"]  # fmt: skip
 
 
-def _time(fn, copies: int, replays: int) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for i in range(copies):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(copies):
-            fn(i)
-    best = float("inf")
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1000 / (replays * copies))
-    return round(best, 2)
-
-
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     dev = torch.device("cuda")
     rows_out = []
     for n, k in SHAPES:
         copies = max(2, min(args.copies, (1 << 30) // (n * k)))  # >= ~1 GB of int8 weights per graph, at least 2
+        timer = _timer(dev, copies, args.repeats)
         ws = [torch.randint(-127, 128, (n, k), device=dev, dtype=torch.int8) for _ in range(copies)]
         ss = [(torch.rand(n, device=dev) / 500 + 1e-4).to(torch.bfloat16) for _ in range(copies)]
         wb = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) for _ in range(copies)]
@@ -63,10 +43,8 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
             want = int8_mm.reference(x, ws[0], ss[0])
             us: dict[str, Any] = {
-                "pytorch form": _time(
-                    lambda i, x=x, ws=ws, ss=ss: int8_mm.reference(x, ws[i], ss[i]), copies, args.replays
-                ),
-                "bf16 F.linear": _time(lambda i, x=x, wb=wb: F.linear(x, wb[i % len(wb)]), len(wb), args.replays),
+                "pytorch form": round(timer(lambda i, x=x, ws=ws, ss=ss: int8_mm.reference(x, ws[i], ss[i])), 2),
+                "bf16 F.linear": round(timer(lambda i, x=x, wb=wb: F.linear(x, wb[i])), 2),
             }
             for setting in SETTINGS:
                 launch = {}
@@ -76,16 +54,14 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 try:
                     got = int8_mm.launch(x, ws[0], ss[0], **launch)
                     err = (got.float() - want.float()).abs().max().item() / max(want.float().abs().max().item(), 1e-9)
-                    us[f"int8_mm {setting}"] = _time(
-                        lambda i, launch=launch, x=x, ws=ws, ss=ss: int8_mm.launch(x, ws[i], ss[i], **launch),
-                        copies,
-                        args.replays,
+                    us[f"int8_mm {setting}"] = round(
+                        timer(lambda i, launch=launch, x=x, ws=ws, ss=ss: int8_mm.launch(x, ws[i], ss[i], **launch)), 2
                     )
                     us[f"int8_mm {setting} rel_err"] = round(err, 6)
                 except Exception as exc:  # a setting Triton cannot build here: report it, time the rest
                     us[f"int8_mm {setting}"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-            timed = {key: v for key, v in us.items() if key.startswith("int8_mm") and isinstance(v, float)}
-            timed = {key: v for key, v in timed.items() if not key.endswith("rel_err")}
+            timed = {key: v for key, v in us.items()
+                     if key.startswith("int8_mm") and not key.endswith("rel_err") and isinstance(v, float)}  # fmt: skip
             best = min(timed, key=timed.get) if timed else None
             row = {"rows": m, "n": n, "k": k, "us": us, "best": best,
                    "best_tb_s": round(n * k / timed[best] / 1e6, 2) if best else None,
@@ -99,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--copies", type=int, default=8)
-    parser.add_argument("--replays", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20, help="timed graph replays (best of)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
