@@ -1,6 +1,7 @@
-"""The Triton sources of the fused decode kernels (`qkv_rope`, `gate_up`) and the pieces they share. Importing this
-module imports Triton, so their modules import it only when a kernel is first launched; the shared pieces are
-module-level `triton.jit` functions, which a kernel can only call when both live in one module's globals."""
+"""The Triton sources of the fused decode kernels (`qkv_rope`, `gate_up`, `int8_mm`, `decode_attention`) and the
+pieces they share. Importing this module imports Triton, so their modules import it only when a kernel is first
+launched; the shared pieces are module-level `triton.jit` functions, which a kernel can only call when both live in
+one module's globals (the interpreter resolves calls there, not in a closure)."""
 
 import triton
 import triton.language as tl
@@ -187,3 +188,119 @@ def int8_mm_kernel(
     scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     y = (acc.to(out_ty).to(tl.float32) * scale[None, :]).to(out_ty)
     tl.store(y_ptr + rm[:, None] * sy + rn[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def combine_splits(
+    m_ptr, l_ptr, acc_ptr, o_ptr, b, g, pid, active, so_b, so_h,
+    REP: tl.constexpr, REP_S: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, MOD: tl.constexpr,
+):  # fmt: skip
+    # MOD ".cg": statistics written by other programs of the running launch, read through L2, not this SM's L1
+    s = tl.arange(0, SPLITS)
+    r = tl.arange(0, REP_S)
+    d = tl.arange(0, D)
+    row = (pid * SPLITS + s)[:, None] * REP_S + r[None, :]  # (SPLITS, REP_S)
+    use = (s < active)[:, None] & (r < REP)[None, :]
+    m = tl.load(m_ptr + row, mask=use, other=float("-inf"), cache_modifier=MOD)
+    total_l = tl.load(l_ptr + row, mask=use, other=0.0, cache_modifier=MOD)
+    acc = tl.load(acc_ptr + row[:, :, None] * D + d[None, None, :], mask=use[:, :, None], other=0.0,
+                  cache_modifier=MOD)  # (SPLITS, REP_S, D)  # fmt: skip
+    top = tl.max(m, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(m - top[None, :])  # a split that allowed nothing weighs 0
+    total = tl.sum(total_l * w, axis=0)
+    out = tl.sum(acc * w[:, :, None], axis=0) / total[:, None]
+    heads = g * REP + r
+    dst = o_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
+    tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(r < REP)[:, None])
+
+
+# `length` stays a runtime integer: a cache of one position would otherwise become a constant of another type
+# than the extent it is compared with
+@triton.jit(do_not_specialize=["length"])
+def decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, ok_ptr, ext_ptr, m_ptr, l_ptr, acc_ptr, o_ptr, sync_ptr,
+    scale, length,
+    sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sok_b, so_b, so_h,
+    KV_HEADS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, REP_S: tl.constexpr, D: tl.constexpr,
+    BLOCK: tl.constexpr, SPLITS: tl.constexpr, EXTENT: tl.constexpr, DOT: tl.constexpr, FUSED: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)  # batch row x kv head
+    split = tl.program_id(1)
+    b = pid // KV_HEADS
+    g = pid % KV_HEADS
+    r = tl.arange(0, REP_P)
+    d = tl.arange(0, D)
+    heads = g * REP + r
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(r < REP)[:, None], other=0.0)
+    if not DOT:
+        q = (q.to(tl.float32) * scale).to(tl.float32)  # scale may arrive as fp64 (inductor): keep fp32
+    n = length + 0 * pid  # a tensor in both branches
+    if EXTENT:
+        n = tl.minimum(tl.load(ext_ptr + b).to(tl.int32), length)
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(n, SPLITS), BLOCK) * BLOCK, BLOCK)
+    start = split * chunk
+    end = tl.minimum(start + chunk, n)
+    # splits that hold positions (at least one, so a row allowed nothing still gets its 0/0 like the reference)
+    active = tl.maximum(tl.cdiv(n, chunk), 1)
+    go = split < active
+    if not FUSED:  # the combining kernel reads every split's statistics: an empty one stores -inf / 0
+        go = split >= 0
+    if go:
+        m_i = tl.full((REP_P,), float("-inf"), tl.float32)
+        l_i = tl.zeros((REP_P,), tl.float32)
+        acc = tl.zeros((REP_P, D), tl.float32)
+        for l0 in range(start, end, BLOCK):
+            offs = l0 + tl.arange(0, BLOCK)
+            inside = offs < end
+            rows = offs[:, None]
+            # all three loads issued before any arithmetic, so their latencies overlap
+            kt = tl.load(k_ptr + b * sk_b + g * sk_h + rows * sk_l + d[None, :], mask=inside[:, None], other=0.0)
+            vt = tl.load(v_ptr + b * sv_b + g * sv_h + rows * sv_l + d[None, :], mask=inside[:, None], other=0.0)
+            ok = tl.load(ok_ptr + b * sok_b + offs, mask=inside, other=0) != 0
+            if DOT:
+                s = (tl.dot(q, tl.trans(kt)) * scale).to(tl.float32)  # (REP_P, BLOCK)
+            else:
+                s = tl.sum(q[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)  # (REP_P, BLOCK)
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep the sums at zero
+            alpha = tl.exp(m_i - m_use)
+            p = tl.exp(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DOT:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            else:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+            m_i = m_new
+        if SPLITS == 1:  # the whole length in one program: normalise and write the output directly
+            out = acc / l_i[:, None]
+            dst = o_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
+            tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(r < REP)[:, None])
+        else:
+            row = (pid * SPLITS + split) * REP_S + r  # statistics of the real heads only (REP_S >= REP rows)
+            real = r < REP
+            tl.store(m_ptr + row, m_i, mask=real)
+            tl.store(l_ptr + row, l_i, mask=real)
+            tl.store(acc_ptr + row[:, None] * D + d[None, :], acc, mask=real[:, None])
+            if FUSED:
+                # The last split of this row and head to finish combines them all, in this launch: every
+                # thread's stores are ordered before the counter's release by the barrier, the counter's
+                # acquire orders the combining program's reads (through L2, .cg) after the others' stores.
+                # It leaves the counter at zero for the next call.
+                tl.debug_barrier()
+                done = tl.atomic_add(sync_ptr + pid, 1, sem="acq_rel", scope="gpu")
+                if done == active - 1:
+                    combine_splits(m_ptr, l_ptr, acc_ptr, o_ptr, b, g, pid, active, so_b, so_h,
+                             REP, REP_S, D, SPLITS, ".cg")  # fmt: skip
+                    tl.atomic_xchg(sync_ptr + pid, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
+def decode_attention_combine_kernel(
+    m_ptr, l_ptr, acc_ptr, o_ptr, so_b, so_h,
+    KV_HEADS: tl.constexpr, REP: tl.constexpr, REP_S: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    combine_splits(m_ptr, l_ptr, acc_ptr, o_ptr, pid // KV_HEADS, pid % KV_HEADS, pid, SPLITS, so_b, so_h,
+             REP, REP_S, D, SPLITS, "")  # fmt: skip
