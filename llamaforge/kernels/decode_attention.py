@@ -9,11 +9,13 @@ token 2,000. Here
 - the grouped query heads that share a key/value head are handled by one program, so keys and values are read
   once per group, not once per query head;
 - the cache length can be split over programs (partial softmax statistics, then one combining pass) so a single
-  long sequence still spreads over the GPU; with one split the program writes its output directly;
+  long sequence still spreads over the GPU; with one split the program writes its output directly; given the
+  static cache's `sync` zeros (`AttentionMask.sync`) the combining is done in the same launch by the last split to
+  finish, so a short cache can be spread too without paying for a second launch;
 - the mask is read as bytes (in the compiled step their conversion fuses into the kernel computing the mask);
 - with `DOT` the block products run on tensor cores (16-bit inputs; the query group padded to 16 rows).
 
-`decode_attention(q, k, v, allowed, scale, extent)` is a custom op (`torch.ops.llamaforge.decode_attention`) that
+`decode_attention(q, k, v, allowed, scale, extent, sync)` is a custom op (`torch.ops.llamaforge.decode_attention`) that
 torch.compile traces into the compiled step on CUDA (Triton through `torch.library.triton_op`) and that runs the
 PyTorch reference elsewhere.
 """
