@@ -27,9 +27,7 @@ Each variant is a comma-separated list of settings (`base` is none):
                                   through llamaforge.kernels.int8_mm; auto, the default: up to MAX_ROWS rows)
     the decoding loop             side_copy (0/1: the per-step read-back on a stream of its own, the default, or on
                                   the decode stream); compare e2e tok/s and fixed ms
-    flash-decoding kernel         splits (int or auto), block, warps, fd_dot (tensor-core block products),
-                                  fd_fused (0/1: the splits combine in the same launch, counting in the cache's
-                                  `sync` zeros, the default)
+    flash-decoding kernel         splits (int or auto), block, warps, fd_dot (tensor-core block products)
     row GEMV kernel               gemv_int8, gemv_float (0/1/auto: the graph pass hands all / none / the products
                                   measured faster on this GPU (the default) of int8 weight-only / plain weights
                                   to llamaforge.kernels.row_gemv), gemv_block_n,
@@ -80,7 +78,6 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "block": (KERNEL, "_BLOCK", "int"),
     "warps": (KERNEL, "_WARPS", "int"),
     "fd_dot": (KERNEL, "_DOT", "bool"),
-    "fd_fused": (KERNEL, "_FUSED", "bool"),
     "gemv_int8": (GEMV, "INT8", "bool_or_auto"),
     "gemv_float": (GEMV, "FLOAT", "bool_or_auto"),
     "gemv_block_n": (GEMV, "_BLOCK_N", "int"),

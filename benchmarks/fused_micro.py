@@ -38,17 +38,14 @@ QKV_SWEEP = [f"{p}:{k}:{w}" for p, k, w in itertools.product((2, 4, 8), (512, 10
     f"4:{k}:4:1" for k in (512, 1024, 2048)
 ]  # PAIRS:BLOCK_K:WARPS[:ONE_PASS]
 GATE_UP_SWEEP = [f"{n}:{k}:{w}" for n, k, w in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
-ATTN_SWEEP = (
-    [f"{s}:{b}:{w}:1" for s, b, w in itertools.product((1, 2, 4, 8), (32, 64, 128), (4, 8))]
-    + [f"{s}:{b}:4:0" for s, b in itertools.product((1, 4, 8), (32, 64))]
-    + [f"{s}:{b}:{w}:1:1" for s, b, w in itertools.product((4, 8, 16), (16, 32, 64), (2, 4))]
-    + [f"{s}:{b}:4:0:1" for s, b in itertools.product((8, 16), (16, 32))]
-)  # SPLITS:BLOCK:WARPS:DOT[:FUSED] (FUSED 1: the splits combine in the same launch)
+ATTN_SWEEP = [f"{s}:{b}:{w}:1" for s, b, w in itertools.product((1, 2, 4, 8), (32, 64, 128), (4, 8))] + [
+    f"{s}:{b}:4:0" for s, b in itertools.product((1, 4, 8), (32, 64))
+]  # SPLITS:BLOCK:WARPS:DOT
 ATTN_CASES = ["384:144", "384:272", "2048:1024"]  # CACHE_LENGTH:POSITIONS_IN_USE (the 1B benchmark's cache is 384)
 
 
 def parse_setting(text: str, length: tuple[int, ...]) -> tuple[int, ...]:
-    """`A:B:C[:D[:E]]` -> ints (powers of two for the first three; D and E, when allowed, 0 or 1)."""
+    """`A:B:C[:D]` -> ints (powers of two for the first three; D, when allowed, 0 or 1)."""
     try:
         values = tuple(int(v) for v in text.split(":"))
     except ValueError:
@@ -57,8 +54,8 @@ def parse_setting(text: str, length: tuple[int, ...]) -> tuple[int, ...]:
         raise ValueError(f"setting {text!r}: expected {' or '.join(str(n) for n in length)} integers joined by ':'")
     if any(v < 1 or v & (v - 1) for v in values[:3]):
         raise ValueError(f"setting {text!r}: the first three values must be powers of two")
-    if any(v not in (0, 1) for v in values[3:]):
-        raise ValueError(f"setting {text!r}: the values after the third (one pass; tensor cores, fused) are 0 or 1")
+    if len(values) == 4 and values[3] not in (0, 1):
+        raise ValueError(f"setting {text!r}: the fourth value (one pass, or tensor cores) is 0 or 1")
     return values
 
 
@@ -225,16 +222,14 @@ def measure_attention(case: tuple[int, int], args: argparse.Namespace, settings:
 
     contenders = {}
     if _kernels_here(device):
-        sync = torch.zeros(hkv, dtype=torch.int32, device=device)
-        for splits, block, warps, dot, *fused in [(0, 0, 0, 0), *settings]:  # (0, ...): the launch defaults
+        for splits, block, warps, dot in [(0, 0, 0, 0), *settings]:  # (0, ...): the launch defaults
 
-            def kernel(i: int, splits=splits, block=block, warps=warps, dot=dot, fused=fused) -> torch.Tensor:
+            def kernel(i: int, splits=splits, block=block, warps=warps, dot=dot) -> torch.Tensor:
                 k, v = copies[i % len(copies)]
                 return dec.launch(q, k, v, allowed, scale, extent, splits=splits or None, block=block or None,
-                                  warps=warps or None, dot=bool(dot) if block else None,
-                                  sync=sync if fused and fused[0] else None)  # fmt: skip
+                                  warps=warps or None, dot=bool(dot) if block else None)  # fmt: skip
 
-            label = ":".join(map(str, (splits, block, warps, dot, *fused))) if block else f"defaults {dec.launch_tag()}"
+            label = f"{splits}:{block}:{warps}:{dot}" if block else f"defaults {dec.launch_tag()}"
             contenders[f"decode_attention {label}"] = kernel
     _sweep(out, _timer(device, args.calls, args.repeats), reference, contenders)
     return out
@@ -253,8 +248,7 @@ def main() -> None:
     )
     ap.add_argument("--qkv", nargs="*", default=QKV_SWEEP, help="qkv_rope settings PAIRS:BLOCK_K:WARPS[:ONE_PASS]")
     ap.add_argument("--gate-up", nargs="*", default=GATE_UP_SWEEP, help="gate_up settings BLOCK_N:BLOCK_K:WARPS")
-    ap.add_argument("--attn", nargs="*", default=ATTN_SWEEP,
-                    help="decode_attention settings SPLITS:BLOCK:WARPS:DOT[:FUSED]")  # fmt: skip
+    ap.add_argument("--attn", nargs="*", default=ATTN_SWEEP, help="decode_attention settings SPLITS:BLOCK:WARPS:DOT")
     ap.add_argument("--attn-cases", nargs="*", default=ATTN_CASES, help="attention cases CACHE_LENGTH:POSITIONS")
     ap.add_argument("--no-int8", action="store_true", help="bf16 weights only")
     ap.add_argument("--kernels", nargs="+", choices=("qkv", "gate_up", "attn"), default=["qkv", "gate_up", "attn"],
@@ -267,7 +261,7 @@ def main() -> None:
     try:
         qkv = [parse_setting(s, (3, 4)) for s in args.qkv]
         gu = [parse_setting(s, (3,)) for s in args.gate_up]
-        attn = [parse_setting(s, (4, 5)) for s in args.attn]
+        attn = [parse_setting(s, (4,)) for s in args.attn]
         cases = [_parse_case(s) for s in args.attn_cases]
     except ValueError as exc:
         ap.error(str(exc))

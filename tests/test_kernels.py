@@ -100,20 +100,17 @@ def test_triton_kernel_in_the_interpreter_matches_the_reference():
             extent = torch.randint(1, length + 1, (b,), generator=torch.Generator().manual_seed(seed))
             for ext in (None, extent):
                 want = dec.reference(q, k, v, allowed, 0.3, ext)
-                for dot, fused in ((False, False), (True, False), (False, True), (True, True)):
-                    # fused: the last split to finish combines in the same launch, counting on `sync`
-                    sync = torch.zeros(b * kv + 3, dtype=torch.int32) if fused else None
-                    got = dec.launch(q, k, v, allowed, 0.3, ext, splits=splits, block=block, dot=dot, sync=sync)
+                for dot in (False, True):
+                    got = dec.launch(q, k, v, allowed, 0.3, ext, splits=splits, block=block, dot=dot)
                     seen = torch.isfinite(want)  # a row whose extent cuts off all it may see has no value
                     assert torch.equal(torch.isfinite(got), seen)
                     tol = 1e-5 if dtype is torch.float32 else 2e-2
                     torch.testing.assert_close(got.float()[seen], want.float()[seen], atol=tol, rtol=tol)
-                    assert sync is None or not sync.any()  # left at zero for the next call
                     checked += 1
         print("ok", checked)
         """
     )
-    _in_the_interpreter(script, "ok 56")
+    _in_the_interpreter(script, "ok 28")
 
 
 @settings(max_examples=60, deadline=None)
@@ -140,34 +137,6 @@ def test_the_models_decoding_mask_allows_nothing_at_or_past_its_extent(b, length
         dec.reference(q, k, v, m.mask.reshape(b, length), 0.25, m.extent),
         dec.reference(q, k, v, m.mask.reshape(b, length), 0.25),
     )
-
-
-def test_decoding_over_a_static_cache_hands_kernels_its_sync_zeros():
-    """One-query steps over the static cache get its persistent int32 zeros (AttentionMask.sync), one per row and kv
-    head; a prefill, or a step without a cache, gets none (no kernel may count in a buffer that is not there)."""
-    from llamaforge.core.cache import StaticKVCache
-    from llamaforge.core.model import LlamaForgeModel
-
-    cache = StaticKVCache(n_layers=2, batch_size=3, n_kv_heads=4, head_dim=8, max_length=16, device="cpu",
-                          dtype=torch.float32)  # fmt: skip
-    assert cache.sync.dtype == torch.int32 and cache.sync.shape == (12,) and not cache.sync.any()
-    step = LlamaForgeModel._attention_mask(3, 1, torch.device("cpu"), None, cache, torch.tensor([5]))
-    assert step.sync is cache.sync and dec.usable_sync(step.sync, 3, 4) and not dec.usable_sync(step.sync, 4, 4)
-    prefill = LlamaForgeModel._attention_mask(3, 4, torch.device("cpu"), None, cache, torch.arange(4))
-    assert prefill.sync is None
-    assert LlamaForgeModel._attention_mask(3, 1, torch.device("cpu"), None, None, None).sync is None
-
-
-@settings(max_examples=200, deadline=None)
-@given(b=st.integers(1, 64), kv=st.integers(1, 16), length=st.integers(1, 70000), block=st.sampled_from([16, 32, 64]))
-def test_fused_split_plan_covers_the_cache_with_at_most_a_gpus_worth_of_programs(b, kv, length, block):
-    """With the combine in the same launch, every position falls in some split of whole blocks, a power of two of
-    splits (tl.arange indexes them), and fewer than twice the programs that fill the GPU (rounded up to a power of
-    two) unless one split per row and head."""
-    splits = dec.plan(b, kv, length, block, fused=True)
-    assert splits & (splits - 1) == 0 and splits * dec._chunk(length, splits, block) >= length
-    assert splits == 1 or b * kv * splits < 2 * 128
-    assert splits <= dec._pow2(-(-length // block))
 
 
 def test_flash_decode_route_check_traces_without_a_graph_break():
@@ -200,14 +169,6 @@ def test_triton_kernel_on_cuda_matches_the_reference(dtype):
                 for splits in (1, 4):
                     got = dec.launch(q, k, v, allowed, 0.125, ext, splits=splits, block=64, dot=dot).float()
                     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
-                # the splits combined in the same launch by the last to finish (real concurrency here, unlike the
-                # interpreter's one program at a time), twice over one counter: it must come back to zero
-                sync = torch.zeros(b * kv, dtype=torch.int32, device="cuda")
-                for splits, block in ((None, None), (16, 16), (8, 64), (32, 32)):
-                    for _ in range(2):
-                        got = dec.launch(q, k, v, allowed, 0.125, ext, splits=splits, block=block, dot=dot, sync=sync)
-                        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
-                        assert not sync.any()
 
 
 @pytest.mark.gpu
@@ -250,7 +211,6 @@ def test_compiled_decoding_with_flash_decode_gives_the_sdpa_tokens(shape, caplog
         assert not noted, noted
         assert not counters["graph_break"], dict(counters["graph_break"])
         assert all(s.graph is not None for s in generation._sessions[model].values())
-        assert not session.cache.sync.any()  # flash_decode's one-launch combine leaves its counters at zero
         clear_sessions(model)
     if shape == "tiny":  # fp32: the same tokens (in bf16 near-tied logits of random weights may flip a greedy pick;
         # the kernel's values at this layout are checked against the reference above)
@@ -368,11 +328,10 @@ def _decode_attention_ptx(scale: str = "fp32", **constexprs) -> str:
 
     t = 2048
     args = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "ok_ptr": "*u8", "ext_ptr": "*i64", "m_ptr": "*fp32",
-            "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": "*bf16", "sync_ptr": "*i32", "scale": scale, "length": t,
-            "sq_b": 2048, "sq_h": 64, "sk_b": 8 * t * 64, "sk_h": t * 64, "sk_l": 64, "sv_b": 8 * t * 64,
-            "sv_h": t * 64, "sv_l": 64, "sok_b": t, "so_b": 2048, "so_h": 64}  # fmt: skip
-    settings = {"KV_HEADS": 8, "REP": 4, "REP_P": 4, "REP_S": 4, "D": 64, "BLOCK": 32, "SPLITS": 2, "EXTENT": True,
-                "DOT": False, "FUSED": False}  # fmt: skip
+            "l_ptr": "*fp32", "acc_ptr": "*fp32", "o_ptr": "*bf16", "scale": scale, "length": t, "sq_b": 2048,
+            "sq_h": 64, "sk_b": 8 * t * 64, "sk_h": t * 64, "sk_l": 64, "sv_b": 8 * t * 64, "sv_h": t * 64, "sv_l": 64,
+            "sok_b": t, "so_b": 2048, "so_h": 64}  # fmt: skip
+    settings = {"KV_HEADS": 8, "REP": 4, "REP_P": 4, "D": 64, "BLOCK": 32, "SPLITS": 2, "EXTENT": True, "DOT": False}
     settings.update(constexprs)
     return _sm90_ptx(decode_attention._kernels()[0], args, settings, decode_attention._WARPS)
 
@@ -486,8 +445,7 @@ def test_decode_cache_key_follows_the_fused_kernels_launch_settings(monkeypatch)
                                 (qkv_rope, "_ONE_PASS", not qkv_rope._ONE_PASS), (gate_up, "_BLOCK_N", 16),
                                 (gate_up, "_BLOCK_K", 2048), (gate_up, "_WARPS", 8), (decode_attention, "_SPLITS", 3),
                                 (decode_attention, "_BLOCK", 128), (decode_attention, "_WARPS", 2),
-                                (decode_attention, "_DOT", not decode_attention._DOT),
-                                (decode_attention, "_FUSED", not decode_attention._FUSED)):  # fmt: skip
+                                (decode_attention, "_DOT", not decode_attention._DOT)):  # fmt: skip
         with monkeypatch.context() as m:
             m.setattr(module, name, value)
             assert generation._gemv_pass().uuid() != before, name

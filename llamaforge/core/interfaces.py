@@ -74,17 +74,11 @@ class AttentionMask:
     `extent`, when set (one-query decoding over a cache), is a (batch,) integer tensor with no allowed key position
     of row b at or past extent[b]: a kernel may read only the keys below it (a static cache is mostly unwritten
     early in a generation) and must give the same result as with `mask` alone. Kernels may ignore it.
-
-    `sync`, when set (decoding over a static cache, which owns it), is an int32 tensor of zeros of at least
-    batch x kv heads entries that a kernel may use to count its finished programs within one launch (so the last
-    one can combine the others' partial results without a second launch); a kernel that uses it must leave it at
-    zero. It persists across steps, which a buffer allocated per call would not (a CUDA graph reuses that memory).
     """
 
     causal: bool = True
     mask: torch.Tensor | None = None
     extent: torch.Tensor | None = None
-    sync: torch.Tensor | None = None
 
 
 class Norm(nn.Module, abc.ABC):

@@ -418,8 +418,7 @@ class LlamaForgeModel(nn.Module):
             # nothing is allowed past the query's own position, except in a row that allowed nothing and is opened
             # to every position (a padding query): there the extent is the whole cache
             extent = torch.where(empty.reshape(bsz), kv_len, q_pos.reshape(1) + 1)
-        sync = getattr(cache, "sync", None) if extent is not None else None
-        return AttentionMask(causal=False, mask=allowed | empty, extent=extent, sync=sync)
+        return AttentionMask(causal=False, mask=allowed | empty, extent=extent)
 
 
 def _empty_rows(mask: torch.Tensor) -> torch.Tensor:

@@ -9,13 +9,11 @@ token 2,000. Here
 - the grouped query heads that share a key/value head are handled by one program, so keys and values are read
   once per group, not once per query head;
 - the cache length can be split over programs (partial softmax statistics, then one combining pass) so a single
-  long sequence still spreads over the GPU; with one split the program writes its output directly; given the
-  static cache's `sync` zeros (`AttentionMask.sync`) the combining is done in the same launch by the last split to
-  finish, so a short cache can be spread too without paying for a second launch;
+  long sequence still spreads over the GPU; with one split the program writes its output directly;
 - the mask is read as bytes (in the compiled step their conversion fuses into the kernel computing the mask);
 - with `DOT` the block products run on tensor cores (16-bit inputs; the query group padded to 16 rows).
 
-`decode_attention(q, k, v, allowed, scale, extent, sync)` is a custom op (`torch.ops.llamaforge.decode_attention`) that
+`decode_attention(q, k, v, allowed, scale, extent)` is a custom op (`torch.ops.llamaforge.decode_attention`) that
 torch.compile traces into the compiled step on CUDA (Triton through `torch.library.triton_op`) and that runs the
 PyTorch reference elsewhere.
 """
@@ -41,11 +39,6 @@ _DOT = True
 # Positions of the cache per split at least (plan()): below that the combining pass and each program's fixed
 # latency cost more than the parallelism gains.
 _MIN_SPLIT = 256
-# With a `sync` buffer (AttentionMask.sync) the last split to finish combines the others in the same launch
-# (`_FUSED`), so there is no second launch to pay for: the cache is split so each (row, kv head) spreads over up to
-# `programs` / (batch x kv heads) programs, each taking whole blocks of the positions in use; splits past them
-# return at once.
-_FUSED = True
 # H200, Llama-3.2-1B heads (32 query / 8 kv heads of 64), bf16, batch 1, one layer alone (benchmarks/fused_micro.py,
 # 2026-12-02 ninth session, benchmarks/results/fused_micro_h200.json "attention"), against compiled SDPA (cuDNN) over
 # the whole cache: a 384-position cache with 144 / 272 in use 4.66 / 5.76 us (one split, blocks of 128, tensor
@@ -54,13 +47,17 @@ _FUSED = True
 # tensor cores the same cases took 8.1 / 12.0 / 13.2 us at best (the 3-D broadcast products compile to ~400 warp
 # shuffles per step), and one split without them 22.5-139 us. Earlier (no extent, the mask converted per layer):
 # 9 us per layer in the decode step against cuDNN's 5.8 (decode_variants_h200.json run11), tensor-core products
-# with 16 splits 3.0 + 4.6 us for the combining pass, 1.170 ms per step vs 1.047 with cuDNN SDPA (run12). So
+# with 16 splits 3.0 + 4.6 us for the combining pass, 1.170 ms per step vs 1.047 with cuDNN SDPA (run12). Combining
+# in the same launch instead (the last split to finish, counting in persistent int32 zeros the static cache owned;
+# thirteenth session, commit 1e4ad6f) took 6.31 / 6.87 us at best for the two 384-position cases against cuDNN's
+# 5.91 / 6.29, and 973 vs 1,008 tok/s in the step (fused_micro_h200.json "attention_one_launch",
+# decode_variants_h200.json run33): the atomic and the combining program's reads cost what the launch did. So
 # `flash_decode` stays opt-in and `sdpa` the default.
 
 
 def launch_tag() -> str:
     """The launch settings in force, for the decode step's compile cache key (see qkv_rope.launch_tag)."""
-    return f"{_SPLITS}-{_BLOCK}-{_WARPS}-{_DOT}-{_FUSED}"
+    return f"{_SPLITS}-{_BLOCK}-{_WARPS}-{_DOT}"
 
 
 def reference(
@@ -103,24 +100,15 @@ def _pow2(n: int) -> int:
 
 
 def plan(
-    batch: int,
-    kv_heads: int,
-    length: int,
-    block: int = 64,
-    programs: int = 128,
-    splits: int | None = None,
-    fused: bool = False,
+    batch: int, kv_heads: int, length: int, block: int = 64, programs: int = 128, splits: int | None = None
 ) -> int:
     """Splits of a cache of `length` positions: unless `splits` is given, enough that batch x kv_heads x splits
     programs fill the GPU, but no more splits than blocks and none of fewer than `_MIN_SPLIT` positions; a power of
     two, as the combining pass indexes splits with tl.arange (a split left without positions weighs nothing
-    there). The kernel itself shares the positions in use over them (`_chunk`). `fused` (combined in the same
-    launch): no floor on the positions per split, and up to the power of two above the blocks."""
+    there). The kernel itself shares the positions in use over them (`_chunk`)."""
     blocks = max(1, -(-length // block))
     if splits is None:
         fill = _pow2(max(1, -(-programs // (batch * kv_heads))))
-        if fused:
-            return min(fill, _pow2(blocks))
         splits = min(fill, 1 << (blocks.bit_length() - 1), 1 << (max(1, length // _MIN_SPLIT).bit_length() - 1))
     return splits
 
@@ -134,10 +122,96 @@ def _chunk(n: int, splits: int, block: int) -> int:
 
 @functools.cache
 def _kernels() -> tuple[Any, Any]:
-    """(partial kernel, combining kernel); their source lives in fused_triton, which imports Triton."""
-    from llamaforge.kernels import fused_triton as ft
+    import triton
+    import triton.language as tl
 
-    return ft.decode_attention_kernel, ft.decode_attention_combine_kernel
+    # `length` stays a runtime integer: a cache of one position would otherwise become a constant of another type
+    # than the extent it is compared with
+    @triton.jit(do_not_specialize=["length"])
+    def partial_kernel(
+        q_ptr, k_ptr, v_ptr, ok_ptr, ext_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
+        scale, length,
+        sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sok_b, so_b, so_h,
+        KV_HEADS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
+        BLOCK: tl.constexpr, SPLITS: tl.constexpr, EXTENT: tl.constexpr, DOT: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)  # batch row x kv head
+        split = tl.program_id(1)
+        b = pid // KV_HEADS
+        g = pid % KV_HEADS
+        r = tl.arange(0, REP_P)
+        d = tl.arange(0, D)
+        heads = g * REP + r
+        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(r < REP)[:, None], other=0.0)
+        if not DOT:
+            q = (q.to(tl.float32) * scale).to(tl.float32)  # scale may arrive as fp64 (inductor): keep fp32
+        n = length + 0 * pid  # a tensor in both branches
+        if EXTENT:
+            n = tl.minimum(tl.load(ext_ptr + b).to(tl.int32), length)
+        chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK) * BLOCK
+        start = split * chunk
+        end = tl.minimum(start + chunk, n)
+        m_i = tl.full((REP_P,), float("-inf"), tl.float32)
+        l_i = tl.zeros((REP_P,), tl.float32)
+        acc = tl.zeros((REP_P, D), tl.float32)
+        for l0 in range(start, end, BLOCK):
+            offs = l0 + tl.arange(0, BLOCK)
+            inside = offs < end
+            rows = offs[:, None]
+            # all three loads issued before any arithmetic, so their latencies overlap
+            kt = tl.load(k_ptr + b * sk_b + g * sk_h + rows * sk_l + d[None, :], mask=inside[:, None], other=0.0)
+            vt = tl.load(v_ptr + b * sv_b + g * sv_h + rows * sv_l + d[None, :], mask=inside[:, None], other=0.0)
+            ok = tl.load(ok_ptr + b * sok_b + offs, mask=inside, other=0) != 0
+            if DOT:
+                s = (tl.dot(q, tl.trans(kt)) * scale).to(tl.float32)  # (REP_P, BLOCK)
+            else:
+                s = tl.sum(q[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)  # (REP_P, BLOCK)
+            s = tl.where(ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep the sums at zero
+            alpha = tl.exp(m_i - m_use)
+            p = tl.exp(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DOT:
+                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+            else:
+                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+            m_i = m_new
+        if SPLITS == 1:  # the whole length in one program: normalise and write the output directly
+            out = acc / l_i[:, None]
+            dst = o_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
+            tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(r < REP)[:, None])
+        else:
+            row = (pid * SPLITS + split) * REP_P + r
+            tl.store(m_ptr + row, m_i)
+            tl.store(l_ptr + row, l_i)
+            tl.store(acc_ptr + row[:, None] * D + d[None, :], acc)
+
+    @triton.jit
+    def combine_kernel(
+        m_ptr, l_ptr, acc_ptr, o_ptr, so_b, so_h,
+        KV_HEADS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+    ):  # fmt: skip
+        pid = tl.program_id(0)
+        b = pid // KV_HEADS
+        g = pid % KV_HEADS
+        s = tl.arange(0, SPLITS)
+        r = tl.arange(0, REP_P)
+        d = tl.arange(0, D)
+        row = (pid * SPLITS + s)[:, None] * REP_P + r[None, :]  # (SPLITS, REP_P)
+        m = tl.load(m_ptr + row)
+        total_l = tl.load(l_ptr + row)
+        acc = tl.load(acc_ptr + row[:, :, None] * D + d[None, None, :])  # (SPLITS, REP_P, D)
+        top = tl.max(m, axis=0)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        w = tl.exp(m - top[None, :])  # a split that allowed nothing weighs 0
+        total = tl.sum(total_l * w, axis=0)
+        out = tl.sum(acc * w[:, :, None], axis=0) / total[:, None]
+        heads = g * REP + r
+        dst = o_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
+        tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(r < REP)[:, None])
+
+    return partial_kernel, combine_kernel
 
 
 def launch(
@@ -152,7 +226,6 @@ def launch(
     block: int | None = None,
     warps: int | None = None,
     dot: bool | None = None,
-    sync: torch.Tensor | None = None,
     wrap: Any = None,
 ) -> torch.Tensor:
     """Run the Triton kernels (on CUDA, or on CPU tensors under TRITON_INTERPRET=1). `wrap` is
@@ -165,15 +238,9 @@ def launch(
     hk, length = k.size(1), k.size(2)
     rep = h // hk
     dot = (_DOT if dot is None else dot) and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
-    rep_s = _pow2(rep)
-    rep_p = max(16, rep_s) if dot else rep_s  # tensor-core products need 16 rows
-    fused = sync is not None
-    if fused:
-        block = block or _BLOCK or 32
-        splits = plan(b, hk, length, block, splits=splits if splits is not None else _SPLITS, fused=True)
-    else:
-        splits = plan(b, hk, length, 64 if dot else 32, splits=splits if splits is not None else _SPLITS)
-        block = block or _BLOCK or ((128 if splits == 1 else 64) if dot else 32)
+    rep_p = max(16, _pow2(rep)) if dot else _pow2(rep)  # tensor-core products need 16 rows
+    splits = plan(b, hk, length, 64 if dot else 32, splits=splits if splits is not None else _SPLITS)
+    block = block or _BLOCK or ((128 if splits == 1 else 64) if dot else 32)
     if dot:
         block = max(block, 16)
     out = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
@@ -182,32 +249,29 @@ def launch(
     ok = allowed.reshape(b, length).to(torch.uint8)  # no copy when the mask is already bytes
     ext = extent.reshape(b) if extent is not None else ok  # unread without an extent
     m_buf = l_buf = acc_buf = out  # one split writes the output directly: no partial statistics to hold
-    fused = fused and splits > 1
-    if fused and not usable_sync(sync, b, hk):
-        raise ValueError(f"decode_attention: `sync` must be a 1-D int32 tensor of zeros of at least {b * hk} entries")
     if splits > 1:
-        n = b * hk * splits * rep_s
+        n = b * hk * splits * rep_p
         stats = torch.empty(n * (2 + d), dtype=torch.float32, device=q.device)
         m_buf, l_buf, acc_buf = stats[:n], stats[n : 2 * n], stats[2 * n :]
     partial_kernel[(b * hk, splits)](
-        q, k, v, ok, ext, m_buf, l_buf, acc_buf, out, sync if fused else ok,
+        q, k, v, ok, ext, m_buf, l_buf, acc_buf, out,
         scale, length,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         ok.stride(0), out.stride(0), out.stride(1),
-        KV_HEADS=hk, REP=rep, REP_P=rep_p, REP_S=rep_s, D=d, BLOCK=block, SPLITS=splits, EXTENT=extent is not None,
-        DOT=dot, FUSED=fused, num_warps=warps or _WARPS,
+        KV_HEADS=hk, REP=rep, REP_P=rep_p, D=d, BLOCK=block, SPLITS=splits, EXTENT=extent is not None, DOT=dot,
+        num_warps=warps or _WARPS,
     )  # fmt: skip
-    if splits > 1 and not fused:
+    if splits > 1:
         combine_kernel[(b * hk,)](
             m_buf, l_buf, acc_buf, out, out.stride(0), out.stride(1),
-            KV_HEADS=hk, REP=rep, REP_S=rep_s, D=d, SPLITS=splits,
+            KV_HEADS=hk, REP=rep, REP_P=rep_p, D=d, SPLITS=splits,
         )  # fmt: skip
     return out
 
 
 if hasattr(torch.library, "triton_op"):  # torch >= 2.6
 
-    @torch.library.triton_op("llamaforge::decode_attention", mutates_args={"sync"})
+    @torch.library.triton_op("llamaforge::decode_attention", mutates_args=())
     def decode_attention(
         q: torch.Tensor,
         k: torch.Tensor,
@@ -215,13 +279,10 @@ if hasattr(torch.library, "triton_op"):  # torch >= 2.6
         allowed: torch.Tensor,
         scale: float,
         extent: torch.Tensor | None = None,
-        sync: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attention of one query per row over the cache; `allowed` (B, L) marks what it may see, `extent` (B,),
-        when given, bounds it (and the work) to the positions below it; `sync` (int32 zeros, see
-        AttentionMask.sync), when given, lets the splits of the cache combine in the same launch (and is left at
-        zero)."""
-        return launch(q, k, v, allowed, scale, extent, sync=sync if _FUSED else None, wrap=torch.library.wrap_triton)
+        when given, bounds it (and the work) to the positions below it."""
+        return launch(q, k, v, allowed, scale, extent, wrap=torch.library.wrap_triton)
 
     @decode_attention.register_kernel("cpu")
     def _decode_attention_cpu(
@@ -231,7 +292,6 @@ if hasattr(torch.library, "triton_op"):  # torch >= 2.6
         allowed: torch.Tensor,
         scale: float,
         extent: torch.Tensor | None = None,
-        sync: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return reference(q, k, v, allowed, scale, extent)
 
@@ -244,14 +304,8 @@ else:  # older torch: no way to trace Triton launches into a compiled graph, so 
         allowed: torch.Tensor,
         scale: float,
         extent: torch.Tensor | None = None,
-        sync: torch.Tensor | None = None,
     ) -> torch.Tensor:
         return reference(q, k, v, allowed, scale, extent)
-
-
-def usable_sync(sync: torch.Tensor | None, batch: int, kv_heads: int) -> bool:
-    """Whether `sync` can count the finished splits of every (row, kv head) of a launch (AttentionMask.sync)."""
-    return sync is not None and sync.dtype == torch.int32 and sync.dim() == 1 and sync.numel() >= batch * kv_heads
 
 
 def available(q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -212,8 +212,7 @@ def flash_decode(
         if dec.available(q, k):
             scale = scale if scale is not None else dec.default_scale(q)
             extent = extent if extent is not None and extent.shape == (b,) else None
-            sync = mask.sync if dec.usable_sync(mask.sync, b, k.size(1)) else None
-            return dec.decode_attention(q, k, v, allowed.reshape(b, k.size(2)), scale, extent, sync)
+            return dec.decode_attention(q, k, v, allowed.reshape(b, k.size(2)), scale, extent)
     return sdpa(q, k, v, mask=mask, dropout_p=dropout_p, scale=scale)
 
 
