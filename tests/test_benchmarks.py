@@ -176,7 +176,9 @@ def test_decode_variants_cpu_applies_each_variants_settings_in_its_own_process(t
     assert base["step_compile_options"]["coordinate_descent_tuning"] is True  # the decode step's own setting...
     assert unbuffered["step_compile_options"]["coordinate_descent_tuning"] is False  # ...a variant's option wins
     assert base["tokens_digest"] == unbuffered["tokens_digest"]  # the switches change speed, never tokens
-    assert base["ms_generate_1"] > 0 and base["ms_generate_4"] >= base["ms_generate_1"] * 0.5
+    # --phases times generate() of 1, 2 and --new-tokens tokens; no ordering between them is asserted (a timing:
+    # on a loaded 2-core machine a CI run once saw 207 ms for one token against 10 ms for four)
+    assert all(isinstance(base[f"ms_generate_{n}"], float) and base[f"ms_generate_{n}"] > 0 for n in (1, 2, 4))
 
 
 def test_decode_variants_rejects_bad_settings_before_starting_anything():
