@@ -172,7 +172,7 @@ def int8_weight_only_linear(
     (`llamaforge.kernels.row_gemv.INT8`); the scale stays here. Uncompiled on CUDA, a few rows (a prefill, eager
     decoding) go through llamaforge.kernels.int8_mm, which reads the int8 weights once instead of writing and
     reading back a 16-bit copy."""
-    kernel = x.is_cuda and int8_mm.wanted(x) and int8_mm.supported(x, weight, scale)
+    kernel = int8_mm.wanted(x) and int8_mm.supported(x, weight, scale)  # wanted: eager CUDA calls only
     y = int8_mm.launch(x, weight, scale) if kernel else int8_mm.reference(x, weight, scale)
     return y + bias.to(y.dtype) if bias is not None else y
 
