@@ -44,12 +44,12 @@ def widen_int8(w):
 
 @triton.jit
 def attend_group(
-    q_ptr, kc_ptr, vc_ptr, ok_ptr, n, o_ptr, grp, scale, kc_head, kc_pos, vc_head, vc_pos,
+    q_ptr, kc_ptr, vc_ptr, ok_ptr, ext_ptr, o_ptr, grp, length, scale, kc_head, kc_pos, vc_head, vc_pos,
     REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr,
 ):  # fmt: skip
-    """Softmax attention of the REP query heads of key/value head `grp` (one query row, batch 1) over the first `n`
-    cache positions, those the mask allows; q and the cache's newest position were written by other programs of
-    the running launch, so they are read through L2 (.cg), not this SM's L1."""
+    """Softmax attention of the REP query heads of key/value head `grp` (one query row, batch 1) over the cache
+    positions below the extent that the mask allows; q and the cache's newest position were written by other
+    programs of the running launch, so they are read through L2 (.cg), not this SM's L1."""
     r = tl.arange(0, REP_P)
     d = tl.arange(0, D)
     heads = grp * REP + r
@@ -57,6 +57,7 @@ def attend_group(
     q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=real[:, None], other=0.0, cache_modifier=".cg")
     if not DOT:
         q = q.to(tl.float32) * scale
+    n = tl.minimum(tl.load(ext_ptr).to(tl.int32), length)
     m_i = tl.full((REP_P,), float("-inf"), tl.float32)
     l_i = tl.zeros((REP_P,), tl.float32)
     acc = tl.zeros((REP_P, D), tl.float32)
@@ -136,8 +137,6 @@ def qkv_rope_kernel(
     sa = tl.load(sin_ptr + j).to(tl.float32)  # rotate-half's minus is folded into this half of sin
     sb = tl.load(sin_ptr + HALF + j).to(tl.float32)
     pos = tl.load(pos_ptr)
-    if ATTN:  # written by an earlier launch: loaded now, off the attending program's critical path
-        n_attend = tl.minimum(tl.load(ext_ptr).to(tl.int32), cache_len)
     if INT8:
         scale_a = tl.load(s_ptr + rows_a).to(tl.float32)
         scale_b = tl.load(s_ptr + rows_b).to(tl.float32)
@@ -203,8 +202,8 @@ def qkv_rope_kernel(
         tl.debug_barrier()
         done = tl.atomic_add(sync_ptr + grp, 1, sem="acq_rel", scope="gpu")
         if done == (REP + 2) * per_head - 1:
-            attend_group(q_ptr, kc_ptr, vc_ptr, ok_ptr, n_attend, o_ptr, grp, scale, kc_head, kc_pos, vc_head,
-                         vc_pos, REP, REP_P, 2 * HALF, BLOCK_L, DOT)  # fmt: skip
+            attend_group(q_ptr, kc_ptr, vc_ptr, ok_ptr, ext_ptr, o_ptr, grp, cache_len, scale, kc_head, kc_pos,
+                         vc_head, vc_pos, REP, REP_P, 2 * HALF, BLOCK_L, DOT)  # fmt: skip
             tl.atomic_xchg(sync_ptr + grp, 0, sem="relaxed", scope="gpu")
 
 

@@ -37,10 +37,8 @@ _WARPS = 4
 # (benchmarks/fused_micro.py, 2026-12-02): bf16 6.18 vs 7.23 us per call, int8 5.65 vs 5.59 (a tie); in the decode
 # step 94.7 vs 117-118 us per step for the 16 layers
 _ONE_PASS = True
-# With the attention folded in (`qkv_rope_attention`): cache positions per step of the attending program's loop.
-# H200, 1B shape, bf16, alone (benchmarks/fused_micro.py --kernels qkv_attn, 2026-12-03): 64 was the fastest of six
-# settings (32-256 positions, 4 or 8 warps) for a 384-position cache with 144 and 272 in use
-_BLOCK_L = 64
+# With the attention folded in (`qkv_rope_attention`): cache positions per step of the attending program's loop
+_BLOCK_L = 128
 
 # (allowed (1, L) bool or bytes, extent (1,), int32 zeros of at least Hkv entries, softmax scale)
 Attend = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
