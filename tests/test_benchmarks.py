@@ -304,13 +304,13 @@ def test_gemv_micro_cpu_times_each_contender_and_rejects_bad_shapes(tmp_path):
         assert proc.returncode == 2 and words in proc.stderr, proc.stderr
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def dec_tag() -> str:
     from llamaforge.kernels import decode_attention
 
     return decode_attention.launch_tag()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_fused_micro_checks_and_times_the_kernels_in_the_interpreter_and_rejects_bad_settings(tmp_path, monkeypatch):
     """The fused-kernel sweep on the CPU with Triton's interpreter: all three kernels, their values checked against
     the compiled reference before timing, the best setting named; bad settings stop it before anything is timed."""
