@@ -20,7 +20,9 @@ Each variant is a comma-separated list of settings (`base` is none):
     fused q/k/v + RoPE + cache    qkv_rope (0/1: batch-1 steps through llamaforge.kernels.qkv_rope), qkv_norm (0/1:
     write kernel                  the block's RMSNorm folded into it, on by default), qkv_pairs, qkv_block_k,
                                   qkv_warps (its launch settings), qkv_one_pass (0/1: the folded norm's statistics
-                                  gathered in the products' loop)
+                                  gathered in the products' loop), qkv_attn (0/1/auto: the step's attention in the
+                                  same launch; auto = CUDA only), qkv_block_l (its loop step over the cache),
+                                  attend_max (the longest static cache it takes)
     fused RMSNorm + gate/up +     gate_up (0/1: one-row calls through llamaforge.kernels.gate_up), gate_up_block_n,
     SiLU kernel                   gate_up_block_k, gate_up_warps
     eager int8 products           int8_mm (0/1/auto: eager int8 weight-only calls of a few rows on CUDA, the prefill's,
@@ -95,6 +97,9 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "qkv_block_k": ("llamaforge.kernels.qkv_rope", "_BLOCK_K", "int"),
     "qkv_warps": ("llamaforge.kernels.qkv_rope", "_WARPS", "int"),
     "qkv_one_pass": ("llamaforge.kernels.qkv_rope", "_ONE_PASS", "bool"),
+    "qkv_attn": ("llamaforge.plugins.attention", "_FUSED_ATTENTION", "bool_or_auto"),
+    "qkv_block_l": ("llamaforge.kernels.qkv_rope", "_BLOCK_L", "int"),
+    "attend_max": ("llamaforge.plugins.attention", "_ATTEND_MAX_LENGTH", "int"),
     "side_copy": (GEN, "_SIDE_COPY", "bool"),
     "int8_mm": ("llamaforge.kernels.int8_mm", "ENABLED", "bool_or_auto"),
 }

@@ -8,6 +8,7 @@ position.
     python benchmarks/fused_micro.py --json fused_micro.json       # H200: bf16 and int8 weight-only
     python benchmarks/fused_micro.py --device cpu --calls 2        # CPU smoke run (the compiled references only;
                                                                    # TRITON_INTERPRET=1 adds the kernels)
+    python benchmarks/fused_micro.py --kernels qkv_attn            # q/k/v + attention in one launch vs two
 
 Why standalone: inside the decode step each kernel's time drifts with its neighbours and with how inductor's tuning
 of the other kernels landed in that process (5-10% between runs), so launch settings cannot be compared there. Weights
@@ -42,6 +43,8 @@ ATTN_SWEEP = [f"{s}:{b}:{w}:1" for s, b, w in itertools.product((1, 2, 4, 8), (3
     f"{s}:{b}:4:0" for s, b in itertools.product((1, 4, 8), (32, 64))
 ]  # SPLITS:BLOCK:WARPS:DOT
 ATTN_CASES = ["384:144", "384:272", "2048:1024"]  # CACHE_LENGTH:POSITIONS_IN_USE (the 1B benchmark's cache is 384)
+QKV_ATTN_SWEEP = ["32:4", "64:4", "128:4", "256:4", "64:8", "128:8"]  # BLOCK_L:WARPS
+QKV_ATTN_CASES = ["384:144", "384:272", "1024:900"]
 
 
 def parse_setting(text: str, length: tuple[int, ...]) -> tuple[int, ...]:
@@ -235,6 +238,56 @@ def measure_attention(case: tuple[int, int], args: argparse.Namespace, settings:
     return out
 
 
+def measure_qkv_attention(case: tuple[int, int], int8: bool, args: argparse.Namespace, settings: list[tuple[int, ...]]):
+    """One layer's q/k/v products, RoPE, cache write and attention for one query (the RMSNorm folded in): the
+    reference is what the decode step runs without the attention folded in, compiled as it compiles it (the
+    qkv_rope kernel, then SDPA over the whole cache with the boolean mask: cuDNN on an H200); the contenders are
+    the one-launch kernel (`qkv_rope_attention`) at BLOCK_L:WARPS settings."""
+    from torch.nn import functional as F
+
+    from llamaforge.kernels import qkv_rope
+
+    hq, hkv, d, k, *_ = args.shape
+    length, used = case
+    g, device, x, norm, copies, out = _operands("qkv_rope_attention", [hq * d, hkv * d, hkv * d], k, int8, args, 3)
+    out["kernel"] = f"qkv_rope_attention cache {length}, {used} in use"
+    angle = torch.rand(d // 2, generator=g) * 6
+    cos = torch.cat((angle.cos(), angle.cos())).to(device, x.dtype)
+    sin = torch.cat((-angle.sin(), angle.sin())).to(device, x.dtype)
+    kc, vc = (torch.randn(1, hkv, length, d, generator=g).to(device, x.dtype) for _ in range(2))
+    pos = torch.tensor([used - 1], device=device)
+    allowed = (torch.arange(length, device=device) < used).reshape(1, 1, 1, length)
+    extent = torch.tensor([used], device=device)
+    sync = torch.zeros(hkv, dtype=torch.int32, device=device)
+    scale = 1 / d**0.5
+
+    def unfused(x, wq, wk, wv, cos, sin, kc, vc, pos, allowed, sc, norm):
+        q = qkv_rope.qkv_rope_cache(x, wq, wk, wv, cos, sin, kc, vc, pos, sc, norm).view(1, hq, 1, d)
+        o = F.scaled_dot_product_attention(q, kc, vc, attn_mask=allowed, scale=scale, enable_gqa=True)
+        return o.reshape(1, hq * d)
+
+    compiled = _compiled(unfused)
+
+    def reference(i: int) -> torch.Tensor:
+        ws, sc = copies[i % len(copies)]
+        return compiled(x, *ws, cos, sin, kc, vc, pos, allowed, sc, norm)
+
+    contenders = {}
+    if _kernels_here(device):
+        for block_l, warps in settings:
+
+            def kernel(i: int, block_l=block_l, warps=warps) -> torch.Tensor:
+                ws, sc = copies[i % len(copies)]
+                return qkv_rope.launch(x, *ws, cos, sin, kc, vc, pos, sc, norm, warps=warps,
+                                       attend=(allowed, extent, sync, scale), block_l=block_l)  # fmt: skip
+
+            contenders[f"qkv_rope_attention {block_l}:{warps}"] = kernel
+    _sweep(out, _timer(device, args.calls, args.repeats), reference, contenders)
+    if sync.any():
+        raise RuntimeError("qkv_rope_attention left a counter set: the next launch would attend early")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -250,9 +303,18 @@ def main() -> None:
     ap.add_argument("--gate-up", nargs="*", default=GATE_UP_SWEEP, help="gate_up settings BLOCK_N:BLOCK_K:WARPS")
     ap.add_argument("--attn", nargs="*", default=ATTN_SWEEP, help="decode_attention settings SPLITS:BLOCK:WARPS:DOT")
     ap.add_argument("--attn-cases", nargs="*", default=ATTN_CASES, help="attention cases CACHE_LENGTH:POSITIONS")
+    ap.add_argument("--qkv-attn", nargs="*", default=QKV_ATTN_SWEEP,
+                    help="qkv_rope_attention settings BLOCK_L:WARPS")  # fmt: skip
+    ap.add_argument("--qkv-attn-cases", nargs="*", default=QKV_ATTN_CASES,
+                    help="qkv_rope_attention cases CACHE_LENGTH:POSITIONS")  # fmt: skip
     ap.add_argument("--no-int8", action="store_true", help="bf16 weights only")
-    ap.add_argument("--kernels", nargs="+", choices=("qkv", "gate_up", "attn"), default=["qkv", "gate_up", "attn"],
-                    help="which kernels to time (default: all three)")  # fmt: skip
+    ap.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=("qkv", "gate_up", "attn", "qkv_attn"),
+        default=["qkv", "gate_up", "attn"],
+        help="which kernels to time (default: the first three)",
+    )
     ap.add_argument("--copies", type=int, default=8, help="weight copies cycled through (to read from HBM)")
     ap.add_argument("--calls", type=int, default=20, help="calls per timing (per CUDA graph on a GPU)")
     ap.add_argument("--repeats", type=int, default=5)
@@ -263,6 +325,8 @@ def main() -> None:
         gu = [parse_setting(s, (3,)) for s in args.gate_up]
         attn = [parse_setting(s, (4,)) for s in args.attn]
         cases = [_parse_case(s) for s in args.attn_cases]
+        qkv_attn = [parse_setting(s, (2,)) for s in args.qkv_attn]
+        qkv_attn_cases = [_parse_case(s) for s in args.qkv_attn_cases]
     except ValueError as exc:
         ap.error(str(exc))
     hq, hkv, d, *_ = args.shape
@@ -278,6 +342,8 @@ def main() -> None:
     runs = [functools.partial(measure, int8, args, settings) for int8 in ((False,) if args.no_int8 else (False, True))
             for measure, settings in products]  # fmt: skip
     runs += [functools.partial(measure_attention, case, args, attn) for case in cases if "attn" in args.kernels]
+    runs += [functools.partial(measure_qkv_attention, case, int8, args, qkv_attn) for case in qkv_attn_cases
+             for int8 in ((False,) if args.no_int8 else (False, True)) if "qkv_attn" in args.kernels]  # fmt: skip
     for run in runs:
         row = run()
         results.append(row)

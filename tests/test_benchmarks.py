@@ -317,9 +317,12 @@ def test_fused_micro_checks_and_times_the_kernels_in_the_interpreter_and_rejects
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     res = _run("fused_micro.py", "--device", "cpu", "--shape", "4", "2", "16", "64", "128", "8", "--no-int8",
                "--qkv", "2:64:4", "4:32:4:1", "--gate-up", "4:64:4", "--attn", "1:32:4:0", "2:16:4:0",
-               "--attn-cases", "40:9", "--calls", "1", "--repeats", "1", "--copies", "2",
+               "--attn-cases", "40:9", "--calls", "1", "--repeats", "1", "--copies", "2", "--kernels", "qkv",
+               "gate_up", "attn", "qkv_attn", "--qkv-attn", "16:4", "--qkv-attn-cases", "24:7",
                tmp_path=tmp_path)  # fmt: skip
-    qkv, gate_up, attn = res["rows"]
+    qkv, gate_up, attn, qkv_attn = res["rows"]
+    assert set(qkv_attn["us"]) == {"inductor (compiled reference)", "qkv_rope_attention 16:4"}
+    assert qkv_attn["kernel"] == "qkv_rope_attention cache 24, 7 in use"
     assert qkv["weight_bytes"] == (4 + 2 * 2) * 16 * 64 * 4 and gate_up["weight_bytes"] == 2 * 128 * 64 * 4
     assert attn["weight_bytes"] == 2 * 2 * 9 * 16 * 4  # the keys and values in use only
     assert set(qkv["us"]) == {"inductor (compiled reference)", "qkv_rope 2:64:4", "qkv_rope 4:32:4:1"}
@@ -338,6 +341,9 @@ def test_fused_micro_checks_and_times_the_kernels_in_the_interpreter_and_rejects
         (["--attn", "1:64:4"], "4 integers"),
         (["--attn-cases", "64:65"], "between 1 and the cache length"),
         (["--attn-cases", "64"], "CACHE_LENGTH:POSITIONS"),
+        (["--qkv-attn", "24:4"], "powers of two"),
+        (["--qkv-attn", "32"], "2 integers"),
+        (["--qkv-attn-cases", "8:9"], "between 1 and the cache length"),
         (["--shape", "4", "3", "16", "64", "128", "8"], "multiple"),
     ]
     for bad, words in bad_args:

@@ -373,16 +373,16 @@ def fused_qkv_calls(monkeypatch):
     return calls, lambda on: monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", on)
 
 
-def _count_reference_calls(kernel_module, monkeypatch) -> list[int]:
+def _count_reference_calls(kernel_module, monkeypatch, name: str = "reference") -> list[int]:
     """A counter of a fused kernel module's reference calls (what its op runs on a CPU)."""
     calls = [0]
-    reference = kernel_module.reference
+    reference = getattr(kernel_module, name)
 
     def counted(*args):
         calls[0] += 1
         return reference(*args)
 
-    monkeypatch.setattr(kernel_module, "reference", counted)
+    monkeypatch.setattr(kernel_module, name, counted)
     return calls
 
 
@@ -438,6 +438,44 @@ def _check_route_scope(seed, configs, switch, calls):
     assert one[True] == one[False] and calls[0] == dynamic.spec.n_layers * 8
 
 
+def test_fused_attention_route_decodes_the_same_tokens_and_only_where_it_applies(monkeypatch):
+    """Batch-1 decoding steps with the attention folded into the fused q/k/v op (on a CPU its reference) stream the
+    same tokens as the fused q/k/v op followed by the module's attention kernel; a module whose kernel is another
+    plugin (`eager` here), a static cache longer than the route's bound, batches of several rows and int8_dynamic
+    projections keep the separate attention."""
+    from llamaforge.kernels import qkv_rope
+    from llamaforge.plugins import attention
+
+    calls = _count_reference_calls(qkv_rope, monkeypatch, "attention_reference")
+    monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", True)
+
+    def switch(on):
+        monkeypatch.setattr(attention, "_FUSED_ATTENTION", on)
+
+    model = _model(seed=15)
+    tok = CharTokenizer()
+    free = generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=10, eos_token_ids=[]))
+    assert len(set(free[0])) > 3  # a model that does not repeat one token: the comparison means something
+    configs = [
+        GenerationConfig(max_new_tokens=10, eos_token_ids=[free[0][7]]),
+        GenerationConfig.from_options(temperature=1.1, top_k=20, seed=4, max_new_tokens=9),
+        GenerationConfig(max_new_tokens=10, eos_token_ids=[], stop_strings=[tok.decode(free[0][4:6])]),
+    ]
+    out = _fused_and_plain(model, [[5, 6, 7]], configs, switch, tok)
+    assert out[True] == out[False] and calls[0] > 0
+    calls[0] = 0
+    _fused_and_plain(model, [[5, 6, 7]], configs[1:2], switch)
+    assert calls[0] == model.spec.n_layers * 8  # 9 tokens: the prefill's, then 8 decoding steps through the op
+    calls[0] = 0
+    bound = attention._ATTEND_MAX_LENGTH
+    monkeypatch.setattr(attention, "_ATTEND_MAX_LENGTH", 8)  # below the static cache's length
+    assert _fused_and_plain(model, [[5, 6, 7]], configs, switch, tok)[True] == out[False] and calls[0] == 0
+    monkeypatch.setattr(attention, "_ATTEND_MAX_LENGTH", bound)
+    eager = _model(seed=15, attention_kernel="eager")
+    assert _fused_and_plain(eager, [[5, 6, 7]], configs, switch, tok)[True] == out[False] and calls[0] == 0
+    _check_route_scope(15, configs, switch, calls)
+
+
 def test_fused_gate_up_route_decodes_the_same_tokens_and_only_where_it_applies(monkeypatch):
     """One-row calls through the fused RMSNorm + gate/up + SiLU op (on a CPU its reference) stream the same tokens,
     alone and together with the fused q/k/v route, also with int8 weight-only projections; the prefill, batches of
@@ -471,14 +509,18 @@ def test_fused_gate_up_route_decodes_the_same_tokens_and_only_where_it_applies(m
 
 @pytest.mark.slow  # an inductor compilation: ~15 s on an idle CPU
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
-def test_fused_qkv_rope_route_in_the_compiled_step_writes_the_cache_in_place(fused_qkv_calls, monkeypatch):
+@pytest.mark.parametrize("attend", [False, True])
+def test_fused_qkv_rope_route_in_the_compiled_step_writes_the_cache_in_place(fused_qkv_calls, attend, monkeypatch):
     """Compiled, the op stays one call per layer that writes the cache where it is (no copy of the cache per step),
-    and the tokens are those of the plain compiled step."""
+    and the tokens are those of the plain compiled step; with the attention folded in too (no attention kernel of
+    its own left in the step, its counters not copied either)."""
     from torch._inductor.utils import run_and_get_code
 
     from llamaforge.core import generation
     from llamaforge.core import model as model_module
+    from llamaforge.plugins import attention
 
+    monkeypatch.setattr(attention, "_FUSED_ATTENTION", attend)
     calls, switch = fused_qkv_calls
     model = _model(seed=13)
     config = GenerationConfig(max_new_tokens=8, eos_token_ids=[], compile=True)
@@ -494,7 +536,9 @@ def test_fused_qkv_rope_route_in_the_compiled_step_writes_the_cache_in_place(fus
     with torch.no_grad():
         _, codes = run_and_get_code(torch.compile(generation._decode_forward), *args)
     code = "\n".join(codes)
-    assert code.count("torch.ops.llamaforge.qkv_rope_cache_reference.default(") == model.spec.n_layers
+    op = "qkv_rope_attention_reference" if attend else "qkv_rope_cache_reference"
+    assert code.count(f"torch.ops.llamaforge.{op}.default(") == model.spec.n_layers
+    assert ("scaled_dot_product" in code) != attend
     assert code.count("torch.ops.llamaforge.gate_up_silu_reference.default(") == model.spec.n_layers
     assert ".copy_(" not in code  # mutated in place, not functionalised into a copy of every cache buffer
     changed = [(k != k0).any(dim=(0, 1, 3)).nonzero().flatten().tolist() for k, k0 in zip(cache.keys, keys_before)]

@@ -838,11 +838,59 @@ def test_qkv_rope_kernel_in_the_interpreter_matches_the_reference():
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_qkv_rope_attention_kernel_in_the_interpreter_matches_the_reference():
+    """With the attention folded in: the output of the last program of each group (the interpreter runs programs one
+    after another, so that is the group's last in launch order) against the reference, with a mask with holes, an
+    extent below the cache's length, grouped and ungrouped heads, int8 weights, a folded norm, loop steps shorter
+    and longer than the positions in use; the counters are back at zero after every launch."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from llamaforge.kernels import qkv_rope
+        from tests.test_kernels import _qkv_case
+        cases = [  # (seed, q heads, kv heads, head size, width, cache length, position, dtype, int8 weights)
+            (0, 8, 2, 64, 256, 16, 5, torch.float32, False),
+            (1, 4, 4, 16, 100, 7, 6, torch.float32, False),  # one kv head per query head; the last position
+            (2, 6, 2, 32, 300, 9, 0, torch.float16, False),  # tensor-core products (fp16: see the test above)
+            (3, 8, 1, 64, 64, 300, 200, torch.float16, False),  # several loop steps
+            (4, 8, 2, 64, 256, 16, 5, torch.float32, True),
+            (5, 6, 2, 32, 300, 40, 33, torch.float16, True),
+        ]
+        for seed, hq, hkv, d, k, length, pos, dtype, int8 in cases:
+            x, wq, wk, wv, cos, sin, kc, vc, position, *scales = _qkv_case(seed, hq, hkv, d, k, length, pos, dtype,
+                                                                           int8)
+            scales = scales[0] if scales else None
+            g = torch.Generator().manual_seed(seed)
+            allowed = torch.rand(1, length, generator=g) < 0.7  # holes, and allowed positions past the extent
+            allowed[0, pos] = True
+            extent, sync, scale = torch.tensor([pos + 1]), torch.zeros(hkv + 1, dtype=torch.int32), d**-0.5
+            for norm in (None, ((torch.rand(k, generator=g) + 0.5).to(dtype), 1e-5)):
+                want_k, want_v = kc.clone(), vc.clone()
+                want = qkv_rope.attention_reference(x, wq, wk, wv, cos, sin, want_k, want_v, position, allowed,
+                                                    extent, scale, scales, norm)
+                for block_l in (16, 128):
+                    got_k, got_v = kc.clone(), vc.clone()
+                    got = qkv_rope.launch(x, wq, wk, wv, cos, sin, got_k, got_v, position, scales, norm, warps=2,
+                                          block_k=64, attend=(allowed, extent, sync, scale), block_l=block_l)
+                    tol = 1e-5 if dtype is torch.float32 else 2e-2
+                    for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
+                        torch.testing.assert_close(a.float(), b.float(), atol=tol, rtol=tol)
+                    assert not sync.any()
+        print("ok", len(cases))
+        """
+    )
+    _in_the_interpreter(script, "ok 6")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.parametrize(
-    ("dtype", "norm", "one_pass"),
-    [("bf16", False, False), ("i8", False, False), ("bf16", True, False), ("bf16", True, True)],
-)
-def test_qkv_rope_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, norm, one_pass):
+    ("dtype", "norm", "one_pass", "attn"),
+    [("bf16", False, False, False), ("i8", False, False, False), ("bf16", True, False, False),
+     ("bf16", True, True, False), ("bf16", True, True, True), ("i8", True, True, True)],
+)  # fmt: skip
+def test_qkv_rope_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, norm, one_pass, attn):
+    """Also with the attention folded in, which must count its programs with a gpu-scope acquire-release atomic and
+    run its block products on tensor cores."""
     from llamaforge.kernels import qkv_rope
 
     k, t = 2048, 2048  # Llama-3.2-1B's width; the static cache's length
@@ -850,15 +898,21 @@ def test_qkv_rope_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, 
             "sk_ptr": "*bf16", "sv_ptr": "*bf16", "cos_ptr": "*bf16", "g_ptr": "*bf16", "eps": "fp32",
             "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "pos_ptr": "*i64", "k_len": k,
             "swq": k, "swk": k, "swv": k, "progs_q": 256, "progs_qk": 320, "kc_head": t * 64, "kc_pos": 64,
-            "vc_head": t * 64, "vc_pos": 64, "cache_len": t}  # fmt: skip
+            "vc_head": t * 64, "vc_pos": 64, "cache_len": t, "ok_ptr": "*u8", "ext_ptr": "*i64", "o_ptr": "*bf16",
+            "sync_ptr": "*i32", "scale": "fp32"}  # fmt: skip
     constexprs = {"HALF": 32, "PAIRS": qkv_rope._PAIRS, "BLOCK_K": qkv_rope._BLOCK_K, "INT8": dtype == "i8",
-                  "NORM": norm, "ONE_PASS": one_pass}  # fmt: skip
+                  "NORM": norm, "ONE_PASS": one_pass, "ATTN": attn, "REP": 4, "REP_P": 16,
+                  "BLOCK_L": qkv_rope._BLOCK_L, "DOT": attn}  # fmt: skip
     ptx = _sm90_ptx(qkv_rope._kernel(), args, constexprs, qkv_rope._WARPS)
     loads = _global_loads(ptx)
     assert any(".v4." in ld for ld in loads), loads
-    assert not [ld for ld in loads if ld.endswith((".b8", ".u8", ".s8"))], loads
-    if dtype == "i8":  # int8 widened through the float's bits, no I2F per value
-        assert not re.findall(r"cvt\.rn\.f32\.[su]8", ptx) and not re.findall(r"cvt\.rn\.f32\.[su]32", ptx)
+    # byte loads: none, but the attention's mask (a byte per position and thread, in the software-pipelined loop's
+    # prologue and body)
+    assert len([ld for ld in loads if ld.endswith((".b8", ".u8", ".s8"))]) <= (4 if attn else 0), loads
+    if dtype == "i8":  # int8 widened through the float's bits, no I2F per value (a folded norm converts its width)
+        assert not re.findall(r"cvt\.rn\.f32\.[su]8", ptx) and len(re.findall(r"cvt\.rn\.f32\.[su]32", ptx)) <= norm
+    assert bool(re.search(r"atom\.global\.gpu\.acq_rel\.add", ptx)) == attn
+    assert ("mma.sync" in ptx or "wgmma" in ptx) == attn
 
 
 @pytest.mark.gpu
@@ -881,6 +935,35 @@ def test_qkv_rope_on_cuda_matches_the_reference_at_llama_shapes():
             got = fn(x, wq, wk, wv, cos, sin, got_k, got_v, position, scales, norm)
             for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
                 _close_to(a, b, 1e-2)
+
+
+@pytest.mark.gpu
+@cuda
+def test_qkv_rope_attention_on_cuda_matches_the_reference_at_llama_shapes():
+    """With the attention folded in, on CUDA (eagerly and traced by torch.compile; three calls each, so a counter left
+    behind by one launch would break the next), at the 1B attention shape, bf16 and int8 weights, a folded norm, the
+    benchmark's 384-position cache and a 1,024-position one, a mask with holes."""
+    from llamaforge.kernels import qkv_rope
+
+    shapes = [(384, 100, False, False), (384, 300, True, True), (1024, 900, False, True), (1024, 3, True, False)]
+    for seed, (length, pos, int8, fold) in enumerate(shapes):
+        case = _qkv_case(seed, 32, 8, 64, 2048, length, pos, torch.bfloat16, int8)
+        x, wq, wk, wv, cos, sin, kc, vc, position = (t.cuda() for t in case[:9])
+        scales = tuple(sc.cuda() for sc in case[9]) if int8 else None
+        norm = ((torch.rand(2048, device="cuda") + 0.5).to(torch.bfloat16), 1e-5) if fold else None
+        allowed = torch.rand(1, 1, 1, length, device="cuda") < 0.8
+        allowed[..., pos] = True
+        extent, sync = torch.tensor([pos + 1], device="cuda"), torch.zeros(8, dtype=torch.int32, device="cuda")
+        want_k, want_v = kc.clone(), vc.clone()
+        want = qkv_rope.attention_reference(x, wq, wk, wv, cos, sin, want_k, want_v, position, allowed, extent,
+                                            0.125, scales, norm)  # fmt: skip
+        for fn in (qkv_rope.qkv_rope_attention, torch.compile(qkv_rope.qkv_rope_attention)):
+            for _ in range(3):
+                got_k, got_v = kc.clone(), vc.clone()
+                got = fn(x, wq, wk, wv, cos, sin, got_k, got_v, position, allowed, extent, sync, 0.125, scales, norm)
+                for a, b in ((got, want), (got_k, want_k), (got_v, want_v)):
+                    _close_to(a, b, 1e-2)
+                assert not sync.any()
 
 
 # ----- fused RMSNorm + gate/up + SiLU (llamaforge.kernels.gate_up) --------------------------------------------------
@@ -988,9 +1071,11 @@ def test_gate_up_on_cuda_matches_the_reference_at_llama_shapes():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize(("qkv", "ffn"), [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize(("qkv", "ffn", "attn"), [(True, False, False), (False, True, False), (True, True, False),
+                                                (True, False, True), (True, True, True)])  # fmt: skip
 @pytest.mark.parametrize("quant", [None, "int8_weight_only"])
-def test_compiled_graphed_decoding_through_the_fused_kernels_gives_the_plain_tokens(qkv, ffn, quant, monkeypatch):
+def test_compiled_graphed_decoding_through_the_fused_kernels_gives_the_plain_tokens(qkv, ffn, attn, quant,
+                                                                                    monkeypatch):  # fmt: skip
     import llamaforge
     from llamaforge.core import model as model_module
     from llamaforge.core.generation import GenerationConfig, clear_sessions, generate
@@ -1005,6 +1090,7 @@ def test_compiled_graphed_decoding_through_the_fused_kernels_gives_the_plain_tok
     out = {}
     for on in (False, True):  # on: None, CUDA only, what a default would be
         monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", None if on and qkv else False)
+        monkeypatch.setattr(attention, "_FUSED_ATTENTION", None if on and attn else False)
         monkeypatch.setattr(model_module, "_FUSED_GATE_UP", None if on and ffn else False)
         torch._dynamo.reset()
         clear_sessions(model)

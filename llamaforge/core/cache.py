@@ -33,6 +33,10 @@ class StaticKVCache(KVCache):
         shape = (batch_size, n_kv_heads, max_length, head_dim)
         self.max_length = max_length
         self.batch_size = batch_size
+        # int32 zeros that a one-launch decode kernel counts its finished programs in (one per key/value head;
+        # llamaforge.kernels.qkv_rope.qkv_rope_attention), left at zero by it: they persist across steps, which a
+        # buffer allocated per call would not (a CUDA graph reuses that memory)
+        self.sync = torch.zeros(max(1, batch_size * n_kv_heads), dtype=torch.int32, device=device)
         self.kv: list[torch.Tensor] | None = None
         if _ONE_WRITE:  # views of one buffer per layer; update() writes through the buffer only, so a compiled
             # step sees one input per layer, not two aliasing views of it

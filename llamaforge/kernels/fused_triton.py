@@ -42,24 +42,90 @@ def widen_int8(w):
     return (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
 
 
+@triton.jit
+def attend_group(
+    q_ptr, kc_ptr, vc_ptr, ok_ptr, n, o_ptr, grp, scale, kc_head, kc_pos, vc_head, vc_pos,
+    REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """Softmax attention of the REP query heads of key/value head `grp` (one query row, batch 1) over the first `n`
+    cache positions, those the mask allows; q and the cache's newest position were written by other programs of
+    the running launch, so they are read through L2 (.cg), not this SM's L1."""
+    r = tl.arange(0, REP_P)
+    d = tl.arange(0, D)
+    heads = grp * REP + r
+    real = r < REP
+    q = tl.load(q_ptr + heads[:, None] * D + d[None, :], mask=real[:, None], other=0.0, cache_modifier=".cg")
+    if not DOT:
+        q = q.to(tl.float32) * scale
+    m_i = tl.full((REP_P,), float("-inf"), tl.float32)
+    l_i = tl.zeros((REP_P,), tl.float32)
+    acc = tl.zeros((REP_P, D), tl.float32)
+    for l0 in range(0, n, BLOCK):
+        offs = l0 + tl.arange(0, BLOCK)
+        inside = offs < n
+        rows = offs[:, None]
+        # the three loads issued before any arithmetic, so their latencies overlap
+        kt = tl.load(kc_ptr + grp * kc_head + rows * kc_pos + d[None, :], mask=inside[:, None], other=0.0,
+                     cache_modifier=".cg")  # fmt: skip
+        vt = tl.load(vc_ptr + grp * vc_head + rows * vc_pos + d[None, :], mask=inside[:, None], other=0.0,
+                     cache_modifier=".cg")  # fmt: skip
+        ok = tl.load(ok_ptr + offs, mask=inside, other=0) != 0
+        if DOT:
+            s = (tl.dot(q, tl.trans(kt)) * scale).to(tl.float32)  # (REP_P, BLOCK)
+        else:
+            s = tl.sum(q[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep the sums at zero
+        alpha = tl.exp(m_i - m_use)
+        p = tl.exp(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DOT:
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+        else:
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(o_ptr + heads[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=real[:, None])
+
+
 @triton.jit(do_not_specialize=["progs_q", "progs_qk"])
 def qkv_rope_kernel(
     x_ptr, wq_ptr, wk_ptr, wv_ptr, sq_ptr, sk_ptr, sv_ptr, cos_ptr, sin_ptr, q_ptr, kc_ptr, vc_ptr, pos_ptr,
     g_ptr, eps, k_len, swq, swk, swv, progs_q, progs_qk, kc_head, kc_pos, vc_head, vc_pos, cache_len,
+    ok_ptr, ext_ptr, o_ptr, sync_ptr, scale,
     HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, NORM: tl.constexpr,
-    ONE_PASS: tl.constexpr,
+    ONE_PASS: tl.constexpr, ATTN: tl.constexpr = False, REP: tl.constexpr = 1, REP_P: tl.constexpr = 1,
+    BLOCK_L: tl.constexpr = 128, DOT: tl.constexpr = False,
 ):  # fmt: skip
     pid = tl.program_id(0)
     per_head = HALF // PAIRS
-    # the first progs_q programs serve q's rows, then k's, then v's; `which` says whose
-    if pid < progs_q:
-        w_ptr, s_ptr, stride, local, which = wq_ptr, sq_ptr, swq, pid, 0
-    elif pid < progs_qk:
-        w_ptr, s_ptr, stride, local, which = wk_ptr, sk_ptr, swk, pid - progs_q, 1
+    grp = 0
+    if ATTN:
+        # group-major: each key/value head's programs (its REP query heads', then its k's and v's) are numbered
+        # together, so early groups finish, and attend, while later ones still stream their weights
+        per_group = (REP + 2) * per_head
+        grp = pid // per_group
+        slot = pid % per_group
+        if slot < REP * per_head:
+            w_ptr, s_ptr, stride, which = wq_ptr, sq_ptr, swq, 0
+            head = grp * REP + slot // per_head
+            jl = slot % per_head
+        elif slot < (REP + 1) * per_head:
+            w_ptr, s_ptr, stride, which, head, jl = wk_ptr, sk_ptr, swk, 1, grp, slot - REP * per_head
+        else:
+            w_ptr, s_ptr, stride, which, head, jl = wv_ptr, sv_ptr, swv, 2, grp, slot - (REP + 1) * per_head
     else:
-        w_ptr, s_ptr, stride, local, which = wv_ptr, sv_ptr, swv, pid - progs_qk, 2
-    head = local // per_head
-    j = (local % per_head) * PAIRS + tl.arange(0, PAIRS)  # dimensions in the head's first half
+        # the first progs_q programs serve q's rows, then k's, then v's; `which` says whose
+        if pid < progs_q:
+            w_ptr, s_ptr, stride, local, which = wq_ptr, sq_ptr, swq, pid, 0
+        elif pid < progs_qk:
+            w_ptr, s_ptr, stride, local, which = wk_ptr, sk_ptr, swk, pid - progs_q, 1
+        else:
+            w_ptr, s_ptr, stride, local, which = wv_ptr, sv_ptr, swv, pid - progs_qk, 2
+        head = local // per_head
+        jl = local % per_head
+    j = jl * PAIRS + tl.arange(0, PAIRS)  # dimensions in the head's first half
     rows_a = head * 2 * HALF + j
     rows_b = rows_a + HALF  # their RoPE partners
     out_ty = q_ptr.dtype.element_ty
@@ -70,6 +136,8 @@ def qkv_rope_kernel(
     sa = tl.load(sin_ptr + j).to(tl.float32)  # rotate-half's minus is folded into this half of sin
     sb = tl.load(sin_ptr + HALF + j).to(tl.float32)
     pos = tl.load(pos_ptr)
+    if ATTN:  # written by an earlier launch: loaded now, off the attending program's critical path
+        n_attend = tl.minimum(tl.load(ext_ptr).to(tl.int32), cache_len)
     if INT8:
         scale_a = tl.load(s_ptr + rows_a).to(tl.float32)
         scale_b = tl.load(s_ptr + rows_b).to(tl.float32)
@@ -128,6 +196,16 @@ def qkv_rope_kernel(
         inside = (j * 0 + pos) < cache_len  # a position past the cache writes nothing (no stray store to memory)
         tl.store(base + j, oa.to(out_ty), mask=inside)
         tl.store(base + HALF + j, ob.to(out_ty), mask=inside)
+    if ATTN:
+        # The last program of a key/value head's group to finish attends for the group, in this launch: the
+        # barrier orders every thread's stores before the counter's release, the counter's acquire orders the
+        # attending program's reads after the other programs' stores. It leaves the counter at zero.
+        tl.debug_barrier()
+        done = tl.atomic_add(sync_ptr + grp, 1, sem="acq_rel", scope="gpu")
+        if done == (REP + 2) * per_head - 1:
+            attend_group(q_ptr, kc_ptr, vc_ptr, ok_ptr, n_attend, o_ptr, grp, scale, kc_head, kc_pos, vc_head,
+                         vc_pos, REP, REP_P, 2 * HALF, BLOCK_L, DOT)  # fmt: skip
+            tl.atomic_xchg(sync_ptr + grp, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit

@@ -37,13 +37,20 @@ _WARPS = 4
 # (benchmarks/fused_micro.py, 2026-12-02): bf16 6.18 vs 7.23 us per call, int8 5.65 vs 5.59 (a tie); in the decode
 # step 94.7 vs 117-118 us per step for the 16 layers
 _ONE_PASS = True
+# With the attention folded in (`qkv_rope_attention`): cache positions per step of the attending program's loop.
+# H200, 1B shape, bf16, alone (benchmarks/fused_micro.py --kernels qkv_attn, 2026-12-03): 64 was the fastest of six
+# settings (32-256 positions, 4 or 8 warps) for a 384-position cache with 144 and 272 in use
+_BLOCK_L = 64
+
+# (allowed (1, L) bool or bytes, extent (1,), int32 zeros of at least Hkv entries, softmax scale)
+Attend = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
 
 
 def launch_tag() -> str:
     """The launch settings in force, for the decode step's compile cache key: the Triton op reads them when
     torch.compile traces it, and inductor's on-disk cache does not key on them (an H200 run replayed the default
     kernel for five variants with other settings, 2026-12-02 run20)."""
-    return f"qkv_rope-{_PAIRS}-{_BLOCK_K}-{_WARPS}-{_ONE_PASS}"
+    return f"qkv_rope-{_PAIRS}-{_BLOCK_K}-{_WARPS}-{_ONE_PASS}-{_BLOCK_L}"
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -135,10 +142,13 @@ def launch(
     block_k: int | None = None,
     warps: int | None = None,
     one_pass: bool | None = None,
+    attend: Attend | None = None,
+    block_l: int | None = None,
     wrap: Any = None,
 ) -> torch.Tensor:
     """Run the Triton kernel (on CUDA, or on CPU tensors under TRITON_INTERPRET=1); `wrap` is
-    torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch."""
+    torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch. Returns q (1, Hq*D), or
+    with `attend` the attention output (1, Hq*D) (see `qkv_rope_attention`)."""
     import triton
 
     kernel = _kernel()
@@ -155,15 +165,26 @@ def launch(
     q = torch.empty(1, int(wq.size(0)), dtype=x.dtype, device=x.device)
     sq, sk, sv = scales if scales is not None else (x, x, x)  # unread without INT8
     g, eps = norm if norm is not None else (x, 0.0)  # unread without NORM
+    out, ok, extent, sync, scale, rep, rep_p, dot = q, q, q, q, 0.0, 1, 1, False  # unread without ATTN
+    if attend is not None:
+        allowed, extent, sync, scale = attend
+        out = torch.empty_like(q)
+        # bytes for the kernel; inside the compiled step the conversion fuses into the kernel computing the mask
+        ok = allowed.reshape(1, -1).to(torch.uint8)
+        rep = heads[0] // heads[1]
+        dot = x.dtype in (torch.float16, torch.bfloat16)  # fp32 would run its products on TF32
+        rep_p = max(16, triton.next_power_of_2(rep)) if dot else triton.next_power_of_2(rep)
     kernel[(sum(progs),)](
         x, wq, wk, wv, sq, sk, sv, cos, sin, q, k_cache, v_cache, cache_position, g, float(eps),
         k_len, wq.stride(0), wk.stride(0), wv.stride(0), progs[0], progs[0] + progs[1],
         k_cache.stride(1), k_cache.stride(2), v_cache.stride(1), v_cache.stride(2), k_cache.size(2),
+        ok, extent, out, sync, float(scale),
         HALF=half, PAIRS=pairs, BLOCK_K=block_k, INT8=scales is not None,
         NORM=norm is not None, ONE_PASS=norm is not None and (_ONE_PASS if one_pass is None else one_pass),
+        ATTN=attend is not None, REP=rep, REP_P=rep_p, BLOCK_L=block_l or _BLOCK_L, DOT=dot,
         num_warps=warps or _WARPS,
     )  # fmt: skip
-    return q
+    return out
 
 
 @torch.library.custom_op("llamaforge::qkv_rope_cache_reference", mutates_args={"k_cache", "v_cache"})
@@ -235,3 +256,147 @@ def qkv_rope_cache(
     scales of int8 weight-only weights; `norm`: an RMSNorm's (weight, eps) to apply to x first."""
     op = _triton_op if x.device.type == "cuda" and _triton_op is not None else _reference_op
     return op(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, *pack_extras(scales, norm))
+
+
+# ----- with the attention folded in --------------------------------------------------------------------------------
+def attention_reference(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+    allowed: torch.Tensor,
+    extent: torch.Tensor,
+    scale: float,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+) -> torch.Tensor:
+    """`reference`, then one-query attention of q over the caches (llamaforge.kernels.decode_attention's reference:
+    fp32 softmax over the allowed positions below the extent); returns the attention output (1, Hq*D)."""
+    from llamaforge.kernels import decode_attention
+
+    q = reference(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, scales, norm)
+    head_dim, length = cos.shape[-1], k_cache.size(2)
+    q = q.view(1, -1, 1, head_dim)
+    out = decode_attention.reference(q, k_cache, v_cache, allowed.reshape(1, length).bool(), scale, extent.reshape(1))
+    return out.reshape(1, -1)
+
+
+def attention_supported(
+    x: torch.Tensor,
+    weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    cos: torch.Tensor,
+    k_cache: torch.Tensor,
+    allowed: torch.Tensor,
+    extent: torch.Tensor,
+    sync: torch.Tensor,
+) -> bool:
+    """What the attention folded into the kernel takes beyond `supported`: a power-of-two head size of 16-256, whole
+    groups of query heads per key/value head, a one-row mask over the cache, a one-entry extent, a counter per key/
+    value head."""
+    head_dim, length = cos.shape[-1], k_cache.size(2)
+    return (
+        head_dim & (head_dim - 1) == 0
+        and 16 <= head_dim <= 256
+        and weights[0].size(0) % weights[1].size(0) == 0
+        and allowed.numel() == length
+        and allowed.dtype in (torch.bool, torch.uint8)
+        and allowed.is_contiguous()
+        and extent.numel() == 1
+        and not extent.is_floating_point()
+        and sync.dtype == torch.int32
+        and sync.dim() == 1
+        and sync.numel() >= k_cache.size(1)
+    )
+
+
+@torch.library.custom_op("llamaforge::qkv_rope_attention_reference", mutates_args={"k_cache", "v_cache", "sync"})
+def _attention_reference_op(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+    allowed: torch.Tensor,
+    extent: torch.Tensor,
+    sync: torch.Tensor,
+    scale: float,
+    scales: list[torch.Tensor],
+    norm_weight: list[torch.Tensor],
+    eps: float,
+) -> torch.Tensor:
+    """The reference as an opaque op (see `_reference_op`); `sync` is the kernel's and is left alone here."""
+    return attention_reference(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, allowed, extent, scale,
+                               *unpack_extras(scales, norm_weight, eps))  # fmt: skip
+
+
+@_attention_reference_op.register_fake
+def _(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, allowed, extent, sync, scale, scales, norm_weight,
+      eps):  # fmt: skip
+    return x.new_empty(1, wq.size(0))
+
+
+if hasattr(torch.library, "triton_op"):  # torch >= 2.6
+
+    @torch.library.triton_op("llamaforge::qkv_rope_attention", mutates_args={"k_cache", "v_cache", "sync"})
+    def _attention_triton_op(
+        x: torch.Tensor,
+        wq: torch.Tensor,
+        wk: torch.Tensor,
+        wv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        cache_position: torch.Tensor,
+        allowed: torch.Tensor,
+        extent: torch.Tensor,
+        sync: torch.Tensor,
+        scale: float,
+        scales: list[torch.Tensor],
+        norm_weight: list[torch.Tensor],
+        eps: float,
+    ) -> torch.Tensor:
+        return launch(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position,
+                      *unpack_extras(scales, norm_weight, eps), attend=(allowed, extent, sync, scale),
+                      wrap=torch.library.wrap_triton)  # fmt: skip
+
+else:
+    _attention_triton_op = None
+
+
+def qkv_rope_attention(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    wv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_position: torch.Tensor,
+    allowed: torch.Tensor,
+    extent: torch.Tensor,
+    sync: torch.Tensor,
+    scale: float,
+    scales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    norm: tuple[torch.Tensor, float] | None = None,
+) -> torch.Tensor:
+    """`qkv_rope_cache` and the step's attention in one launch: the last program of each key/value head's group to
+    finish (counted in `sync`, int32 zeros that persist across calls, left at zero) attends for the group's query
+    heads over the cache positions below `extent` that `allowed` (1, L) permits. Returns the attention output
+    (1, Hq*D), ready for o_proj. Why: one-query attention is a separate ~6 us launch per layer on an H200 for a few
+    hundred kilobytes of keys and values; here it runs at the end of a launch that was already running, and the
+    groups that finish early attend while the others still stream their weights."""
+    op = _attention_triton_op if x.device.type == "cuda" and _attention_triton_op is not None else (
+        _attention_reference_op)  # fmt: skip
+    return op(x, wq, wk, wv, cos, sin, k_cache, v_cache, cache_position, allowed, extent, sync, float(scale),
+              *pack_extras(scales, norm))  # fmt: skip

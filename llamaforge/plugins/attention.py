@@ -24,6 +24,16 @@ _FUSED_QKV_ROPE: bool | None = None
 # With that route: the block's input RMSNorm folded into the same kernel (each program normalises the row itself),
 # which saves the norm's own kernel per layer.
 _FOLD_NORM = True
+# With that route: the step's attention folded into the same launch (llamaforge.kernels.qkv_rope.qkv_rope_attention;
+# the last program of each key/value head's group attends for it) when the module's kernel is `sdpa` or
+# `flash_decode` and the static cache holds at most _ATTEND_MAX_LENGTH positions. True: any device; None: CUDA only
+# (the default); False: never. H200, 1B shape, bf16, batch 1, 16 + 256 tokens (a 384-position cache), fresh
+# processes of one run (2026-12-03, decode_variants_h200.json run36): 1,074.5 / 1,056.1 tok/s end to end against
+# 976.3 / 989.7 without it; the q/k/v kernel with the attention 151 us per step against 96 + 96 us for it and cuDNN.
+# The bound: one program per group walks the positions in use (~1.1 us per 64 of them alone), so on long caches
+# cuDNN's separate kernel wins (one layer alone with 900 of 1,024 positions in use: 24.3 vs 14.1 us).
+_FUSED_ATTENTION: bool | None = None
+_ATTEND_MAX_LENGTH = 512
 
 
 class RopeAttention(Attention):
@@ -68,9 +78,11 @@ class RopeAttention(Attention):
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
         if seq == 1 and cache is not None and _FUSED_QKV_ROPE is not False and not torch.is_grad_enabled():
-            fused = self._fused_decode(x, prenorm, positions, position_state, cache, cache_position)
+            fused = self._fused_decode(x, prenorm, positions, position_state, cache, cache_position, mask)
             if fused is not None:
-                q, k, v = fused
+                q, k, v, attended = fused
+                if attended is not None:
+                    return self.o_proj(attended.view(bsz, seq, self.n_heads * self.head_dim))
                 out = self.kernel(q, k, v, mask=mask, dropout_p=0.0)
                 return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim))
         if prenorm is not None:
@@ -95,12 +107,13 @@ class RopeAttention(Attention):
         position_state: Any,
         cache: KVCache,
         cache_position: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        mask: AttentionMask,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
         """q (after RoPE) and the layer's full K/V caches through the fused kernel, with k and v of this step already
         written, from x not yet normalised when `prenorm` is given (an RMSNorm is folded into the kernel, another
-        norm applied first); None where it does not apply (batch > 1, adapters, projections other than plain or
-        int8 weight-only ones, biases, positions other than rotate-half RoPE, a cache other than the static one,
-        unsupported layouts)."""
+        norm applied first), and the attention output (1, Hq*D) when the same launch attended too (else None);
+        None where it does not apply (batch > 1, adapters, projections other than plain or int8 weight-only ones,
+        biases, positions other than rotate-half RoPE, a cache other than the static one, unsupported layouts)."""
         from llamaforge.core.cache import StaticKVCache
         from llamaforge.kernels import fold_prenorm, fused_projections, qkv_rope
         from llamaforge.plugins.positions import RotaryEmbedding
@@ -127,8 +140,31 @@ class RopeAttention(Attention):
         cos, sin = cos.reshape(-1), sin.reshape(-1)
         if not qkv_rope.supported(row, weights, cos, sin, kc, vc, scales, norm):
             return None
-        q = qkv_rope.qkv_rope_cache(row, *weights, cos, sin, kc, vc, cache_position.reshape(1), scales, norm)
-        return q.view(1, self.n_heads, 1, self.head_dim), kc, vc
+        position = cache_position.reshape(1)
+        if self._attends_in_kernel(x, mask, kc) and qkv_rope.attention_supported(
+            row, weights, cos, kc, mask.mask, mask.extent, cache.sync
+        ):
+            scale = 1.0 / math.sqrt(self.head_dim)
+            out = qkv_rope.qkv_rope_attention(row, *weights, cos, sin, kc, vc, position, mask.mask, mask.extent,
+                                              cache.sync, scale, scales, norm)  # fmt: skip
+            return out, kc, vc, out
+        q = qkv_rope.qkv_rope_cache(row, *weights, cos, sin, kc, vc, position, scales, norm)
+        return q.view(1, self.n_heads, 1, self.head_dim), kc, vc, None
+
+    def _attends_in_kernel(self, x: torch.Tensor, mask: AttentionMask, k_cache: torch.Tensor) -> bool:
+        """Whether the fused decode kernel may do this layer's attention too: the switch allows it on this device,
+        the module's kernel is plain softmax attention (`sdpa` or `flash_decode`; another plugin's kernel is what
+        the user chose to run), there is no dropout, the model gave an explicit mask and extent, and the cache is
+        short enough for one program per key/value head."""
+        if _FUSED_ATTENTION is False or (_FUSED_ATTENTION is None and x.device.type != "cuda"):
+            return False
+        return (
+            (self.kernel is sdpa or self.kernel is flash_decode)
+            and (not self.training or not self.dropout)
+            and mask.mask is not None
+            and mask.extent is not None
+            and k_cache.size(2) <= _ATTEND_MAX_LENGTH
+        )
 
     def extra_repr(self) -> str:
         return (
