@@ -30,10 +30,11 @@ _FOLD_NORM = True
 # (the default); False: never. H200, 1B shape, bf16, batch 1, 16 + 256 tokens (a 384-position cache), fresh
 # processes of one run (2026-12-03, decode_variants_h200.json run36): 1,074.5 / 1,056.1 tok/s end to end against
 # 976.3 / 989.7 without it; the q/k/v kernel with the attention 151 us per step against 96 + 96 us for it and cuDNN.
-# The bound: one program per group walks the positions in use (~1.1 us per 64 of them alone), so on long caches
-# cuDNN's separate kernel wins (one layer alone with 900 of 1,024 positions in use: 24.3 vs 14.1 us).
+# The bound is the longest cache it was measured to win on: one program per group walks the positions in use
+# (~1.1 us per 64 of them, timed alone), so on long caches cuDNN's separate kernel wins (one layer alone with 900 of
+# 1,024 positions in use: 24.3 vs 14.1 us). Static caches come in multiples of 128 positions.
 _FUSED_ATTENTION: bool | None = None
-_ATTEND_MAX_LENGTH = 512
+_ATTEND_MAX_LENGTH = 384
 
 
 class RopeAttention(Attention):
