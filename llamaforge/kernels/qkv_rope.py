@@ -15,6 +15,12 @@ folded RMSNorm is applied as llamaforge's RMSNorm rounds it, except in the one-p
 there the sums take x times the norm's weight and are scaled by 1/rms at the end, without rounding the normalised
 row (the same values to within the dtype's rounding). `reference` is the unfused arithmetic in PyTorch; the op runs
 it on CPUs, and the tests compare the kernel against it in Triton's CPU interpreter.
+
+`qkv_rope_attention` does the step's one-query attention in the same launch: programs are numbered by key/value head,
+and the last of a group's programs to finish (counted with an acquire-release atomic in int32 zeros that the static
+cache owns) attends for the group's query heads, so the attention is not a launch of its own and early groups attend
+while later ones still stream weights. On an H200 (1B shape, bf16, 2026-12-03) that took the step from 1.011 / 0.996
+to 0.915 / 0.932 ms; `llamaforge.plugins.attention._FUSED_ATTENTION` routes to it.
 """
 
 from __future__ import annotations
