@@ -122,96 +122,9 @@ def _chunk(n: int, splits: int, block: int) -> int:
 
 @functools.cache
 def _kernels() -> tuple[Any, Any]:
-    import triton
-    import triton.language as tl
+    from llamaforge.kernels.fused_triton import decode_attention_combine_kernel, decode_attention_kernel
 
-    # `length` stays a runtime integer: a cache of one position would otherwise become a constant of another type
-    # than the extent it is compared with
-    @triton.jit(do_not_specialize=["length"])
-    def partial_kernel(
-        q_ptr, k_ptr, v_ptr, ok_ptr, ext_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
-        scale, length,
-        sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sok_b, so_b, so_h,
-        KV_HEADS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
-        BLOCK: tl.constexpr, SPLITS: tl.constexpr, EXTENT: tl.constexpr, DOT: tl.constexpr,
-    ):  # fmt: skip
-        pid = tl.program_id(0)  # batch row x kv head
-        split = tl.program_id(1)
-        b = pid // KV_HEADS
-        g = pid % KV_HEADS
-        r = tl.arange(0, REP_P)
-        d = tl.arange(0, D)
-        heads = g * REP + r
-        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(r < REP)[:, None], other=0.0)
-        if not DOT:
-            q = (q.to(tl.float32) * scale).to(tl.float32)  # scale may arrive as fp64 (inductor): keep fp32
-        n = length + 0 * pid  # a tensor in both branches
-        if EXTENT:
-            n = tl.minimum(tl.load(ext_ptr + b).to(tl.int32), length)
-        chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK) * BLOCK
-        start = split * chunk
-        end = tl.minimum(start + chunk, n)
-        m_i = tl.full((REP_P,), float("-inf"), tl.float32)
-        l_i = tl.zeros((REP_P,), tl.float32)
-        acc = tl.zeros((REP_P, D), tl.float32)
-        for l0 in range(start, end, BLOCK):
-            offs = l0 + tl.arange(0, BLOCK)
-            inside = offs < end
-            rows = offs[:, None]
-            # all three loads issued before any arithmetic, so their latencies overlap
-            kt = tl.load(k_ptr + b * sk_b + g * sk_h + rows * sk_l + d[None, :], mask=inside[:, None], other=0.0)
-            vt = tl.load(v_ptr + b * sv_b + g * sv_h + rows * sv_l + d[None, :], mask=inside[:, None], other=0.0)
-            ok = tl.load(ok_ptr + b * sok_b + offs, mask=inside, other=0) != 0
-            if DOT:
-                s = (tl.dot(q, tl.trans(kt)) * scale).to(tl.float32)  # (REP_P, BLOCK)
-            else:
-                s = tl.sum(q[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)  # (REP_P, BLOCK)
-            s = tl.where(ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep the sums at zero
-            alpha = tl.exp(m_i - m_use)
-            p = tl.exp(s - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if DOT:
-                acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-            else:
-                acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
-            m_i = m_new
-        if SPLITS == 1:  # the whole length in one program: normalise and write the output directly
-            out = acc / l_i[:, None]
-            dst = o_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
-            tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(r < REP)[:, None])
-        else:
-            row = (pid * SPLITS + split) * REP_P + r
-            tl.store(m_ptr + row, m_i)
-            tl.store(l_ptr + row, l_i)
-            tl.store(acc_ptr + row[:, None] * D + d[None, :], acc)
-
-    @triton.jit
-    def combine_kernel(
-        m_ptr, l_ptr, acc_ptr, o_ptr, so_b, so_h,
-        KV_HEADS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-    ):  # fmt: skip
-        pid = tl.program_id(0)
-        b = pid // KV_HEADS
-        g = pid % KV_HEADS
-        s = tl.arange(0, SPLITS)
-        r = tl.arange(0, REP_P)
-        d = tl.arange(0, D)
-        row = (pid * SPLITS + s)[:, None] * REP_P + r[None, :]  # (SPLITS, REP_P)
-        m = tl.load(m_ptr + row)
-        total_l = tl.load(l_ptr + row)
-        acc = tl.load(acc_ptr + row[:, :, None] * D + d[None, None, :])  # (SPLITS, REP_P, D)
-        top = tl.max(m, axis=0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        w = tl.exp(m - top[None, :])  # a split that allowed nothing weighs 0
-        total = tl.sum(total_l * w, axis=0)
-        out = tl.sum(acc * w[:, :, None], axis=0) / total[:, None]
-        heads = g * REP + r
-        dst = o_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
-        tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(r < REP)[:, None])
-
-    return partial_kernel, combine_kernel
+    return decode_attention_kernel, decode_attention_combine_kernel
 
 
 def launch(

@@ -1,6 +1,7 @@
-"""The Triton sources of the fused decode kernels (`qkv_rope`, `gate_up`) and the pieces they share. Importing this
-module imports Triton, so their modules import it only when a kernel is first launched; the shared pieces are
-module-level `triton.jit` functions, which a kernel can only call when both live in one module's globals."""
+"""The Triton sources of the fused decode kernels (`qkv_rope`, `gate_up`, `int8_mm`, `decode_attention`) and the
+pieces they share. Importing this module imports Triton, so their modules import it only when a kernel is first
+launched; the shared pieces are module-level `triton.jit` functions, which a kernel can only call when both live in
+one module's globals (the interpreter resolves calls there, not in a closure)."""
 
 import triton
 import triton.language as tl
@@ -43,6 +44,28 @@ def widen_int8(w):
 
 
 @triton.jit
+def softmax_block(q, kt, vt, ok, m_i, l_i, acc, scale, DOT: tl.constexpr):
+    """One block of keys/values folded into a one-query online softmax: q (R, D) (pre-scaled unless DOT), kt and vt
+    (BLOCK, D), ok (BLOCK,) the allowed positions; returns the running max, sum and weighted values. With DOT the
+    block products run on tensor cores (16-bit inputs, R >= 16)."""
+    if DOT:
+        s = (tl.dot(q, tl.trans(kt)) * scale).to(tl.float32)  # (R, BLOCK)
+    else:
+        s = tl.sum(q[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)
+    s = tl.where(ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep the sums at zero
+    alpha = tl.exp(m_i - m_use)
+    p = tl.exp(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if DOT:
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
+    else:
+        acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def attend_group(
     q_ptr, kc_ptr, vc_ptr, ok_ptr, n, o_ptr, grp, scale, kc_head, kc_pos, vc_head, vc_pos,
     REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr,
@@ -70,21 +93,7 @@ def attend_group(
         vt = tl.load(vc_ptr + grp * vc_head + rows * vc_pos + d[None, :], mask=inside[:, None], other=0.0,
                      cache_modifier=".cg")  # fmt: skip
         ok = tl.load(ok_ptr + offs, mask=inside, other=0) != 0
-        if DOT:
-            s = (tl.dot(q, tl.trans(kt)) * scale).to(tl.float32)  # (REP_P, BLOCK)
-        else:
-            s = tl.sum(q[:, None, :] * kt.to(tl.float32)[None, :, :], axis=2)
-        s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: keep the sums at zero
-        alpha = tl.exp(m_i - m_use)
-        p = tl.exp(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DOT:
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt)
-        else:
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt.to(tl.float32)[None, :, :], axis=1)
-        m_i = m_new
+        m_i, l_i, acc = softmax_block(q, kt, vt, ok, m_i, l_i, acc, scale, DOT)
     out = acc / l_i[:, None]
     tl.store(o_ptr + heads[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=real[:, None])
 
@@ -265,3 +274,80 @@ def int8_mm_kernel(
     scale = tl.load(s_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
     y = (acc.to(out_ty).to(tl.float32) * scale[None, :]).to(out_ty)
     tl.store(y_ptr + rm[:, None] * sy + rn[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+
+
+# `length` stays a runtime integer: a cache of one position would otherwise become a constant of another type than
+# the extent it is compared with
+@triton.jit(do_not_specialize=["length"])
+def decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, ok_ptr, ext_ptr, m_ptr, l_ptr, acc_ptr, o_ptr,
+    scale, length,
+    sq_b, sq_h, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, sok_b, so_b, so_h,
+    KV_HEADS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr,
+    BLOCK: tl.constexpr, SPLITS: tl.constexpr, EXTENT: tl.constexpr, DOT: tl.constexpr,
+):  # fmt: skip
+    """One split of the cache for one (row, kv head) (llamaforge.kernels.decode_attention): the output directly with
+    one split, else the split's softmax statistics for decode_attention_combine_kernel."""
+    pid = tl.program_id(0)  # batch row x kv head
+    split = tl.program_id(1)
+    b = pid // KV_HEADS
+    g = pid % KV_HEADS
+    r = tl.arange(0, REP_P)
+    d = tl.arange(0, D)
+    heads = g * REP + r
+    q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=(r < REP)[:, None], other=0.0)
+    if not DOT:
+        q = (q.to(tl.float32) * scale).to(tl.float32)  # scale may arrive as fp64 (inductor): keep fp32
+    n = length + 0 * pid  # a tensor in both branches
+    if EXTENT:
+        n = tl.minimum(tl.load(ext_ptr + b).to(tl.int32), length)
+    chunk = tl.cdiv(tl.cdiv(n, SPLITS), BLOCK) * BLOCK
+    start = split * chunk
+    end = tl.minimum(start + chunk, n)
+    m_i = tl.full((REP_P,), float("-inf"), tl.float32)
+    l_i = tl.zeros((REP_P,), tl.float32)
+    acc = tl.zeros((REP_P, D), tl.float32)
+    for l0 in range(start, end, BLOCK):
+        offs = l0 + tl.arange(0, BLOCK)
+        inside = offs < end
+        rows = offs[:, None]
+        # all three loads issued before any arithmetic, so their latencies overlap
+        kt = tl.load(k_ptr + b * sk_b + g * sk_h + rows * sk_l + d[None, :], mask=inside[:, None], other=0.0)
+        vt = tl.load(v_ptr + b * sv_b + g * sv_h + rows * sv_l + d[None, :], mask=inside[:, None], other=0.0)
+        ok = tl.load(ok_ptr + b * sok_b + offs, mask=inside, other=0) != 0
+        m_i, l_i, acc = softmax_block(q, kt, vt, ok, m_i, l_i, acc, scale, DOT)
+    if SPLITS == 1:  # the whole length in one program: normalise and write the output directly
+        out = acc / l_i[:, None]
+        dst = o_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
+        tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(r < REP)[:, None])
+    else:
+        row = (pid * SPLITS + split) * REP_P + r
+        tl.store(m_ptr + row, m_i)
+        tl.store(l_ptr + row, l_i)
+        tl.store(acc_ptr + row[:, None] * D + d[None, :], acc)
+
+
+@triton.jit
+def decode_attention_combine_kernel(
+    m_ptr, l_ptr, acc_ptr, o_ptr, so_b, so_h,
+    KV_HEADS: tl.constexpr, REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
+):  # fmt: skip
+    """The splits' statistics of one (row, kv head) combined into its query heads' outputs."""
+    pid = tl.program_id(0)
+    b = pid // KV_HEADS
+    g = pid % KV_HEADS
+    s = tl.arange(0, SPLITS)
+    r = tl.arange(0, REP_P)
+    d = tl.arange(0, D)
+    row = (pid * SPLITS + s)[:, None] * REP_P + r[None, :]  # (SPLITS, REP_P)
+    m = tl.load(m_ptr + row)
+    total_l = tl.load(l_ptr + row)
+    acc = tl.load(acc_ptr + row[:, :, None] * D + d[None, None, :])  # (SPLITS, REP_P, D)
+    top = tl.max(m, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(m - top[None, :])  # a split that allowed nothing weighs 0
+    total = tl.sum(total_l * w, axis=0)
+    out = tl.sum(acc * w[:, :, None], axis=0) / total[:, None]
+    heads = g * REP + r
+    dst = o_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
+    tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(r < REP)[:, None])
