@@ -83,20 +83,29 @@ def reference(
 
 def supported(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Shapes the Triton kernel takes: one query, a power-of-two head size up to 256, unit stride along it."""
-    d = q.size(-1)
     return (
         q.dim() == 4
         and q.size(2) == 1
-        and d & (d - 1) == 0
-        and 16 <= d <= 256
+        and head_size_supported(q.size(-1))
         and q.size(1) % k.size(1) == 0
         and q.stride(-1) == 1
         and k.stride(-1) == 1
     )
 
 
+def head_size_supported(d: int) -> bool:
+    """A power-of-two head size of 16-256: what the attention kernels' ranges over it and their products take."""
+    return d & (d - 1) == 0 and 16 <= d <= 256
+
+
 def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def query_rows(rep: int, dot: bool) -> int:
+    """Rows the attention kernels hold a key/value head's `rep` query heads in: a power of two, and at least 16 for
+    tensor-core products."""
+    return max(16, _pow2(rep)) if dot else _pow2(rep)
 
 
 def plan(
@@ -151,7 +160,7 @@ def launch(
     hk, length = k.size(1), k.size(2)
     rep = h // hk
     dot = (_DOT if dot is None else dot) and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
-    rep_p = max(16, _pow2(rep)) if dot else _pow2(rep)  # tensor-core products need 16 rows
+    rep_p = query_rows(rep, dot)
     splits = plan(b, hk, length, 64 if dot else 32, splits=splits if splits is not None else _SPLITS)
     block = block or _BLOCK or ((128 if splits == 1 else 64) if dot else 32)
     if dot:

@@ -66,6 +66,27 @@ def softmax_block(q, kt, vt, ok, m_i, l_i, acc, scale, DOT: tl.constexpr):
 
 
 @triton.jit
+def attend_positions(
+    q, k_ptr, v_ptr, ok_ptr, start, end, sk_l, sv_l, m_i, l_i, acc, scale,
+    BLOCK: tl.constexpr, D: tl.constexpr, DOT: tl.constexpr, MOD: tl.constexpr,
+):  # fmt: skip
+    """The online softmax over cache positions [start, end) of one key/value head (k_ptr / v_ptr at its position 0,
+    ok_ptr its row's mask bytes), BLOCK at a time; MOD the loads' cache modifier (".cg": data other programs of the
+    running launch wrote, read through L2)."""
+    d = tl.arange(0, D)
+    for l0 in range(start, end, BLOCK):
+        offs = l0 + tl.arange(0, BLOCK)
+        inside = offs < end
+        rows = offs[:, None]
+        # the three loads issued before any arithmetic, so their latencies overlap
+        kt = tl.load(k_ptr + rows * sk_l + d[None, :], mask=inside[:, None], other=0.0, cache_modifier=MOD)
+        vt = tl.load(v_ptr + rows * sv_l + d[None, :], mask=inside[:, None], other=0.0, cache_modifier=MOD)
+        ok = tl.load(ok_ptr + offs, mask=inside, other=0) != 0
+        m_i, l_i, acc = softmax_block(q, kt, vt, ok, m_i, l_i, acc, scale, DOT)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def attend_group(
     q_ptr, kc_ptr, vc_ptr, ok_ptr, n, o_ptr, grp, scale, kc_head, kc_pos, vc_head, vc_pos,
     REP: tl.constexpr, REP_P: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, DOT: tl.constexpr,
@@ -83,17 +104,8 @@ def attend_group(
     m_i = tl.full((REP_P,), float("-inf"), tl.float32)
     l_i = tl.zeros((REP_P,), tl.float32)
     acc = tl.zeros((REP_P, D), tl.float32)
-    for l0 in range(0, n, BLOCK):
-        offs = l0 + tl.arange(0, BLOCK)
-        inside = offs < n
-        rows = offs[:, None]
-        # the three loads issued before any arithmetic, so their latencies overlap
-        kt = tl.load(kc_ptr + grp * kc_head + rows * kc_pos + d[None, :], mask=inside[:, None], other=0.0,
-                     cache_modifier=".cg")  # fmt: skip
-        vt = tl.load(vc_ptr + grp * vc_head + rows * vc_pos + d[None, :], mask=inside[:, None], other=0.0,
-                     cache_modifier=".cg")  # fmt: skip
-        ok = tl.load(ok_ptr + offs, mask=inside, other=0) != 0
-        m_i, l_i, acc = softmax_block(q, kt, vt, ok, m_i, l_i, acc, scale, DOT)
+    m_i, l_i, acc = attend_positions(q, kc_ptr + grp * kc_head, vc_ptr + grp * vc_head, ok_ptr, 0, n, kc_pos,
+                                     vc_pos, m_i, l_i, acc, scale, BLOCK, D, DOT, ".cg")  # fmt: skip
     out = acc / l_i[:, None]
     tl.store(o_ptr + heads[:, None] * D + d[None, :], out.to(o_ptr.dtype.element_ty), mask=real[:, None])
 
@@ -307,15 +319,8 @@ def decode_attention_kernel(
     m_i = tl.full((REP_P,), float("-inf"), tl.float32)
     l_i = tl.zeros((REP_P,), tl.float32)
     acc = tl.zeros((REP_P, D), tl.float32)
-    for l0 in range(start, end, BLOCK):
-        offs = l0 + tl.arange(0, BLOCK)
-        inside = offs < end
-        rows = offs[:, None]
-        # all three loads issued before any arithmetic, so their latencies overlap
-        kt = tl.load(k_ptr + b * sk_b + g * sk_h + rows * sk_l + d[None, :], mask=inside[:, None], other=0.0)
-        vt = tl.load(v_ptr + b * sv_b + g * sv_h + rows * sv_l + d[None, :], mask=inside[:, None], other=0.0)
-        ok = tl.load(ok_ptr + b * sok_b + offs, mask=inside, other=0) != 0
-        m_i, l_i, acc = softmax_block(q, kt, vt, ok, m_i, l_i, acc, scale, DOT)
+    m_i, l_i, acc = attend_positions(q, k_ptr + b * sk_b + g * sk_h, v_ptr + b * sv_b + g * sv_h, ok_ptr + b * sok_b,
+                                     start, end, sk_l, sv_l, m_i, l_i, acc, scale, BLOCK, D, DOT, "")  # fmt: skip
     if SPLITS == 1:  # the whole length in one program: normalise and write the output directly
         out = acc / l_i[:, None]
         dst = o_ptr + b * so_b + heads[:, None] * so_h + d[None, :]

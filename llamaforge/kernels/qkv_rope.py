@@ -157,6 +157,8 @@ def launch(
     with `attend` the attention output (1, Hq*D) (see `qkv_rope_attention`)."""
     import triton
 
+    from llamaforge.kernels import decode_attention
+
     kernel = _kernel()
     if wrap is not None:
         kernel = wrap(kernel)
@@ -179,7 +181,7 @@ def launch(
         ok = allowed.reshape(1, -1).to(torch.uint8)
         rep = heads[0] // heads[1]
         dot = x.dtype in (torch.float16, torch.bfloat16)  # fp32 would run its products on TF32
-        rep_p = max(16, triton.next_power_of_2(rep)) if dot else triton.next_power_of_2(rep)
+        rep_p = decode_attention.query_rows(rep, dot)
     kernel[(sum(progs),)](
         x, wq, wk, wv, sq, sk, sv, cos, sin, q, k_cache, v_cache, cache_position, g, float(eps),
         k_len, wq.stride(0), wk.stride(0), wv.stride(0), progs[0], progs[0] + progs[1],
@@ -304,10 +306,11 @@ def attention_supported(
     """What the attention folded into the kernel takes beyond `supported`: a power-of-two head size of 16-256, whole
     groups of query heads per key/value head, a one-row mask over the cache, a one-entry extent, a counter per key/
     value head."""
-    head_dim, length = cos.shape[-1], k_cache.size(2)
+    from llamaforge.kernels import decode_attention
+
+    length = k_cache.size(2)
     return (
-        head_dim & (head_dim - 1) == 0
-        and 16 <= head_dim <= 256
+        decode_attention.head_size_supported(cos.shape[-1])
         and weights[0].size(0) % weights[1].size(0) == 0
         and allowed.numel() == length
         and allowed.dtype in (torch.bool, torch.uint8)
