@@ -97,6 +97,15 @@ def _operands(kernel: str, rows: list[int], k: int, int8: bool, args: argparse.N
     return g, device, x, norm, copies, out
 
 
+def _rope_rows(g: torch.Generator, d: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin rows of one position for head size d in x's device and dtype (rotate-half's sign folded into sin, as
+    RotaryEmbedding gives them)."""
+    angle = torch.rand(d // 2, generator=g) * 6
+    cos = torch.cat((angle.cos(), angle.cos())).to(x.device, x.dtype)
+    sin = torch.cat((-angle.sin(), angle.sin())).to(x.device, x.dtype)
+    return cos, sin
+
+
 def _compiled(fn: Callable) -> Callable:
     """`fn` compiled as the decode step compiles (coordinate-descent tuning, static shapes), from a clean slate."""
     torch._dynamo.reset()
@@ -140,9 +149,7 @@ def measure_qkv(int8: bool, args: argparse.Namespace, settings: list[tuple[int, 
 
     hq, hkv, d, k, _, length = args.shape
     g, device, x, norm, copies, out = _operands("qkv_rope", [hq * d, hkv * d, hkv * d], k, int8, args, seed=0)
-    angle = torch.rand(d // 2, generator=g) * 6
-    cos = torch.cat((angle.cos(), angle.cos())).to(device, x.dtype)
-    sin = torch.cat((-angle.sin(), angle.sin())).to(device, x.dtype)
+    cos, sin = _rope_rows(g, d, x)
     kc, vc = (torch.zeros(1, hkv, length, d, device=device, dtype=x.dtype) for _ in range(2))
     pos = torch.tensor([length // 2], device=device)
     compiled = _compiled(qkv_rope.reference)
@@ -251,9 +258,7 @@ def measure_qkv_attention(case: tuple[int, int], int8: bool, args: argparse.Name
     length, used = case
     g, device, x, norm, copies, out = _operands("qkv_rope_attention", [hq * d, hkv * d, hkv * d], k, int8, args, 3)
     out["kernel"] = f"qkv_rope_attention cache {length}, {used} in use"
-    angle = torch.rand(d // 2, generator=g) * 6
-    cos = torch.cat((angle.cos(), angle.cos())).to(device, x.dtype)
-    sin = torch.cat((-angle.sin(), angle.sin())).to(device, x.dtype)
+    cos, sin = _rope_rows(g, d, x)
     kc, vc = (torch.randn(1, hkv, length, d, generator=g).to(device, x.dtype) for _ in range(2))
     pos = torch.tensor([used - 1], device=device)
     allowed = (torch.arange(length, device=device) < used).reshape(1, 1, 1, length)
