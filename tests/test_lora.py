@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -77,19 +77,35 @@ def test_zero_initialised_b_leaves_outputs_unchanged(targets, rank, tie):
 
 
 @settings(max_examples=6)
-@given(targets=targets_st, rank=st.integers(1, 6), scale=st.floats(0.01, 0.5), rslora=st.booleans())
-def test_merged_equals_unmerged_and_unmerge_is_exact(targets, rank, scale, rslora):
+@given(
+    targets=targets_st,
+    rank=st.integers(1, 6),
+    scale=st.floats(0.01, 0.5),
+    rslora=st.booleans(),
+    float64=st.booleans(),
+)
+# drawn on 2026-12-03: fp32 merged and unmerged logits 4.75e-4 apart at logits up to 63.7 (rounding, not algebra)
+@example(targets=["q_proj", "k_proj", "v_proj", "lm_head"], rank=4, scale=0.5, rslora=True, float64=False)
+@example(targets=["q_proj", "k_proj", "v_proj", "lm_head"], rank=4, scale=0.5, rslora=True, float64=True)
+def test_merged_equals_unmerged_and_unmerge_is_exact(targets, rank, scale, rslora, float64):
     model = small_model(tie=False)
+    if float64:  # the algebra itself: float64 base, float64 factors, float64 merge
+        model = model.double()
     base = snapshot(model)
     ft.add_adapter(model, "lora", rank=rank, alpha=2.0 * rank, targets=targets, rslora=rslora)
+    assert {p.dtype for p in ft.adapter_parameters(model)} == {torch.float64 if float64 else torch.float32}
     randomise(model, "default", scale=scale)
     unmerged = logits(model)
     ft.merge_adapters(model)
-    torch.testing.assert_close(logits(model), unmerged, atol=1e-4, rtol=1e-4)
+    # merging reorders the sums (x @ (W + s B A) against x @ W + s (x @ A) @ B): in fp32 the difference is rounding
+    # of the logits' size (large adapter updates push them past 60), so the bound follows their magnitude
+    size = unmerged.abs().max().item()
+    tol = 1e-10 if float64 else 2e-5
+    torch.testing.assert_close(logits(model), unmerged, atol=tol * max(1.0, size), rtol=tol)
     # the saved state of a merged model is the unmerged one: reloading it cannot apply the update twice
     assert all(torch.equal(model.state_dict()[k], base[k]) for k in base)
     ft.unmerge_adapters(model)
-    torch.testing.assert_close(logits(model), unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits(model), unmerged, atol=1e-12 if float64 else 1e-5, rtol=1e-5)
     ft.remove_adapter(model)
     assert same_state(model, base)
 

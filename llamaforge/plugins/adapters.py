@@ -115,11 +115,13 @@ class LoRALayer(AdapterLayer):
                 param.copy_(state[key])
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """scale * B @ A in fp32, shaped like the base weight (out, in)."""
+        """scale * B @ A shaped like the base weight (out, in), in fp32 or the factors' dtype where that is wider:
+        a bf16 update rounded before it meets the weight would lose what merging is meant to keep."""
         self._require(name)
-        a = self.lora_A[name].weight.detach().float()
-        b = self.lora_B[name].weight.detach().float()
-        return (b @ a) * self.lora_scaling[name]
+        a = self.lora_A[name].weight.detach()
+        b = self.lora_B[name].weight.detach()
+        dtype = torch.promote_types(a.dtype, torch.float32)
+        return (b.to(dtype) @ a.to(dtype)) * self.lora_scaling[name]
 
     def _mergeable_weight(self) -> nn.Parameter:
         weight = getattr(self, "weight", None)
@@ -137,9 +139,10 @@ class LoRALayer(AdapterLayer):
             with torch.no_grad():
                 if keep_original and not self._lora_merged:
                     self._lora_original = weight.detach().clone()
-                total = weight.detach().float()
+                # summed in fp32 at least, and in the weight's own dtype where it is wider (a float64 base)
+                total = weight.detach().to(torch.promote_types(weight.dtype, torch.float32))
                 for name in names:
-                    total = total + self.delta_weight(name).to(total.device)
+                    total = total + self.delta_weight(name).to(total.device, total.dtype)
                 weight.copy_(total.to(weight.dtype))
             self._lora_merged.extend(names)
         if not keep_original:  # merged for good: the weight is now the base
@@ -214,6 +217,11 @@ class LoRALayer(AdapterLayer):
         assert features is not None
         fin, fout = features
         device = _module_device(self)
+        weight = getattr(self, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.element_size() > 4:
+            # a float64 base (numerics checks, research) gets float64 factors: fp32 ones would round every update
+            # below the precision the base was given; narrower bases keep the requested dtype (fp32 by default)
+            dtype = torch.promote_types(dtype, weight.dtype)
         a = AdapterFactor(rank, fin, device, dtype)
         b = AdapterFactor(fout, rank, device, dtype)
         with torch.no_grad():
