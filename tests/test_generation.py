@@ -487,8 +487,9 @@ def test_fused_gate_up_route_decodes_the_same_tokens_and_only_where_it_applies(m
     calls = _count_reference_calls(gate_up, monkeypatch)
     monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
 
-    def switch(on):
+    def switch(on):  # both weight kinds' switches (plain and int8 weight-only)
         monkeypatch.setattr(model_module, "_FUSED_GATE_UP", on)
+        monkeypatch.setattr(model_module, "_FUSED_GATE_UP_INT8", on)
 
     model = _model(seed=14)
     free = generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=10, eos_token_ids=[]))
@@ -505,6 +506,31 @@ def test_fused_gate_up_route_decodes_the_same_tokens_and_only_where_it_applies(m
     assert _fused_and_plain(model, [[5, 6, 7]], configs, switch)[True] == out[False]
     monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
     _check_route_scope(14, configs, switch, calls)
+
+
+def test_fused_gate_up_switches_are_per_weight_kind(monkeypatch):
+    """The int8 weight-only switch routes int8 projections only and the plain switch plain ones only; None means
+    CUDA only, so on a CPU None routes nothing (the defaults: plain off, int8 on for CUDA)."""
+    from llamaforge.core import model as model_module
+    from llamaforge.core.loading import apply_transform
+    from llamaforge.kernels import gate_up
+    from llamaforge.plugins import attention
+
+    assert model_module._FUSED_GATE_UP is False and model_module._FUSED_GATE_UP_INT8 is None
+    calls = _count_reference_calls(gate_up, monkeypatch)
+    monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
+    plain = _model(seed=16)
+    int8 = apply_transform(_model(seed=16), "quantizer", "int8_weight_only")
+    config = GenerationConfig(max_new_tokens=5, eos_token_ids=[])
+    steps = plain.spec.n_layers * 4  # decoding steps after the prefill's token, each layer once
+    for plain_on, int8_on, want_plain, want_int8 in [(False, True, 0, steps), (True, False, steps, 0),
+                                                     (None, None, 0, 0), (True, True, steps, steps)]:  # fmt: skip
+        monkeypatch.setattr(model_module, "_FUSED_GATE_UP", plain_on)
+        monkeypatch.setattr(model_module, "_FUSED_GATE_UP_INT8", int8_on)
+        for model, want in ((plain, want_plain), (int8, want_int8)):
+            calls[0] = 0
+            generate(model, [[5, 6, 7]], config)
+            assert calls[0] == want, (plain_on, int8_on, model is int8)
 
 
 @pytest.mark.slow  # an inductor compilation: ~15 s on an idle CPU

@@ -1148,6 +1148,7 @@ def test_compiled_graphed_decoding_through_the_fused_kernels_gives_the_plain_tok
         monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", None if on and qkv else False)
         monkeypatch.setattr(attention, "_FUSED_ATTENTION", None if on and attn else False)
         monkeypatch.setattr(model_module, "_FUSED_GATE_UP", None if on and ffn else False)
+        monkeypatch.setattr(model_module, "_FUSED_GATE_UP_INT8", None if on and ffn else False)
         torch._dynamo.reset()
         clear_sessions(model)
         out[on] = generate(model, [[3, 4, 5]], config)

@@ -64,13 +64,16 @@ def build_component(kind: str, comp: ComponentSpec, **structural: Any) -> Any:
 
 
 # One-row inference calls (batch-1 decoding) compute the feed-forward's RMSNorm, gate/up and SiLU(gate) * up in one
-# kernel (llamaforge.kernels.gate_up): True on any device (CPUs run the op's PyTorch reference: the tests), None on
-# CUDA only, False never. Off: on an H200 (1B, bf16, 2026-12-02 run19) its kernel took 24 us per call in the step
-# against inductor's 17.5 for its own fused gate/up + SiLU reduction (1.125 vs 1.033 ms per step), at a launch
-# setting since found slower alone than the current default (gate_up._BLOCK_K). Inductor's reduction itself ranged
-# 17.2-21.7 us per call (int8 13.4-18.5) across six processes of one code (ninth session), plus ~3 us per layer of
-# norm and SiLU kernels that this kernel absorbs; the int8 step has not been timed with it yet.
+# kernel (llamaforge.kernels.gate_up), switched per weight kind: True on any device (CPUs run the op's PyTorch
+# reference: the tests), None on CUDA only, False never. `_FUSED_GATE_UP` (plain bf16/fp16/fp32 weights) is off: on
+# an H200 (1B, bf16) the kernel lost to inductor's own fused gate/up + SiLU reduction in the step (1.125 vs 1.033 ms
+# per step, 2026-12-02 run19; 0.946 vs 0.917 ms at the current launch setting, 2026-12-03, fifteenth session).
+# `_FUSED_GATE_UP_INT8` (int8 weight-only) is on for CUDA: there inductor's int8 reduction streams the 33.5 MB
+# matrix at only ~2.3 TB/s and the norm and SiLU kernels cost ~4 us per layer more, and the int8 step ran 0.729 /
+# 0.753 ms with the kernel against 0.842 without (1,337.6 / 1,291.1 against 1,163.9 tok/s end to end, fresh
+# processes on one H200, 2026-12-03, benchmarks/results/decode_variants_h200.json run38).
 _FUSED_GATE_UP: bool | None = False
+_FUSED_GATE_UP_INT8: bool | None = None
 
 
 @dataclass
@@ -93,8 +96,9 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor, prenorm: nn.Module | None = None) -> torch.Tensor:
         """`prenorm`: the block's norm, applied to x here, so that a one-row inference call can fold it into the
-        fused gate/up kernel (`_FUSED_GATE_UP`)."""
-        if _FUSED_GATE_UP is not False and self.gated and x.shape[:-1].numel() == 1 and not torch.is_grad_enabled():
+        fused gate/up kernel (`_FUSED_GATE_UP`, `_FUSED_GATE_UP_INT8`)."""
+        fused = _FUSED_GATE_UP is not False or _FUSED_GATE_UP_INT8 is not False
+        if fused and self.gated and x.shape[:-1].numel() == 1 and not torch.is_grad_enabled():
             hidden = self._fused_gate_up(x, prenorm)
             if hidden is not None:
                 return self.down_proj(hidden)
@@ -107,12 +111,14 @@ class FeedForward(nn.Module):
     def _fused_gate_up(self, x: torch.Tensor, prenorm: nn.Module | None) -> torch.Tensor | None:
         """SiLU(gate) * up of one row through llamaforge.kernels.gate_up (the block's RMSNorm folded in), shaped
         like x; None where it does not apply (another activation, adapters, biases, projections other than plain
-        or int8 weight-only ones, unsupported layouts; off CUDA unless the switch is True)."""
+        or int8 weight-only ones, unsupported layouts; off CUDA unless the weight kind's switch is True)."""
         from llamaforge.kernels import fold_prenorm, fused_projections, gate_up
         from llamaforge.plugins.activations import SwiGLU
 
         gate, up = self.gate_proj, self.up_proj
         kind = fused_projections(_FUSED_GATE_UP, x, (gate, up))
+        if kind != "plain":  # int8 weight-only projections answer to their own switch
+            kind = "int8" if fused_projections(_FUSED_GATE_UP_INT8, x, (gate, up)) == "int8" else None
         if kind is None or type(self.act_fn) is not SwiGLU:
             return None
         norm, x = fold_prenorm(prenorm, x)

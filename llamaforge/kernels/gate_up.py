@@ -6,8 +6,10 @@ post-attention RMSNorm (2.2-2.8 us), the stacked gate/up reduction (18.4 us, 3.6
 a hand-written Triton GEMV streamed the stacked gate/up matrix at 4.0 TB/s alone in an earlier micro-benchmark. Here
 every program takes the normalised row (each program computes the row's statistics itself: a few KB from L2), reduces
 the same few rows of the gate and up matrices side by side and writes SiLU(gate) * up for them, so the two small
-kernels go. The switch is `llamaforge.core.model._FUSED_GATE_UP`, off: on the H200 it lost to inductor's own
-fused reduction (24 vs 17.5 us per call in the step; alone at its best setting 21.2 vs 20.7 us, 2026-12-02).
+kernels go. The switches are `llamaforge.core.model._FUSED_GATE_UP` (plain weights), off: on the H200 it lost to
+inductor's own fused reduction in bf16 (24 vs 17.5 us per call in the step; alone at its best setting 21.2 vs 20.7
+us, 2026-12-02; 0.946 vs 0.917 ms per step, 2026-12-03), and `_FUSED_GATE_UP_INT8` (int8 weight-only), on for
+CUDA: there it made the H200 step 0.729 / 0.753 ms against 0.842 (2026-12-03, fifteenth session).
 
 Arithmetic, as the compiled decode step does it: the RMSNorm's roundings (normalised row, then times its weight),
 fp32 sums rounded to the model's dtype (each linear's output; int8 weight-only: times the row's scale, rounded

@@ -61,7 +61,9 @@ _SPLIT_K = 1
 # flat loop that Triton software-pipelines `_STAGES` deep, so the weight reads form one continuous stream instead of
 # a wave of programs that each load, wait and finish. Why: an int8 product moves half the bytes of its bf16 twin in
 # the same number of load rounds, so per-round latency is a larger share of its time (gate/up 13 us alone for 33.5 MB,
-# 2.6 TB/s, against 17.7 us for bf16's 67 MB). Off until an H200 run shows it faster (benchmarks/gemv_micro.py).
+# 2.6 TB/s, against 17.7 us for bf16's 67 MB). Timed on an H200 over 11 settings (2026-12-03, fifteenth session,
+# benchmarks/results/gemv_micro_h200.json run4_stream) it won no int8 product (gate/up 13.97 vs 12.89 us for
+# inductor, the head 82.1 vs 73.4), so it stays off: more loads in flight do not lift the int8 products.
 _STREAM = 0
 _STAGES = 3
 # Per-product settings set by hand (benchmarks): (weight bytes per value, rows of all matrices together, K) ->
