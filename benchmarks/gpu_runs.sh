@@ -7,7 +7,8 @@
 #   tests     the GPU-marked tests (CUDA graphs, prefill graphs, the Triton kernels, row buffering on CUDA, the
 #             trainer's CUDA graphs, a compiled ablation on CUDA)
 #   decode    decode-step variants of the 1B shape at batch 1, with kernel tables (benchmarks/decode_variants.py)
-#   int8      int8 weight-only decode variants (bf16 first; int8 through the row GEMV kernel), kernel tables
+#   int8      int8 weight-only decode variants (bf16 first; int8 with and without the fused gate/up kernel, then
+#             bf16 and int8 again), kernel tables
 #   gemv      each one-row product alone (benchmarks/gemv_micro.py): which kernel and launch setting is fastest
 #   fused     the fused decode kernels (q/k/v + RoPE + cache write; RMSNorm + gate/up + SiLU): their GPU tests, then
 #             the decode step without and with them in bf16 (six variants, ~8 minutes on a fresh machine)
@@ -78,7 +79,9 @@ int8mm)
 int8)
     variants=("$@")
     # bf16 first: the int8/bf16 ratio comes from one run
-    [ ${#variants[@]} -gt 0 ] || variants=(base quant=int8_weight_only "quant=int8_weight_only,gemv_int8=1")
+    # (int8 with the fused gate/up kernel, the default on CUDA, then without it)
+    [ ${#variants[@]} -gt 0 ] || variants=(base quant=int8_weight_only "quant=int8_weight_only,gate_up_int8=0" base
+        quant=int8_weight_only)
     (cd benchmarks && $py decode_variants.py "${spec[@]}" "${variants[@]}" --profile ${fresh[@]+"${fresh[@]}"} \
         --json "$out/int8.json") \
         >"$out/int8.log" 2>&1
