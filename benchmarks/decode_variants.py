@@ -34,8 +34,7 @@ Each variant is a comma-separated list of settings (`base` is none):
     row GEMV kernel               gemv_int8, gemv_float (0/1/auto: the graph pass hands all / none / the products
                                   measured faster on this GPU (the default) of int8 weight-only / plain weights
                                   to llamaforge.kernels.row_gemv), gemv_block_n,
-                                  gemv_block_k, gemv_warps, gemv_split (split-K), gemv_stream (streaming form:
-                                  programs per SM, 0 off), gemv_stages (its pipeline depth)
+                                  gemv_block_k, gemv_warps, gemv_split (split-K)
     model and call                attn (attention kernel plugin), quant (quantizer plugin), prefill_graph (0/1;
                                   unset: the default, on with CUDA graphs), gemv_route (per-product routing to the
                                   row GEMV kernel, see parse_route)
@@ -88,8 +87,6 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "gemv_block_k": (GEMV, "_BLOCK_K", "int"),
     "gemv_warps": (GEMV, "_WARPS", "int"),
     "gemv_split": (GEMV, "_SPLIT_K", "int"),
-    "gemv_stream": (GEMV, "_STREAM", "int"),
-    "gemv_stages": (GEMV, "_STAGES", "int"),
     "kv_one_write": ("llamaforge.core.cache", "_ONE_WRITE", "bool"),
     "qkv_rope": ("llamaforge.plugins.attention", "_FUSED_QKV_ROPE", "bool"),
     "qkv_norm": ("llamaforge.plugins.attention", "_FOLD_NORM", "bool"),
@@ -117,21 +114,19 @@ UNCACHED = {name for name, (module, _, _) in SWITCHES.items() if module in FUSED
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool", "gemv_route": "str"}
 
 
-def parse_route(text: str) -> dict[tuple[int, int, int], tuple[int, ...]]:
+def parse_route(text: str) -> dict[tuple[int, int, int], tuple[int, int, int, int]]:
     """`gemv_route`: products handed to the row GEMV kernel on this GPU, as `_MEASURED` entries written
-    BYTES/ROWS/K/BLOCK_N/BLOCK_K/WARPS/SPLIT_K[/STREAM/STAGES] joined by `+`, e.g.
-    `1/2048/8192/4/1024/4/4+1/3072/2048/4/1024/4/1` (int8 down_proj with split-K 4, int8 q/k/v) or
-    `1/16384/2048/8/1024/8/1/2/3` (int8 gate/up in the streaming form, 2 programs per SM, 3 stages): an A/B of a
-    routing table without editing the code."""
+    BYTES/ROWS/K/BLOCK_N/BLOCK_K/WARPS/SPLIT_K joined by `+`, e.g. `1/2048/8192/4/1024/4/4+1/3072/2048/4/1024/4/1`
+    (int8 down_proj with split-K 4, int8 q/k/v): an A/B of a routing table without editing the code."""
     table = {}
     for entry in text.split("+"):
         try:
             values = [int(v) for v in entry.split("/")]
         except ValueError:
             values = []
-        if len(values) not in (7, 9) or min(values) < 1 or values[0] not in (1, 2, 4):
-            raise VariantError(f"gemv_route entry {entry!r}: expected BYTES/ROWS/K/BLOCK_N/BLOCK_K/WARPS/SPLIT_K"
-                               "[/STREAM/STAGES] with positive integers and 1, 2 or 4 bytes per weight")  # fmt: skip
+        if len(values) != 7 or min(values) < 1 or values[0] not in (1, 2, 4):
+            raise VariantError(f"gemv_route entry {entry!r}: expected BYTES/ROWS/K/BLOCK_N/BLOCK_K/WARPS/SPLIT_K "
+                               "with positive integers and 1, 2 or 4 bytes per weight")  # fmt: skip
         table[tuple(values[:3])] = tuple(values[3:])
     return table
 

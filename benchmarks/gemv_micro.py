@@ -29,12 +29,9 @@ import torch
 from _timing import best_time  # benchmarks/ is on sys.path when run as a script
 
 LLAMA_1B = ["2048+512+512:2048", "8192+8192:2048", "2048:8192", "2048:2048", "128256:2048"]
-# then four that split each row's length over 2-8 programs (split-K), then the streaming form (a persistent grid of
-# STREAM programs per SM walking its row tiles in one loop pipelined STAGES deep)
+# the last four split each row's length over 2-8 programs (split-K)
 SWEEP = ["8:1024:8", "4:1024:4", "16:1024:8", "8:2048:8", "16:2048:8", "32:512:8", "4:2048:4", "8:512:4",
-         "4:1024:4:2", "4:1024:4:4", "2:2048:4:2", "8:512:4:8",
-         "8:1024:8:1:2:3", "8:1024:8:1:4:2", "8:512:4:1:4:4", "16:512:8:1:2:4", "4:1024:4:1:4:3", "8:1024:4:1:4:3",
-         "8:2048:8:1:2:2", "8:1024:8:1:1:4", "8:1024:8:1:4:1", "16:1024:8:1:2:3"]  # fmt: skip
+         "4:1024:4:2", "4:1024:4:4", "2:2048:4:2", "8:512:4:8"]  # fmt: skip
 
 
 def parse_shape(text: str) -> tuple[list[int], int]:
@@ -49,25 +46,21 @@ def parse_shape(text: str) -> tuple[list[int], int]:
     return parts, width
 
 
-def parse_setting(text: str) -> tuple[int, ...]:
-    """`BLOCK_N:BLOCK_K:WARPS[:SPLIT_K[:STREAM:STAGES]]` -> the six (split-K 1 and the streaming form off when left
-    out)."""
+def parse_setting(text: str) -> tuple[int, int, int, int]:
+    """`BLOCK_N:BLOCK_K:WARPS[:SPLIT_K]` -> the four (split-K 1 when left out)."""
     try:
         values = [int(v) for v in text.split(":")]
     except ValueError:
         values = []
-    if len(values) not in (3, 4, 6):
-        raise ValueError(f"setting {text!r}: expected BLOCK_N:BLOCK_K:WARPS, BLOCK_N:BLOCK_K:WARPS:SPLIT_K or "
-                         "BLOCK_N:BLOCK_K:WARPS:SPLIT_K:STREAM:STAGES")  # fmt: skip
-    bn, bk, warps, split, stream, stages = (*values, 1, 0, 0)[:6] if len(values) == 3 else (*values, 0, 0)[:6]
+    if len(values) not in (3, 4):
+        raise ValueError(f"setting {text!r}: expected BLOCK_N:BLOCK_K:WARPS or BLOCK_N:BLOCK_K:WARPS:SPLIT_K")
+    bn, bk, warps, split = (*values, 1)[:4]
     for name, v in (("BLOCK_N", bn), ("BLOCK_K", bk), ("WARPS", warps)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"setting {text!r}: {name} must be a power of two")
     if split < 1:
         raise ValueError(f"setting {text!r}: SPLIT_K must be at least 1")
-    if len(values) == 6 and (stream < 1 or stages < 1 or split != 1):
-        raise ValueError(f"setting {text!r}: the streaming form needs SPLIT_K 1, STREAM >= 1 and STAGES >= 1")
-    return bn, bk, warps, split, stream, stages
+    return bn, bk, warps, split
 
 
 def _timer(device: torch.device, calls: int, repeats: int) -> Callable[[Callable[[int], Any]], float]:
@@ -103,7 +96,7 @@ def _timer(device: torch.device, calls: int, repeats: int) -> Callable[[Callable
 
 
 def measure_shape(
-    rows: list[int], k: int, int8: bool, args: argparse.Namespace, settings: list[tuple[int, ...]]
+    rows: list[int], k: int, int8: bool, args: argparse.Namespace, settings: list[tuple[int, int, int, int]]
 ) -> dict[str, Any]:
     from torch.nn import functional as F
 
@@ -152,17 +145,13 @@ def measure_shape(
     if device.type == "cuda":
         from llamaforge.kernels import row_gemv
 
-        for bn, bk, warps, split, stream, stages in settings:
-            if stream and k % bk:
-                continue  # the streaming form needs whole tiles per row
+        for bn, bk, warps, split in settings:
 
-            def kernel(i: int, bn=bn, bk=bk, warps=warps, split=split, stream=stream, stages=stages) -> torch.Tensor:
+            def kernel(i: int, bn=bn, bk=bk, warps=warps, split=split) -> torch.Tensor:
                 ws = copies[i % len(copies)][0]
-                return row_gemv.launch(x, ws, block_n=bn, block_k=bk, warps=warps, split=split, stream=stream,
-                                       stages=stages or None)  # fmt: skip
+                return row_gemv.launch(x, ws, block_n=bn, block_k=bk, warps=warps, split=split)
 
-            label = f"row_gemv {bn}:{bk}:{warps}" + (f":{split}" if split > 1 or stream else "")
-            label += f":{stream}:{stages}" if stream else ""
+            label = f"row_gemv {bn}:{bk}:{warps}" + (f":{split}" if split > 1 else "")
             record(label, kernel)
             want = row_gemv.reference(x, copies[0][0])  # and its values, so a fast wrong setting cannot win
             err = float((kernel(0) - want).abs().max() / want.abs().max().clamp_min(1e-6))
@@ -185,13 +174,13 @@ def measure_shape(
 
 def route_text(results: list[dict[str, Any]]) -> str:
     """Each timed product's fastest row GEMV setting as decode_variants' `gemv_route` value
-    (BYTES/ROWS/K/BLOCK_N/BLOCK_K/WARPS/SPLIT_K[/STREAM/STAGES] joined by `+`), so the next run can time the decode
-    step with exactly those products on the kernel (`gpu_runs.sh route` does both in one call)."""
+    (BYTES/ROWS/K/BLOCK_N/BLOCK_K/WARPS/SPLIT_K joined by `+`), so the next run can time the decode step with
+    exactly those products on the kernel (`gpu_runs.sh route` does both in one call)."""
     entries = []
     for row in results:
         if "settings_entry" in row:
-            (nbytes, rows, k), (bn, bk, warps, *rest) = row["settings_entry"]
-            entries.append("/".join(map(str, [nbytes, rows, k, bn, bk, warps, *(rest or [1])])))
+            (nbytes, rows, k), (bn, bk, warps, *split) = row["settings_entry"]
+            entries.append(f"{nbytes}/{rows}/{k}/{bn}/{bk}/{warps}/{split[0] if split else 1}")
     return "+".join(entries)
 
 
@@ -199,8 +188,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--shapes", nargs="+", default=LLAMA_1B, help="N:K or N1+N2(+N3):K (default: Llama-3.2-1B's)")
-    ap.add_argument("--sweep", nargs="+", default=SWEEP,
-                    help="row GEMV settings BLOCK_N:BLOCK_K:WARPS[:SPLIT_K[:STREAM:STAGES]]")  # fmt: skip
+    ap.add_argument("--sweep", nargs="+", default=SWEEP, help="row GEMV settings BLOCK_N:BLOCK_K:WARPS[:SPLIT_K]")
     ap.add_argument("--int8", action="store_true", help="also time int8 weight-only products")
     ap.add_argument("--int8-only", action="store_true", help="time int8 weight-only products only")
     ap.add_argument("--copies", type=int, default=8, help="weight copies cycled through (to read from HBM)")

@@ -30,7 +30,10 @@ A tensor-core form for int8 weights was built and timed on an H200 (2026-12-03, 
 per tile as three int8 base-254 digits (fp32-level precision), int8 x int8 wgmma, so no instruction per weight
 value. It won no 1B product alone (int8 gate/up 17.9 us vs 16.9 here and 17.7 for inductor; the head 76.9 vs
 73.6 for inductor) and made the int8 step slower (1.12 vs 0.89 ms), so it was removed: the int8 products are not
-bound by per-weight instructions (benchmarks/results/gemv_micro_h200.json run3_mma).
+bound by per-weight instructions (benchmarks/results/gemv_micro_h200.json run3_mma). Nor by load rounds: a streaming
+form (a persistent grid walking row tiles in one loop that Triton pipelines through asynchronous copies, commit
+a20b853) won no int8 product either (2026-12-03: gate/up 13.97 vs 12.89 us for inductor, the head 82.1 vs 73.4;
+run4_stream) and was removed.
 """
 
 from __future__ import annotations
@@ -57,18 +60,8 @@ _WARPS = 8
 # inductor fuses the addition into the product's consumer). More programs for products with few, long rows
 # (down_proj: 2,048 rows of 8,192), which otherwise leave much of the GPU without work.
 _SPLIT_K = 1
-# Streaming form (0: off): a persistent grid of `_STREAM` programs per SM, each walking its share of row tiles in one
-# flat loop that Triton software-pipelines `_STAGES` deep, so the weight reads form one continuous stream instead of
-# a wave of programs that each load, wait and finish. Why: an int8 product moves half the bytes of its bf16 twin in
-# the same number of load rounds, so per-round latency is a larger share of its time (gate/up 13 us alone for 33.5 MB,
-# 2.6 TB/s, against 17.7 us for bf16's 67 MB). Timed on an H200 over 11 settings (2026-12-03, fifteenth session,
-# benchmarks/results/gemv_micro_h200.json run4_stream) it won no int8 product (gate/up 13.97 vs 12.89 us for
-# inductor, the head 82.1 vs 73.4), so it stays off: more loads in flight do not lift the int8 products.
-_STREAM = 0
-_STAGES = 3
 # Per-product settings set by hand (benchmarks): (weight bytes per value, rows of all matrices together, K) ->
-# (BLOCK_N, BLOCK_K, warps), (BLOCK_N, BLOCK_K, warps, split-K) or (BLOCK_N, BLOCK_K, warps, split-K, streaming
-# programs per SM, pipeline stages). An entry wins over `_MEASURED` and the defaults.
+# (BLOCK_N, BLOCK_K, warps) or (BLOCK_N, BLOCK_K, warps, split-K). An entry wins over `_MEASURED` and the defaults.
 _SETTINGS: dict[tuple[int, int, int], tuple[int, ...]] = {}
 # Per GPU architecture (CUDA compute capability), the products to hand to this kernel by default, with their launch
 # settings: entries go here only when the kernel made the whole decode step faster on that GPU. None does yet. On
@@ -97,9 +90,8 @@ def _measured_here(device: torch.device) -> dict[tuple[int, int, int], tuple[int
 
 
 def settings_for(weights: list[torch.Tensor], k: int) -> tuple[int, ...]:
-    """(BLOCK_N, BLOCK_K, warps[, split-K[, streaming programs per SM, stages]]) for one launch: a hand-set entry,
-    else the measured one for this GPU, else the defaults (what an entry leaves out: `_SPLIT_K`, `_STREAM`,
-    `_STAGES`)."""
+    """(BLOCK_N, BLOCK_K, warps[, split-K]) for one launch: a hand-set entry, else the measured one for this GPU,
+    else the defaults (split-K, when an entry leaves it out: `_SPLIT_K`)."""
     key = _product_key(weights, k)
     if key in _SETTINGS:
         return _SETTINGS[key]
@@ -111,7 +103,7 @@ def launch_tag() -> str:
     the kernel is only reused under the settings it was compiled with (inductor's on-disk cache outlives the
     process, and the benchmarks change the settings between processes)."""
     return (
-        f"{INT8}-{FLOAT}-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{_SPLIT_K}-{_STREAM}-{_STAGES}-{sorted(_SETTINGS.items())}-"
+        f"{INT8}-{FLOAT}-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{_SPLIT_K}-{sorted(_SETTINGS.items())}-"
         f"{sorted(_MEASURED.items())}"
     )
 
@@ -178,53 +170,6 @@ def _kernel() -> Any:
     return rows_kernel
 
 
-@functools.cache
-def _stream_kernel() -> Any:
-    import triton
-    import triton.language as tl
-
-    @triton.jit(do_not_specialize=["n0", "n1", "n2", "blocks0", "blocks01", "blocks"])
-    def stream_kernel(
-        x_ptr, w0_ptr, w1_ptr, w2_ptr, y_ptr, n0, n1, n2, sw0, sw1, sw2, blocks0, blocks01, blocks,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES_K: tl.constexpr, INT8: tl.constexpr,
-        STAGES: tl.constexpr,
-    ):  # fmt: skip
-        pid = tl.program_id(0)
-        programs = tl.num_programs(0)
-        mine = tl.cdiv(blocks - pid, programs)  # row tiles pid, pid + programs, ... (programs <= blocks)
-        row_sum = tl.zeros((BLOCK_N,), tl.float32)
-        for t in tl.range(0, mine * TILES_K, num_stages=STAGES):
-            block = pid + (t // TILES_K) * programs
-            kt = t % TILES_K
-            in0 = block < blocks0
-            in1 = block < blocks01
-            w_ptr = tl.where(in0, w0_ptr, tl.where(in1, w1_ptr, w2_ptr))
-            stride = tl.where(in0, sw0, tl.where(in1, sw1, sw2))
-            rows = tl.where(in0, n0, tl.where(in1, n1, n2))
-            local = tl.where(in0, block, tl.where(in1, block - blocks0, block - blocks01))
-            out0 = tl.where(in0, 0, tl.where(in1, n0, n0 + n1))
-            n = local * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = n < rows
-            k = kt * BLOCK_K + tl.arange(0, BLOCK_K)  # the row length is TILES_K whole tiles: no column mask
-            x = tl.load(x_ptr + k).to(tl.float32)
-            w = tl.load(w_ptr + n[:, None] * stride + k[None, :], mask=n_ok[:, None], other=0)
-            if INT8:  # as in rows_kernel: exact, no I2F per value
-                wf = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
-            else:
-                wf = w.to(tl.float32)
-            part = tl.sum(wf * x[None, :], axis=1)
-            row_sum = tl.where(kt == 0, part, row_sum + part)
-            tl.store(y_ptr + out0 + n, row_sum, mask=n_ok & (n * 0 + kt == TILES_K - 1))  # the row's last tile
-
-    return stream_kernel
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the Triton interpreter (tests): a few programs, each walking several row tiles
-
-
 def launch(
     x: torch.Tensor,
     weights: list[torch.Tensor],
@@ -233,45 +178,30 @@ def launch(
     block_k: int | None = None,
     warps: int | None = None,
     split: int | None = None,
-    stream: int | None = None,
-    stages: int | None = None,
     wrap: Any = None,
 ) -> torch.Tensor:
     """Run the Triton kernel (on CUDA, or on CPU tensors under TRITON_INTERPRET=1). `wrap` is
-    torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch. `stream` (programs per
-    SM) and `stages` pick the streaming form (`_STREAM`); it needs no split-K and a row length of whole tiles."""
+    torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch."""
     import triton
 
+    kernel = _kernel()
+    if wrap is not None:
+        kernel = wrap(kernel)
     k_len = int(x.size(1))  # concrete even when traced with dynamic shapes (see _product_key)
-    chosen = settings_for(list(weights), k_len)  # explicit arguments win
-    chosen_n, chosen_k, chosen_warps = chosen[:3]
+    chosen_n, chosen_k, chosen_warps, *chosen_split = settings_for(list(weights), k_len)  # explicit arguments win
     block_n, warps = block_n or chosen_n, warps or chosen_warps
     block_k = min(block_k or chosen_k, triton.next_power_of_2(k_len))
-    split = split or (chosen[3] if len(chosen) > 3 else _SPLIT_K)
-    stream = stream if stream is not None else chosen[4] if len(chosen) > 4 else _STREAM
-    stages = stages or (chosen[5] if len(chosen) > 5 else _STAGES)
+    split = split or (chosen_split[0] if chosen_split else _SPLIT_K)
     k_chunk = triton.cdiv(triton.cdiv(k_len, split), block_k) * block_k  # whole tiles per slice
     split = triton.cdiv(k_len, k_chunk)  # no slice left empty
     ws = list(weights) + [weights[0]] * (MAX_MATRICES - len(weights))  # unused slots: no program reads them
     rows = [int(w.size(0)) for w in weights] + [0] * (MAX_MATRICES - len(weights))
     blocks = [triton.cdiv(r, block_n) for r in rows]
-    int8 = weights[0].dtype == torch.int8
-    if stream and split == 1 and k_len % block_k == 0:
-        y = torch.empty(1, sum(rows), dtype=torch.float32, device=x.device)
-        programs = min(sum(blocks), stream * _sm_count(x.device))
-        kernel = _stream_kernel() if wrap is None else wrap(_stream_kernel())
-        kernel[(programs,)](
-            x, ws[0], ws[1], ws[2], y, rows[0], rows[1], rows[2], ws[0].stride(0), ws[1].stride(0),
-            ws[2].stride(0), blocks[0], blocks[0] + blocks[1], sum(blocks), BLOCK_N=block_n, BLOCK_K=block_k,
-            TILES_K=k_len // block_k, INT8=int8, STAGES=stages, num_warps=warps,
-        )  # fmt: skip
-        return y
-    kernel = _kernel() if wrap is None else wrap(_kernel())
     y = torch.empty(split, sum(rows), dtype=torch.float32, device=x.device)
     kernel[(sum(blocks), split)](
         x, ws[0], ws[1], ws[2], y, rows[0], rows[1], rows[2], k_len,
         ws[0].stride(0), ws[1].stride(0), ws[2].stride(0), blocks[0], blocks[0] + blocks[1], k_chunk, y.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, INT8=int8, num_warps=warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, INT8=weights[0].dtype == torch.int8, num_warps=warps,
     )  # fmt: skip
     return y if split == 1 else y.sum(0, keepdim=True)
 
