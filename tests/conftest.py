@@ -11,7 +11,11 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 settings.register_profile(
     "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
-settings.load_profile("default")
+# CI judges a change on one fixed set of examples per test (derandomised: the same draws on every machine and run),
+# so a rare draw cannot turn a merge red by chance; local runs keep drawing new examples, which is how rare failures
+# are found (e.g. a LoRA merge tolerance, 2026-12-03).
+settings.register_profile("ci", parent=settings.get_profile("default"), derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
