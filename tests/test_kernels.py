@@ -279,6 +279,8 @@ def _sm90_ptx(kernel, args: dict, constexprs: dict, num_warps: int) -> str:
 
     runtime = {kernel.arg_names[j] if isinstance(j, int) else j for j in kernel.do_not_specialize or ()}
     signature, attrs = {}, {}
+    # constexpr parameters left out take their defaults, as at a launch
+    constexprs = {**{p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default}, **constexprs}
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
@@ -814,7 +816,10 @@ def test_qkv_rope_kernel_in_the_interpreter_matches_the_reference():
             for norm in (None, (g, 1e-5)):  # an RMSNorm folded in: its statistics over the row in every program
                 want_k, want_v = kc.clone(), vc.clone()
                 want = qkv_rope.reference(x, wq, wk, wv, cos, sin, want_k, want_v, position, scales, norm)
-                for pairs, block_k, one_pass in ((4, 64, False), (8, 128, False), (2, 1024, False), (4, 64, True)):
+                for pairs, block_k, one_pass, first in ((4, 64, False, False), (8, 128, False, True),
+                                                        (2, 1024, False, False), (4, 64, True, False),
+                                                        (4, 64, True, True)):
+                    qkv_rope._WEIGHTS_FIRST = first  # each loop step's weight loads first: the same values
                     got_k, got_v = kc.clone(), vc.clone()
                     got = qkv_rope.launch(x, wq, wk, wv, cos, sin, got_k, got_v, position, scales, norm, pairs=pairs,
                                           block_k=block_k, warps=2, one_pass=one_pass)
@@ -1026,7 +1031,8 @@ def test_gate_up_kernel_in_the_interpreter_matches_the_reference():
         for seed, n, k, dtype, int8, fold in cases:
             x, wg, wu, scales, norm = _gate_up_case(seed, n, k, dtype, int8, fold)
             want = gate_up.reference(x, wg, wu, scales, norm)
-            for block_n, block_k in ((8, 64), (4, 128), (16, 1024)):
+            for block_n, block_k, first in ((8, 64, False), (4, 128, False), (16, 1024, False), (8, 64, True)):
+                gate_up._WEIGHTS_FIRST = first  # each loop step's weight loads first: the same values
                 got = gate_up.launch(x, wg, wu, scales, norm, block_n=block_n, block_k=block_k, warps=2)
                 # bf16: the interpreter's conversions to bf16 need not round as the GPU's do (an ulp or two of the
                 # rounded gate and up, multiplied); the GPU test holds the kernel to 1e-2
@@ -1051,6 +1057,47 @@ def test_gate_up_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, n
     loads = _global_loads(ptx)
     assert any(".v4." in ld for ld in loads), loads
     assert not [ld for ld in loads if ld.endswith((".b8", ".u8", ".s8"))], loads
+
+
+def _barriers_before_wide_loads(ptx: str) -> list[int]:
+    """For each 16-byte global load in the PTX, how many block barriers come before it in the code."""
+    seen, counts = 0, []
+    for line in ptx.splitlines():
+        seen += "bar.sync" in line
+        if "ld.global.v4" in line:
+            counts.append(seen)
+    return counts
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.parametrize(("kernel", "dtype"), [("gate_up", "bf16"), ("gate_up", "i8"), ("qkv", "i8")])
+def test_weights_first_issues_the_weight_loads_ahead_of_the_row_tiles_barriers_on_hopper(kernel, dtype):
+    """W_FIRST exists because, in program order, sm_90 code issues a loop step's weight loads only after the row's
+    tile has been loaded and laid out for every row through shared memory (barriers): with it, no barrier may stand
+    between a loop step's first wide load and its weight loads, and fewer precede the weights than without it."""
+    from llamaforge.kernels import gate_up, qkv_rope
+
+    k, t = 2048, 2048
+    if kernel == "gate_up":
+        fn, warps = gate_up._kernel(), gate_up._WARPS
+        args = {"x_ptr": "*bf16", "wg_ptr": f"*{dtype}", "wu_ptr": f"*{dtype}", "sg_ptr": "*bf16", "su_ptr": "*bf16",
+                "g_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32", "n_rows": 8192, "k_len": k, "swg": k,
+                "swu": k}  # fmt: skip
+        constexprs = {"BLOCK_N": gate_up._BLOCK_N, "BLOCK_K": gate_up._BLOCK_K, "INT8": dtype == "i8", "NORM": True}
+    else:
+        fn, warps = qkv_rope._kernel(), qkv_rope._WARPS
+        args = {"x_ptr": "*bf16", "wq_ptr": f"*{dtype}", "wk_ptr": f"*{dtype}", "wv_ptr": f"*{dtype}",
+                "sq_ptr": "*bf16", "sk_ptr": "*bf16", "sv_ptr": "*bf16", "cos_ptr": "*bf16", "g_ptr": "*bf16",
+                "eps": "fp32", "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
+                "pos_ptr": "*i64", "k_len": k, "swq": k, "swk": k, "swv": k, "progs_q": 256, "progs_qk": 320,
+                "kc_head": t * 64, "kc_pos": 64, "vc_head": t * 64, "vc_pos": 64, "cache_len": t, "ok_ptr": "*u8",
+                "ext_ptr": "*i64", "o_ptr": "*bf16", "sync_ptr": "*i32", "scale": "fp32"}  # fmt: skip
+        constexprs = {"HALF": 32, "PAIRS": qkv_rope._PAIRS, "BLOCK_K": qkv_rope._BLOCK_K, "INT8": True, "NORM": True,
+                      "ONE_PASS": True}  # fmt: skip
+    default = _barriers_before_wide_loads(_sm90_ptx(fn, args, {**constexprs, "W_FIRST": False}, warps))
+    first = _barriers_before_wide_loads(_sm90_ptx(fn, args, {**constexprs, "W_FIRST": True}, warps))
+    assert len(first) == len(default) and len(set(first)) == 1, first
+    assert max(first) < max(default), (first, default)
 
 
 @pytest.mark.gpu
