@@ -301,7 +301,9 @@ def _weights_first(first: bool, measure: Any, *args: Any) -> dict[str, Any]:
     saved = (qkv_rope._WEIGHTS_FIRST, gate_up._WEIGHTS_FIRST)
     qkv_rope._WEIGHTS_FIRST = gate_up._WEIGHTS_FIRST = first
     try:
-        return {**measure(*args), "weights_first": first}
+        row = {**measure(*args), "weights_first": first}
+        row["kernel"] += " (weights first)" if first else ""
+        return row
     finally:
         qkv_rope._WEIGHTS_FIRST, gate_up._WEIGHTS_FIRST = saved
 
@@ -371,17 +373,15 @@ def main() -> None:
         results.append(row)
         timed = sorted((us, label) for label, us in row["us"].items() if isinstance(us, float))
         top = ", ".join(f"{label} {us} us ({row['tb_s'][label]} TB/s)" for us, label in timed[:4])
-        first = " (weights first)" if row.get("weights_first") else ""
-        print(f"{row['kernel']} {row['weights']}{first}: {top}", flush=True)
+        print(f"{row['kernel']} {row['weights']}: {top}", flush=True)
     meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
             "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine(),
             "shape": args.shape, "copies": args.copies, "calls": args.calls}  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": results}, f, indent=1)
-    best = {f"{r['kernel']} {r['weights']}" + (" weights first" if r.get("weights_first") else ""):
-            [r.get("best"), r.get("best_speedup_vs_inductor")] for r in results}  # fmt: skip
-    print(json.dumps({"meta": meta, "best": best}))
+    print(json.dumps({"meta": meta, "best": {f"{r['kernel']} {r['weights']}": [r.get("best"),
+                      r.get("best_speedup_vs_inductor")] for r in results}}))  # fmt: skip
 
 
 if __name__ == "__main__":

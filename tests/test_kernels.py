@@ -887,6 +887,18 @@ def test_qkv_rope_attention_kernel_in_the_interpreter_matches_the_reference():
     _in_the_interpreter(script, "ok 6")
 
 
+def _qkv_ptx_args(dtype: str) -> dict:
+    """The q/k/v kernel's runtime arguments at Llama-3.2-1B's shape (width 2,048, a 2,048-position cache) for
+    `_sm90_ptx`, its weights in `dtype`."""
+    k, t = 2048, 2048
+    return {"x_ptr": "*bf16", "wq_ptr": f"*{dtype}", "wk_ptr": f"*{dtype}", "wv_ptr": f"*{dtype}", "sq_ptr": "*bf16",
+            "sk_ptr": "*bf16", "sv_ptr": "*bf16", "cos_ptr": "*bf16", "g_ptr": "*bf16", "eps": "fp32",
+            "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "pos_ptr": "*i64", "k_len": k,
+            "swq": k, "swk": k, "swv": k, "progs_q": 256, "progs_qk": 320, "kc_head": t * 64, "kc_pos": 64,
+            "vc_head": t * 64, "vc_pos": 64, "cache_len": t, "ok_ptr": "*u8", "ext_ptr": "*i64", "o_ptr": "*bf16",
+            "sync_ptr": "*i32", "scale": "fp32"}  # fmt: skip
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.parametrize(
     ("dtype", "norm", "one_pass", "attn"),
@@ -898,13 +910,7 @@ def test_qkv_rope_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, 
     run its block products on tensor cores."""
     from llamaforge.kernels import qkv_rope
 
-    k, t = 2048, 2048  # Llama-3.2-1B's width; the static cache's length
-    args = {"x_ptr": "*bf16", "wq_ptr": f"*{dtype}", "wk_ptr": f"*{dtype}", "wv_ptr": f"*{dtype}", "sq_ptr": "*bf16",
-            "sk_ptr": "*bf16", "sv_ptr": "*bf16", "cos_ptr": "*bf16", "g_ptr": "*bf16", "eps": "fp32",
-            "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16", "pos_ptr": "*i64", "k_len": k,
-            "swq": k, "swk": k, "swv": k, "progs_q": 256, "progs_qk": 320, "kc_head": t * 64, "kc_pos": 64,
-            "vc_head": t * 64, "vc_pos": 64, "cache_len": t, "ok_ptr": "*u8", "ext_ptr": "*i64", "o_ptr": "*bf16",
-            "sync_ptr": "*i32", "scale": "fp32"}  # fmt: skip
+    args = _qkv_ptx_args(dtype)
     constexprs = {"HALF": 32, "PAIRS": qkv_rope._PAIRS, "BLOCK_K": qkv_rope._BLOCK_K, "INT8": dtype == "i8",
                   "NORM": norm, "ONE_PASS": one_pass, "ATTN": attn, "REP": 4, "REP_P": 16,
                   "BLOCK_L": qkv_rope._BLOCK_L, "DOT": attn}  # fmt: skip
@@ -1043,17 +1049,22 @@ def test_gate_up_kernel_in_the_interpreter_matches_the_reference():
     _in_the_interpreter(script, "ok 4")
 
 
+def _gate_up_ptx_args(dtype: str) -> dict:
+    """The gate/up kernel's runtime arguments at Llama-3.2-1B's shape (8,192 rows of 2,048) for `_sm90_ptx`, its
+    weights in `dtype`."""
+    k = 2048
+    return {"x_ptr": "*bf16", "wg_ptr": f"*{dtype}", "wu_ptr": f"*{dtype}", "sg_ptr": "*bf16", "su_ptr": "*bf16",
+            "g_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32", "n_rows": 8192, "k_len": k, "swg": k,
+            "swu": k}  # fmt: skip
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.parametrize(("dtype", "norm"), [("bf16", True), ("i8", True), ("bf16", False)])
 def test_gate_up_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, norm):
     from llamaforge.kernels import gate_up
 
-    k = 2048
-    args = {"x_ptr": "*bf16", "wg_ptr": f"*{dtype}", "wu_ptr": f"*{dtype}", "sg_ptr": "*bf16", "su_ptr": "*bf16",
-            "g_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32", "n_rows": 8192, "k_len": k, "swg": k,
-            "swu": k}  # fmt: skip
     constexprs = {"BLOCK_N": gate_up._BLOCK_N, "BLOCK_K": gate_up._BLOCK_K, "INT8": dtype == "i8", "NORM": norm}
-    ptx = _sm90_ptx(gate_up._kernel(), args, constexprs, gate_up._WARPS)
+    ptx = _sm90_ptx(gate_up._kernel(), _gate_up_ptx_args(dtype), constexprs, gate_up._WARPS)
     loads = _global_loads(ptx)
     assert any(".v4." in ld for ld in loads), loads
     assert not [ld for ld in loads if ld.endswith((".b8", ".u8", ".s8"))], loads
@@ -1077,21 +1088,11 @@ def test_weights_first_issues_the_weight_loads_ahead_of_the_row_tiles_barriers_o
     between a loop step's first wide load and its weight loads, and fewer precede the weights than without it."""
     from llamaforge.kernels import gate_up, qkv_rope
 
-    k, t = 2048, 2048
     if kernel == "gate_up":
-        fn, warps = gate_up._kernel(), gate_up._WARPS
-        args = {"x_ptr": "*bf16", "wg_ptr": f"*{dtype}", "wu_ptr": f"*{dtype}", "sg_ptr": "*bf16", "su_ptr": "*bf16",
-                "g_ptr": "*bf16", "out_ptr": "*bf16", "eps": "fp32", "n_rows": 8192, "k_len": k, "swg": k,
-                "swu": k}  # fmt: skip
+        fn, warps, args = gate_up._kernel(), gate_up._WARPS, _gate_up_ptx_args(dtype)
         constexprs = {"BLOCK_N": gate_up._BLOCK_N, "BLOCK_K": gate_up._BLOCK_K, "INT8": dtype == "i8", "NORM": True}
     else:
-        fn, warps = qkv_rope._kernel(), qkv_rope._WARPS
-        args = {"x_ptr": "*bf16", "wq_ptr": f"*{dtype}", "wk_ptr": f"*{dtype}", "wv_ptr": f"*{dtype}",
-                "sq_ptr": "*bf16", "sk_ptr": "*bf16", "sv_ptr": "*bf16", "cos_ptr": "*bf16", "g_ptr": "*bf16",
-                "eps": "fp32", "sin_ptr": "*bf16", "q_ptr": "*bf16", "kc_ptr": "*bf16", "vc_ptr": "*bf16",
-                "pos_ptr": "*i64", "k_len": k, "swq": k, "swk": k, "swv": k, "progs_q": 256, "progs_qk": 320,
-                "kc_head": t * 64, "kc_pos": 64, "vc_head": t * 64, "vc_pos": 64, "cache_len": t, "ok_ptr": "*u8",
-                "ext_ptr": "*i64", "o_ptr": "*bf16", "sync_ptr": "*i32", "scale": "fp32"}  # fmt: skip
+        fn, warps, args = qkv_rope._kernel(), qkv_rope._WARPS, _qkv_ptx_args(dtype)
         constexprs = {"HALF": 32, "PAIRS": qkv_rope._PAIRS, "BLOCK_K": qkv_rope._BLOCK_K, "INT8": True, "NORM": True,
                       "ONE_PASS": True}  # fmt: skip
     default = _barriers_before_wide_loads(_sm90_ptx(fn, args, {**constexprs, "W_FIRST": False}, warps))
