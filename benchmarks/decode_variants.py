@@ -22,11 +22,10 @@ Each variant is a comma-separated list of settings (`base` is none):
                                   qkv_warps (its launch settings), qkv_one_pass (0/1: the folded norm's statistics
                                   gathered in the products' loop), qkv_attn (0/1/auto: the step's attention in the
                                   same launch; auto = CUDA only), qkv_block_l (its loop step over the cache),
-                                  attend_max (the longest static cache it takes), qkv_wfirst (0/1: each loop step's
-                                  weight loads issued before the row's tile is prepared)
+                                  attend_max (the longest static cache it takes)
     fused RMSNorm + gate/up +     gate_up (0/1: one-row calls with plain weights through llamaforge.kernels.gate_up),
     SiLU kernel                   gate_up_int8 (0/1/auto: with int8 weight-only ones; auto, the default: on CUDA),
-                                  gate_up_block_n, gate_up_block_k, gate_up_warps, gate_up_wfirst (as qkv_wfirst)
+                                  gate_up_block_n, gate_up_block_k, gate_up_warps
     eager int8 products           int8_mm (0/1/auto: eager int8 weight-only calls of a few rows on CUDA, the prefill's,
                                   through llamaforge.kernels.int8_mm; auto, the default: up to MAX_ROWS rows)
     the decoding loop             side_copy (0/1: the per-step read-back on a stream of its own, the default, or on
@@ -93,8 +92,6 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "qkv_norm": ("llamaforge.plugins.attention", "_FOLD_NORM", "bool"),
     "gate_up": ("llamaforge.core.model", "_FUSED_GATE_UP", "bool"),
     "gate_up_int8": ("llamaforge.core.model", "_FUSED_GATE_UP_INT8", "bool_or_auto"),
-    "gate_up_wfirst": ("llamaforge.kernels.gate_up", "_WEIGHTS_FIRST", "bool"),
-    "qkv_wfirst": ("llamaforge.kernels.qkv_rope", "_WEIGHTS_FIRST", "bool"),
     "gate_up_block_n": ("llamaforge.kernels.gate_up", "_BLOCK_N", "int"),
     "gate_up_block_k": ("llamaforge.kernels.gate_up", "_BLOCK_K", "int"),
     "gate_up_warps": ("llamaforge.kernels.gate_up", "_WARPS", "int"),

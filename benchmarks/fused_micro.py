@@ -293,21 +293,6 @@ def measure_qkv_attention(case: tuple[int, int], int8: bool, args: argparse.Name
     return out
 
 
-def _weights_first(first: bool, measure: Any, *args: Any) -> dict[str, Any]:
-    """`measure(*args)` with the fused kernels' weight loads issued first or in program order (their
-    `_WEIGHTS_FIRST`, restored afterwards); the row records which."""
-    from llamaforge.kernels import gate_up, qkv_rope
-
-    saved = (qkv_rope._WEIGHTS_FIRST, gate_up._WEIGHTS_FIRST)
-    qkv_rope._WEIGHTS_FIRST = gate_up._WEIGHTS_FIRST = first
-    try:
-        row = {**measure(*args), "weights_first": first}
-        row["kernel"] += " (weights first)" if first else ""
-        return row
-    finally:
-        qkv_rope._WEIGHTS_FIRST, gate_up._WEIGHTS_FIRST = saved
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -328,9 +313,6 @@ def main() -> None:
     ap.add_argument("--qkv-attn-cases", nargs="*", default=QKV_ATTN_CASES,
                     help="qkv_rope_attention cases CACHE_LENGTH:POSITIONS")  # fmt: skip
     ap.add_argument("--no-int8", action="store_true", help="bf16 weights only")
-    ap.add_argument("--weights-first", choices=("0", "1", "both"), default="0",
-                    help="q/k/v and gate/up kernels with each loop step's weight loads issued before the row's tile "
-                         "is prepared (their _WEIGHTS_FIRST): off, on, or both, as separate rows")  # fmt: skip
     ap.add_argument(
         "--kernels",
         nargs="+",
@@ -362,9 +344,8 @@ def main() -> None:
     results = []
     products = [(measure, settings) for name, measure, settings in (("qkv", measure_qkv, qkv),
                 ("gate_up", measure_gate_up, gu)) if name in args.kernels]  # fmt: skip
-    orders = {"0": (False,), "1": (True,), "both": (False, True)}[args.weights_first]
-    runs = [functools.partial(_weights_first, first, measure, int8, args, settings) for first in orders
-            for int8 in ((False,) if args.no_int8 else (False, True)) for measure, settings in products]  # fmt: skip
+    runs = [functools.partial(measure, int8, args, settings) for int8 in ((False,) if args.no_int8 else (False, True))
+            for measure, settings in products]  # fmt: skip
     runs += [functools.partial(measure_attention, case, args, attn) for case in cases if "attn" in args.kernels]
     runs += [functools.partial(measure_qkv_attention, case, int8, args, qkv_attn) for case in qkv_attn_cases
              for int8 in ((False,) if args.no_int8 else (False, True)) if "qkv_attn" in args.kernels]  # fmt: skip

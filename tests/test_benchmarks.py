@@ -332,14 +332,8 @@ def test_fused_micro_checks_and_times_the_kernels_in_the_interpreter_and_rejects
     assert all(isinstance(v, float) and v > 0 for row in res["rows"] for v in row["us"].values()), res
     assert qkv["best"].startswith("qkv_rope") and gate_up["best"] == "gate_up 4:64:4"
     assert attn["best"].startswith("decode_attention")
-    both = _run("fused_micro.py", "--device", "cpu", "--shape", "4", "2", "16", "64", "128", "8", "--no-int8",
-                "--gate-up", "4:64:4", "--calls", "1", "--repeats", "1", "--copies", "2", "--kernels", "gate_up",
-                "--weights-first", "both", tmp_path=tmp_path)  # fmt: skip
-    assert [r["weights_first"] for r in both["rows"]] == [False, True]  # each checked against the reference
-    assert all(r["best"] == "gate_up 4:64:4" for r in both["rows"])
     monkeypatch.delenv("TRITON_INTERPRET")
     bad_args = [
-        (["--weights-first", "2"], "invalid choice"),
         (["--qkv", "3:64:4"], "powers of two"),
         (["--qkv", "4:64:4:2"], "0 or 1"),
         (["--gate-up", "4:64:4:1"], "3 integers"),

@@ -33,14 +33,11 @@ from llamaforge.kernels import operands_supported, pack_extras, rms_row, row_pro
 _BLOCK_N = 8
 _BLOCK_K = 512
 _WARPS = 4
-# Each loop step's weight loads issued before the row's tile is read and normalised (the kernel's W_FIRST; see
-# qkv_rope._WEIGHTS_FIRST). Off until timed on a GPU.
-_WEIGHTS_FIRST = False
 
 
 def launch_tag() -> str:
     """The launch settings in force, for the decode step's compile cache key (see qkv_rope.launch_tag)."""
-    return f"gate_up-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{_WEIGHTS_FIRST}"
+    return f"gate_up-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}"
 
 
 def reference(
@@ -99,7 +96,7 @@ def launch(
     g, eps = norm if norm is not None else (x, 0.0)  # unread without NORM
     kernel[(triton.cdiv(n_rows, block_n),)](
         x, w_gate, w_up, sg, su, g, out, float(eps), n_rows, k_len, w_gate.stride(0), w_up.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scales is not None, NORM=norm is not None, W_FIRST=_WEIGHTS_FIRST,
+        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scales is not None, NORM=norm is not None,
         num_warps=warps or _WARPS,
     )  # fmt: skip
     return out

@@ -47,11 +47,6 @@ _ONE_PASS = True
 # H200, 1B shape, bf16, alone (benchmarks/fused_micro.py --kernels qkv_attn, 2026-12-03): 64 was the fastest of six
 # settings (32-256 positions, 4 or 8 warps) for a 384-position cache with 144 and 272 in use
 _BLOCK_L = 64
-# Each loop step's weight loads issued before the row's tile is read and prepared (the kernel's W_FIRST). Compiled
-# for sm_90 in program order, the weight loads only go out after the row tile has arrived and passed the barriers
-# that lay it out for every row: two memory round trips per loop step instead of one (SASS, 2026-12-03). The same
-# arithmetic either way; off until an H200 run times it (decode_variants.py `qkv_wfirst` / `gate_up_wfirst`).
-_WEIGHTS_FIRST = False
 
 # (allowed (1, L) bool or bytes, extent (1,), int32 zeros of at least Hkv entries, softmax scale)
 Attend = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]
@@ -61,7 +56,7 @@ def launch_tag() -> str:
     """The launch settings in force, for the decode step's compile cache key: the Triton op reads them when
     torch.compile traces it, and inductor's on-disk cache does not key on them (an H200 run replayed the default
     kernel for five variants with other settings, 2026-12-02 run20)."""
-    return f"qkv_rope-{_PAIRS}-{_BLOCK_K}-{_WARPS}-{_ONE_PASS}-{_BLOCK_L}-{_WEIGHTS_FIRST}"
+    return f"qkv_rope-{_PAIRS}-{_BLOCK_K}-{_WARPS}-{_ONE_PASS}-{_BLOCK_L}"
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -194,7 +189,7 @@ def launch(
         ok, extent, out, sync, float(scale),
         HALF=half, PAIRS=pairs, BLOCK_K=block_k, INT8=scales is not None,
         NORM=norm is not None, ONE_PASS=norm is not None and (_ONE_PASS if one_pass is None else one_pass),
-        ATTN=attend is not None, REP=rep, REP_P=rep_p, BLOCK_L=block_l or _BLOCK_L, DOT=dot, W_FIRST=_WEIGHTS_FIRST,
+        ATTN=attend is not None, REP=rep, REP_P=rep_p, BLOCK_L=block_l or _BLOCK_L, DOT=dot,
         num_warps=warps or _WARPS,
     )  # fmt: skip
     return out
