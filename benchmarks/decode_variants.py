@@ -26,6 +26,8 @@ Each variant is a comma-separated list of settings (`base` is none):
     fused RMSNorm + gate/up +     gate_up (0/1: one-row calls with plain weights through llamaforge.kernels.gate_up),
     SiLU kernel                   gate_up_int8 (0/1/auto: with int8 weight-only ones; auto, the default: on CUDA),
                                   gate_up_block_n, gate_up_block_k, gate_up_warps
+    o_proj / down_proj + residual residual, residual_int8 (0/1/auto: one-row calls with plain / int8 weight-only
+                                  weights through llamaforge.kernels.residual_gemv; auto = CUDA only)
     eager int8 products           int8_mm (0/1/auto: eager int8 weight-only calls of a few rows on CUDA, the prefill's,
                                   through llamaforge.kernels.int8_mm; auto, the default: up to MAX_ROWS rows)
     the decoding loop             side_copy (0/1: the per-step read-back on a stream of its own, the default, or on
@@ -95,6 +97,8 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "gate_up_block_n": ("llamaforge.kernels.gate_up", "_BLOCK_N", "int"),
     "gate_up_block_k": ("llamaforge.kernels.gate_up", "_BLOCK_K", "int"),
     "gate_up_warps": ("llamaforge.kernels.gate_up", "_WARPS", "int"),
+    "residual": ("llamaforge.kernels.residual_gemv", "PLAIN", "bool_or_auto"),
+    "residual_int8": ("llamaforge.kernels.residual_gemv", "INT8", "bool_or_auto"),
     "qkv_pairs": ("llamaforge.kernels.qkv_rope", "_PAIRS", "int"),
     "qkv_block_k": ("llamaforge.kernels.qkv_rope", "_BLOCK_K", "int"),
     "qkv_warps": ("llamaforge.kernels.qkv_rope", "_WARPS", "int"),
@@ -109,7 +113,12 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
 # key on: a variant setting one of these replayed the default kernel from the cache (2026-12-02 run20, five "launch
 # setting" variants with one kernel time). The decode pass's uuid now carries them, but a variant without the pass
 # (gemv_rows=0) has no such key, so these variants always compile into an empty cache
-FUSED_KERNELS = ("llamaforge.kernels.qkv_rope", "llamaforge.kernels.gate_up", KERNEL)
+FUSED_KERNELS = (
+    "llamaforge.kernels.qkv_rope",
+    "llamaforge.kernels.gate_up",
+    "llamaforge.kernels.residual_gemv",
+    KERNEL,
+)
 UNCACHED = {name for name, (module, _, _) in SWITCHES.items() if module in FUSED_KERNELS}
 CALL_SETTINGS = {"attn": "str", "quant": "str", "prefill_graph": "bool", "gemv_route": "str"}
 

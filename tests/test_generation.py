@@ -422,9 +422,10 @@ def test_fused_qkv_rope_route_decodes_the_same_tokens_and_only_where_it_applies(
     _check_route_scope(12, configs, switch, calls)
 
 
-def _check_route_scope(seed, configs, switch, calls):
-    """What both fused routes share: a batch of two rows and int8_dynamic projections keep the plain path, int8
-    weight-only projections go through the op (8 decoding steps of configs[1], 9 tokens), all with the same tokens."""
+def _check_route_scope(seed, configs, switch, calls, per_layer=1):
+    """What the fused routes share: a batch of two rows and int8_dynamic projections keep the plain path, int8
+    weight-only projections go through the op (8 decoding steps of configs[1], 9 tokens; `per_layer` calls in each
+    layer), all with the same tokens."""
     from llamaforge.core.loading import apply_transform
 
     calls[0] = 0
@@ -435,7 +436,7 @@ def _check_route_scope(seed, configs, switch, calls):
     assert one[True] == one[False] and calls[0] == 0
     weight_only = apply_transform(_model(seed=seed), "quantizer", "int8_weight_only")  # int8 weights with scales
     one = _fused_and_plain(weight_only, [[5, 6, 7]], configs[1:2], switch)
-    assert one[True] == one[False] and calls[0] == dynamic.spec.n_layers * 8
+    assert one[True] == one[False] and calls[0] == dynamic.spec.n_layers * 8 * per_layer
 
 
 def test_fused_attention_route_decodes_the_same_tokens_and_only_where_it_applies(monkeypatch):
@@ -533,6 +534,55 @@ def test_fused_gate_up_switches_are_per_weight_kind(monkeypatch):
             assert calls[0] == want, (plain_on, int8_on, model is int8)
 
 
+def test_residual_route_decodes_the_same_tokens_and_only_where_it_applies(monkeypatch):
+    """One-row calls through the residual GEMV op (o_proj and down_proj with the residual additions after them; on a
+    CPU its reference) stream the same tokens, alone and with the fused q/k/v + attention and gate/up routes, also
+    with int8 weight-only projections; the prefill, batches of several rows and int8_dynamic projections keep the
+    plain path. Each switch routes its own weight kind only."""
+    from llamaforge.core import model as model_module
+    from llamaforge.core.loading import apply_transform
+    from llamaforge.kernels import residual_gemv
+    from llamaforge.plugins import attention
+
+    assert residual_gemv.PLAIN is False and residual_gemv.INT8 is False  # off until an H200 run times them
+    calls = _count_reference_calls(residual_gemv, monkeypatch)
+    monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
+
+    def switch(on):
+        monkeypatch.setattr(residual_gemv, "PLAIN", on)
+        monkeypatch.setattr(residual_gemv, "INT8", on)
+
+    model = _model(seed=17)
+    free = generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=10, eos_token_ids=[]))
+    configs = [
+        GenerationConfig(max_new_tokens=10, eos_token_ids=[free[0][7]]),
+        GenerationConfig.from_options(temperature=1.1, top_k=20, seed=4, max_new_tokens=9),
+    ]
+    out = _fused_and_plain(model, [[5, 6, 7]], configs, switch)
+    assert out[True] == out[False] and calls[0] > 0
+    calls[0] = 0
+    _fused_and_plain(model, [[5, 6, 7]], configs[1:], switch)
+    assert calls[0] == model.spec.n_layers * 8 * 2  # o_proj and down_proj in each of the 8 steps after the prefill
+    for fused in (True, None):  # every fused route in one step (None: none of them on a CPU)
+        monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", fused)
+        monkeypatch.setattr(attention, "_FUSED_ATTENTION", fused)
+        monkeypatch.setattr(model_module, "_FUSED_GATE_UP", fused)
+        assert _fused_and_plain(model, [[5, 6, 7]], configs, switch)[True] == out[False]
+    monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
+    _check_route_scope(17, configs, switch, calls, per_layer=2)
+    int8 = apply_transform(_model(seed=17), "quantizer", "int8_weight_only")
+    config = GenerationConfig(max_new_tokens=5, eos_token_ids=[])
+    steps = model.spec.n_layers * 4 * 2
+    for plain_on, int8_on, want_plain, want_int8 in [(False, True, 0, steps), (True, False, steps, 0),
+                                                     (None, None, 0, 0)]:  # fmt: skip
+        monkeypatch.setattr(residual_gemv, "PLAIN", plain_on)
+        monkeypatch.setattr(residual_gemv, "INT8", int8_on)
+        for m, want in ((model, want_plain), (int8, want_int8)):
+            calls[0] = 0
+            generate(m, [[5, 6, 7]], config)
+            assert calls[0] == want, (plain_on, int8_on, m is int8)
+
+
 @pytest.mark.slow  # an inductor compilation: ~15 s on an idle CPU
 @pytest.mark.filterwarnings("ignore:dynamo_pgo force disabled")
 @pytest.mark.parametrize("attend", [False, True])
@@ -544,6 +594,7 @@ def test_fused_qkv_rope_route_in_the_compiled_step_writes_the_cache_in_place(fus
 
     from llamaforge.core import generation
     from llamaforge.core import model as model_module
+    from llamaforge.kernels import residual_gemv
     from llamaforge.plugins import attention
 
     monkeypatch.setattr(attention, "_FUSED_ATTENTION", attend)
@@ -554,6 +605,7 @@ def test_fused_qkv_rope_route_in_the_compiled_step_writes_the_cache_in_place(fus
     assert out[True] == out[False] and calls[0] > 0
     switch(True)
     monkeypatch.setattr(model_module, "_FUSED_GATE_UP", True)  # and the feed-forward's fused op in the same graph
+    monkeypatch.setattr(residual_gemv, "PLAIN", True)  # and o_proj / down_proj with their residual additions
     torch._dynamo.reset()
     cache = model.new_cache(1, 16)
     keys_before = [k.clone() for k in cache.keys]
@@ -566,6 +618,7 @@ def test_fused_qkv_rope_route_in_the_compiled_step_writes_the_cache_in_place(fus
     assert code.count(f"torch.ops.llamaforge.{op}.default(") == model.spec.n_layers
     assert ("scaled_dot_product" in code) != attend
     assert code.count("torch.ops.llamaforge.gate_up_silu_reference.default(") == model.spec.n_layers
+    assert code.count("torch.ops.llamaforge.residual_linear_reference.default(") == 2 * model.spec.n_layers
     assert ".copy_(" not in code  # mutated in place, not functionalised into a copy of every cache buffer
     changed = [(k != k0).any(dim=(0, 1, 3)).nonzero().flatten().tolist() for k, k0 in zip(cache.keys, keys_before)]
     assert changed == [[3]] * model.spec.n_layers

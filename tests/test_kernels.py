@@ -440,14 +440,16 @@ def test_decode_cache_key_follows_the_fused_kernels_launch_settings(monkeypatch)
     on-disk cache does not key on (an H200 run replayed the default kernel for other settings): the decode pass's
     uuid, which it does key on, carries them."""
     from llamaforge.core import generation
-    from llamaforge.kernels import decode_attention, gate_up, qkv_rope
+    from llamaforge.kernels import decode_attention, gate_up, qkv_rope, residual_gemv
 
     before = generation._gemv_pass().uuid()
     for module, name, value in ((qkv_rope, "_PAIRS", 2), (qkv_rope, "_BLOCK_K", 2048), (qkv_rope, "_WARPS", 8),
                                 (qkv_rope, "_ONE_PASS", not qkv_rope._ONE_PASS), (gate_up, "_BLOCK_N", 16),
                                 (gate_up, "_BLOCK_K", 2048), (gate_up, "_WARPS", 8), (decode_attention, "_SPLITS", 3),
                                 (decode_attention, "_BLOCK", 128), (decode_attention, "_WARPS", 2),
-                                (decode_attention, "_DOT", not decode_attention._DOT)):  # fmt: skip
+                                (decode_attention, "_DOT", not decode_attention._DOT),
+                                (residual_gemv, "_DEFAULT", (8, 512, 4)),
+                                (residual_gemv, "_SETTINGS", {})):  # fmt: skip
         with monkeypatch.context() as m:
             m.setattr(module, name, value)
             assert generation._gemv_pass().uuid() != before, name
@@ -1119,15 +1121,18 @@ def test_gate_up_on_cuda_matches_the_reference_at_llama_shapes():
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize(("qkv", "ffn", "attn"), [(True, False, False), (False, True, False), (True, True, False),
-                                                (True, False, True), (True, True, True)])  # fmt: skip
+@pytest.mark.parametrize(("qkv", "ffn", "attn", "res"), [(True, False, False, False), (False, True, False, False),
+                                                       (True, True, False, False), (True, False, True, False),
+                                                       (True, True, True, False), (False, False, False, True),
+                                                       (True, True, True, True)])  # fmt: skip
 @pytest.mark.parametrize("quant", [None, "int8_weight_only"])
-def test_compiled_graphed_decoding_through_the_fused_kernels_gives_the_plain_tokens(qkv, ffn, attn, quant,
+def test_compiled_graphed_decoding_through_the_fused_kernels_gives_the_plain_tokens(qkv, ffn, attn, res, quant,
                                                                                     monkeypatch):  # fmt: skip
     import llamaforge
     from llamaforge.core import model as model_module
     from llamaforge.core.generation import GenerationConfig, clear_sessions, generate
     from llamaforge.core.loading import apply_transform
+    from llamaforge.kernels import residual_gemv
     from llamaforge.plugins import attention
 
     spec = llamaforge.load_spec("tiny").with_updates(eos_token_id=None)
@@ -1141,11 +1146,122 @@ def test_compiled_graphed_decoding_through_the_fused_kernels_gives_the_plain_tok
         monkeypatch.setattr(attention, "_FUSED_ATTENTION", None if on and attn else False)
         monkeypatch.setattr(model_module, "_FUSED_GATE_UP", None if on and ffn else False)
         monkeypatch.setattr(model_module, "_FUSED_GATE_UP_INT8", None if on and ffn else False)
+        monkeypatch.setattr(residual_gemv, "PLAIN", None if on and res else False)
+        monkeypatch.setattr(residual_gemv, "INT8", None if on and res else False)
         torch._dynamo.reset()
         clear_sessions(model)
         out[on] = generate(model, [[3, 4, 5]], config)
     clear_sessions(model)
     assert out[True] == out[False]
+
+
+# ----- one row times a matrix plus the residual (llamaforge.kernels.residual_gemv) ---------------------------------
+def _residual_case(seed: int, n: int, k: int, dtype=torch.float32, int8: bool = False):
+    """x (1, K), a weight (N, K) (int8 with its rows' scales, or in x's dtype with None), a residual (1, N)."""
+    from llamaforge.plugins.quantizers import quantize_int8_rows
+
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(1, k, generator=g) * 3).to(dtype)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype)
+    scale = None
+    if int8:
+        w, scale = quantize_int8_rows(w)
+        scale = scale.to(dtype)
+    return x, w, scale, (torch.randn(1, n, generator=g) * 2).to(dtype)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 40), k=st.integers(2, 80), int8=st.booleans(),
+       bf16=st.booleans())  # fmt: skip
+def test_residual_reference_is_the_linear_then_the_residual_addition(seed, n, k, int8, bf16):
+    """The reference against the modules it stands for: residual + linear(x), the linear an nn.Linear or an
+    Int8Linear; and `add_linear` with the route on (a CPU runs the reference) against the two steps."""
+    from llamaforge.kernels import residual_gemv
+    from llamaforge.plugins.quantizers import Int8Linear
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x, w, scale, residual = _residual_case(seed, n, k, dtype, int8)
+    if int8:
+        linear = Int8Linear(k, n, bias=False, dtype=dtype)
+        linear.weight.copy_(w)
+        linear.weight_scale.copy_(scale)
+    else:
+        linear = torch.nn.Linear(k, n, bias=False, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(w)
+    with torch.no_grad():
+        want = residual + linear(x)
+        got = residual_gemv.reference(x, w, scale, residual)
+        tol = 2e-2 if bf16 else 1e-5  # bf16: nn.Linear's own CPU kernel may round its sums differently
+        torch.testing.assert_close(got.float(), want.float(), atol=tol * (1 + want.abs().max().item()), rtol=0)
+        assert got.dtype == dtype and got.shape == (1, n)
+        for plain, int8_on in ((True, True), (False, False)):
+            residual_gemv.PLAIN, residual_gemv.INT8 = plain, int8_on
+            try:
+                routed = residual_gemv.add_linear(linear, x[None], residual[None])
+            finally:
+                residual_gemv.PLAIN, residual_gemv.INT8 = False, False
+            assert routed.shape == (1, 1, n)
+            torch.testing.assert_close(routed[0], got if plain else want)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_residual_gemv_kernel_in_the_interpreter_matches_the_reference():
+    script = textwrap.dedent(
+        """
+        import torch
+        from llamaforge.kernels import residual_gemv
+        from tests.test_kernels import _close_to, _residual_case
+        cases = [  # (seed, rows, width, dtype, int8)
+            (0, 37, 100, torch.float32, False),  # ragged rows and width
+            (1, 64, 256, torch.bfloat16, False),
+            (2, 24, 300, torch.float32, True),
+            (3, 16, 64, torch.bfloat16, True),
+        ]
+        for seed, n, k, dtype, int8 in cases:
+            x, w, scale, residual = _residual_case(seed, n, k, dtype, int8)
+            want = residual_gemv.reference(x, w, scale, residual)
+            for block_n, block_k in ((8, 64), (4, 128), (16, 1024)):
+                got = residual_gemv.launch(x, w, scale, residual, block_n=block_n, block_k=block_k, warps=2)
+                assert got.shape == want.shape and got.dtype == want.dtype
+                _close_to(got, want, 2e-2 if dtype is torch.bfloat16 else 1e-5)
+        print("ok", len(cases))
+        """
+    )
+    _in_the_interpreter(script, "ok 4")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.parametrize(("dtype", "k"), [("bf16", 2048), ("i8", 2048), ("bf16", 8192), ("i8", 8192)])
+def test_residual_gemv_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, k):
+    """At Llama-3.2-1B's o_proj (2,048 x 2,048) and down_proj (2,048 x 8,192) shapes, with their launch settings."""
+    from llamaforge.kernels import residual_gemv
+
+    block_n, block_k, warps = residual_gemv._SETTINGS.get((1 if dtype == "i8" else 2, k), residual_gemv._DEFAULT)
+    args = {"x_ptr": "*bf16", "w_ptr": f"*{dtype}", "s_ptr": "*bf16", "r_ptr": "*bf16", "out_ptr": "*bf16",
+            "n_rows": 2048, "k_len": k, "sw": k}  # fmt: skip
+    constexprs = {"BLOCK_N": block_n, "BLOCK_K": block_k, "INT8": dtype == "i8"}
+    ptx = _sm90_ptx(residual_gemv._kernel(), args, constexprs, warps)
+    loads = _global_loads(ptx)
+    assert any(".v4." in ld for ld in loads), loads
+    assert not [ld for ld in loads if ld.endswith((".b8", ".u8", ".s8"))], loads
+    assert _loop_body_barriers_before_wide_loads(ptx) and set(_loop_body_barriers_before_wide_loads(ptx)) == {0}
+    if dtype == "i8":  # widened through the float's bits, no I2F per value
+        assert not re.findall(r"cvt\.rn\.f32\.[su](8|32)", ptx)
+
+
+@pytest.mark.gpu
+@cuda
+def test_residual_gemv_on_cuda_matches_the_reference_at_llama_shapes():
+    from llamaforge.kernels import residual_gemv
+
+    shapes = [(2048, 2048, False), (2048, 8192, False), (2048, 2048, True), (2048, 8192, True), (100, 300, True)]
+    for seed, (n, k, int8) in enumerate(shapes):
+        x, w, scale, residual = (t.cuda() if t is not None else None
+                                 for t in _residual_case(seed, n, k, torch.bfloat16, int8))  # fmt: skip
+        want = residual_gemv.reference(x, w, scale, residual)
+        for fn in (residual_gemv.residual_linear, torch.compile(residual_gemv.residual_linear)):
+            _close_to(fn(x, w, scale, residual), want, 1e-2)
 
 
 # ----- int8 weight-only products of a few rows (eager CUDA calls) -----------------------------------------------------

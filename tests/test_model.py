@@ -313,3 +313,22 @@ def test_generation_and_evaluation_give_a_training_model_its_flags_back():
     assert _flags(model) == before
     evaluate(model, torch.randint(0, model.spec.vocab_size, (200,)), seq_len=16, batch_size=2)
     assert _flags(model) == before
+
+
+def test_attention_contract_covers_the_residual_also_through_the_fused_output_kernel(monkeypatch):
+    """rope_attention takes the block's residual (`accepts_residual`): the contract compares forward(x, residual=r)
+    with r + forward(x), also with the residual kernel's route on (its one-token step adds r inside o_proj's op); an
+    implementation that declares the protocol but drops the residual fails it."""
+    from llamaforge.kernels import residual_gemv
+
+    monkeypatch.setattr(residual_gemv, "PLAIN", True)
+    check_component("attention", "rope_attention")
+    with pytest.raises(AssertionError, match="residual"):
+        check_component("attention", DropsResidual)
+
+
+class DropsResidual(RopeAttention):
+    """Declares `accepts_residual` (inherited) but drops the residual: the contract must catch it."""
+
+    def forward(self, x, *, residual=None, **kwargs):
+        return super().forward(x, **kwargs)

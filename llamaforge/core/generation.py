@@ -567,12 +567,12 @@ def _gemv_pass() -> Any:
                 _erase_unused(graph, node)  # and what only it used (W.T, the decomposed form's casts and product)
 
         def uuid(self) -> str:
-            from llamaforge.kernels import decode_attention, gate_up, qkv_rope, row_gemv
+            from llamaforge.kernels import decode_attention, gate_up, qkv_rope, residual_gemv, row_gemv
 
             flags = f"{_GEMV_MAX_ROWS}-{_FUSE_SIBLINGS}-{_BUFFER_ROW}-{_FOLD_NORM}-{_UNSTACK_EQUAL}"
             # the fused decode kernels' settings too: inductor's cache keys on this pass's uuid, not on what a
             # Triton op read while being traced
-            tags = "-".join(m.launch_tag() for m in (row_gemv, qkv_rope, gate_up, decode_attention))
+            tags = "-".join(m.launch_tag() for m in (row_gemv, qkv_rope, gate_up, decode_attention, residual_gemv))
             return f"llamaforge-row-times-weight-9-{flags}-{tags}"
 
     def _erase_unused(graph: torch.fx.Graph, node: torch.fx.Node) -> None:

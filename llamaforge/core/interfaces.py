@@ -134,6 +134,10 @@ class Attention(nn.Module, abc.ABC):
     # itself: an implementation can then fuse the norm into its own kernels (llamaforge.kernels.qkv_rope does, for
     # batch-1 decoding). False: the block normalises x before the call, as every attention module may assume.
     accepts_prenorm: bool = False
+    # True when forward also takes `residual=` (the block's input) and returns residual + its output: an
+    # implementation can then add it inside its output product's kernel (rope_attention does, for batch-1 decoding
+    # through llamaforge.kernels.residual_gemv). False: the block adds the residual itself.
+    accepts_residual: bool = False
 
     @abc.abstractmethod
     def forward(

@@ -94,19 +94,28 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
         self.act_fn = activation
 
-    def forward(self, x: torch.Tensor, prenorm: nn.Module | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, prenorm: nn.Module | None = None, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`prenorm`: the block's norm, applied to x here, so that a one-row inference call can fold it into the
-        fused gate/up kernel (`_FUSED_GATE_UP`, `_FUSED_GATE_UP_INT8`)."""
+        fused gate/up kernel (`_FUSED_GATE_UP`, `_FUSED_GATE_UP_INT8`). `residual`: added to the output here, so
+        that such a call can add it in down_proj's own kernel (llamaforge.kernels.residual_gemv)."""
         fused = _FUSED_GATE_UP is not False or _FUSED_GATE_UP_INT8 is not False
+        hidden = None
         if fused and self.gated and x.shape[:-1].numel() == 1 and not torch.is_grad_enabled():
             hidden = self._fused_gate_up(x, prenorm)
-            if hidden is not None:
-                return self.down_proj(hidden)
-        if prenorm is not None:
-            x = prenorm(x)
-        if self.gated:
-            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act_fn(self.up_proj(x)))
+        if hidden is None:
+            if prenorm is not None:
+                x = prenorm(x)
+            if self.gated:
+                hidden = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+            else:
+                hidden = self.act_fn(self.up_proj(x))
+        if residual is None:
+            return self.down_proj(hidden)
+        from llamaforge.kernels.residual_gemv import add_linear
+
+        return add_linear(self.down_proj, hidden, residual)
 
     def _fused_gate_up(self, x: torch.Tensor, prenorm: nn.Module | None) -> torch.Tensor | None:
         """SiLU(gate) * up of one row through llamaforge.kernels.gate_up (the block's RMSNorm folded in), shaped
@@ -171,16 +180,20 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         state = {"positions": positions, "position_state": position_state, "mask": mask, "cache": cache}
         if getattr(self.self_attn, "accepts_prenorm", False):  # it normalises x itself, maybe inside a kernel
-            h = self.self_attn(x, **state, cache_position=cache_position, prenorm=self.input_layernorm)
+            attn_in, state["prenorm"] = x, self.input_layernorm
         else:
-            h = self.self_attn(self.input_layernorm(x), **state, cache_position=cache_position)
-        if self.dropout and self.training:
-            h = F.dropout(h, self.dropout, True)
-        x = x + h
-        h = self.mlp(x, prenorm=self.post_attention_layernorm)
-        if self.dropout and self.training:
-            h = F.dropout(h, self.dropout, True)
-        return x + h
+            attn_in = self.input_layernorm(x)
+        if self.dropout and self.training:  # dropout sits between each branch and its residual addition
+            x = x + F.dropout(self.self_attn(attn_in, **state, cache_position=cache_position), self.dropout, True)
+            h = self.mlp(x, prenorm=self.post_attention_layernorm)
+            return x + F.dropout(h, self.dropout, True)
+        # the residual additions are handed to the branches, whose one-row inference calls can add them inside
+        # their output products' kernels (llamaforge.kernels.residual_gemv)
+        if getattr(self.self_attn, "accepts_residual", False):
+            x = self.self_attn(attn_in, **state, cache_position=cache_position, residual=x)
+        else:
+            x = x + self.self_attn(attn_in, **state, cache_position=cache_position)
+        return self.mlp(x, prenorm=self.post_attention_layernorm, residual=x)
 
 
 class Backbone(nn.Module):

@@ -361,3 +361,32 @@ def decode_attention_combine_kernel(
     heads = g * REP + r
     dst = o_ptr + b * so_b + heads[:, None] * so_h + d[None, :]
     tl.store(dst, out.to(o_ptr.dtype.element_ty), mask=(r < REP)[:, None])
+
+
+@triton.jit
+def residual_gemv_kernel(
+    x_ptr, w_ptr, s_ptr, r_ptr, out_ptr, n_rows, k_len, sw,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr,
+):  # fmt: skip
+    """out = residual + x @ w.T for one row (llamaforge.kernels.residual_gemv): BLOCK_N rows of w per program, the
+    linear's roundings (int8: times the rows' scales, rounded again), then the residual added and rounded once."""
+    out_ty = out_ptr.dtype.element_ty
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < n_rows
+    residual = tl.load(r_ptr + n, mask=n_ok, other=0.0).to(tl.float32)  # its latency overlaps the streaming
+    if INT8:
+        scale = tl.load(s_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k0 in range(0, k_len, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < k_len
+        w = tl.load(w_ptr + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+        if INT8:
+            acc += widen_int8(w) * xv
+        else:
+            acc += w.to(tl.float32) * xv
+    y = tl.sum(acc, axis=1).to(out_ty).to(tl.float32)  # rounded like the linear's output
+    if INT8:
+        y = (y * scale).to(out_ty).to(tl.float32)
+    tl.store(out_ptr + n, (residual + y).to(out_ty), mask=n_ok)

@@ -41,6 +41,7 @@ class RopeAttention(Attention):
     """Causal self-attention with separate q/k/v projections and grouped key/value heads."""
 
     accepts_prenorm = True  # the block's input norm can be folded into the fused decode kernel
+    accepts_residual = True  # the block's residual addition can be done in o_proj's decode kernel
 
     def __init__(
         self,
@@ -76,6 +77,7 @@ class RopeAttention(Attention):
         cache: KVCache | None = None,
         cache_position: torch.Tensor | None = None,
         prenorm: nn.Module | None = None,
+        residual: torch.Tensor | None = None,
     ) -> torch.Tensor:
         bsz, seq, _ = x.shape
         if seq == 1 and cache is not None and _FUSED_QKV_ROPE is not False and not torch.is_grad_enabled():
@@ -83,9 +85,9 @@ class RopeAttention(Attention):
             if fused is not None:
                 q, k, v, attended = fused
                 if attended is not None:
-                    return self.o_proj(attended.view(bsz, seq, self.n_heads * self.head_dim))
+                    return self._output(attended.view(bsz, seq, self.n_heads * self.head_dim), residual)
                 out = self.kernel(q, k, v, mask=mask, dropout_p=0.0)
-                return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim))
+                return self._output(out.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim), residual)
         if prenorm is not None:
             x = prenorm(x)
         # Three matmuls, not one over concatenated weights: on an H200 (125M model, torch.compile) the
@@ -98,7 +100,16 @@ class RopeAttention(Attention):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v, cache_position)
         out = self.kernel(q, k, v, mask=mask, dropout_p=self.dropout if self.training else 0.0)
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim))
+        return self._output(out.transpose(1, 2).reshape(bsz, seq, self.n_heads * self.head_dim), residual)
+
+    def _output(self, heads: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """o_proj of the heads' outputs, plus `residual` when given (for one-row inference calls, in o_proj's own
+        kernel where llamaforge.kernels.residual_gemv's switches allow)."""
+        if residual is None:
+            return self.o_proj(heads)
+        from llamaforge.kernels.residual_gemv import add_linear
+
+        return add_linear(self.o_proj, heads, residual)
 
     def _fused_decode(
         self,

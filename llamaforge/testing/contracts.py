@@ -146,6 +146,31 @@ def check_attention(component: Any, *, params: dict | None = None, kernel: str =
         )
     if getattr(attn, "accepts_prenorm", False):  # handed the un-normed input and the norm, it must apply the norm
         _check_prenorm(model, spec)
+    if getattr(attn, "accepts_residual", False):  # handed the block's input, it must add it to its output
+        _check_residual(model, spec)
+
+
+def _check_residual(model: nn.Module, spec: ModelSpec) -> None:
+    """An attention module that declares `accepts_residual` gives, from (x, residual=r), r + what it gives from x, on
+    a full forward and on a one-token step over the cache."""
+    attn, positions = model.model.layers[0].self_attn, model.model.rotary_emb
+    x = torch.randn(1, 6, spec.dim, generator=_gen(9))
+    r = torch.randn(1, 6, spec.dim, generator=_gen(10))
+    full = {"position_state": positions(torch.arange(6)[None], x.dtype), "mask": AttentionMask(),
+            "cache_position": torch.arange(6)}  # fmt: skip
+    step = {"position_state": positions(torch.tensor([[5]]), x.dtype), "cache_position": torch.tensor([5]),
+            "mask": AttentionMask(causal=False, mask=torch.arange(8)[None, None, None, :] <= 5)}  # fmt: skip
+    first = {"position_state": positions(torch.arange(5)[None], x.dtype), "mask": AttentionMask(),
+             "cache_position": torch.arange(5)}  # fmt: skip
+    with torch.no_grad():
+        for rows, args in ((slice(0, 6), full), (slice(5, 6), step)):
+            out = []
+            for extra in ({}, {"residual": r[:, rows]}):
+                cache = model.new_cache(1, 8)
+                attn(x[:, :5], positions=positions, cache=cache, **first)  # the cache holds the first five
+                out.append(attn(x[:, rows], positions=positions, cache=cache, **args, **extra))
+            torch.testing.assert_close(out[1], r[:, rows] + out[0], atol=1e-5, rtol=1e-5,
+                                       msg="forward(x, residual=r) differs from r + forward(x)")  # fmt: skip
 
 
 def _check_prenorm(model: nn.Module, spec: ModelSpec) -> None:
