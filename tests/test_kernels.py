@@ -1195,12 +1195,13 @@ def test_residual_reference_is_the_linear_then_the_residual_addition(seed, n, k,
         tol = 2e-2 if bf16 else 1e-5  # bf16: nn.Linear's own CPU kernel may round its sums differently
         torch.testing.assert_close(got.float(), want.float(), atol=tol * (1 + want.abs().max().item()), rtol=0)
         assert got.dtype == dtype and got.shape == (1, n)
+        saved = residual_gemv.PLAIN, residual_gemv.INT8
         for plain, int8_on in ((True, True), (False, False)):
             residual_gemv.PLAIN, residual_gemv.INT8 = plain, int8_on
             try:
                 routed = residual_gemv.add_linear(linear, x[None], residual[None])
             finally:
-                residual_gemv.PLAIN, residual_gemv.INT8 = False, False
+                residual_gemv.PLAIN, residual_gemv.INT8 = saved
             assert routed.shape == (1, 1, n)
             torch.testing.assert_close(routed[0], got if plain else want)
 
