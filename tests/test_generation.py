@@ -422,6 +422,24 @@ def test_fused_qkv_rope_route_decodes_the_same_tokens_and_only_where_it_applies(
     _check_route_scope(12, configs, switch, calls)
 
 
+def _route_keeps_the_tokens(seed, switch, calls, per_layer):
+    """A fused route's first checks: greedy decoding with EOS and seeded sampling stream the same tokens with it,
+    and the sampled call's 8 decoding steps after the prefill's token make `per_layer` op calls in each layer.
+    Returns the model, the two configs and the tokens."""
+    model = _model(seed=seed)
+    free = generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=10, eos_token_ids=[]))
+    configs = [
+        GenerationConfig(max_new_tokens=10, eos_token_ids=[free[0][7]]),
+        GenerationConfig.from_options(temperature=1.1, top_k=20, seed=4, max_new_tokens=9),
+    ]
+    out = _fused_and_plain(model, [[5, 6, 7]], configs, switch)
+    assert out[True] == out[False] and calls[0] > 0
+    calls[0] = 0
+    _fused_and_plain(model, [[5, 6, 7]], configs[1:], switch)
+    assert calls[0] == model.spec.n_layers * 8 * per_layer
+    return model, configs, out
+
+
 def _check_route_scope(seed, configs, switch, calls, per_layer=1):
     """What the fused routes share: a batch of two rows and int8_dynamic projections keep the plain path, int8
     weight-only projections go through the op (8 decoding steps of configs[1], 9 tokens; `per_layer` calls in each
@@ -492,17 +510,7 @@ def test_fused_gate_up_route_decodes_the_same_tokens_and_only_where_it_applies(m
         monkeypatch.setattr(model_module, "_FUSED_GATE_UP", on)
         monkeypatch.setattr(model_module, "_FUSED_GATE_UP_INT8", on)
 
-    model = _model(seed=14)
-    free = generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=10, eos_token_ids=[]))
-    configs = [
-        GenerationConfig(max_new_tokens=10, eos_token_ids=[free[0][7]]),
-        GenerationConfig.from_options(temperature=1.1, top_k=20, seed=4, max_new_tokens=9),
-    ]
-    out = _fused_and_plain(model, [[5, 6, 7]], configs, switch)
-    assert out[True] == out[False] and calls[0] > 0
-    calls[0] = 0
-    _fused_and_plain(model, [[5, 6, 7]], configs[1:], switch)
-    assert calls[0] == model.spec.n_layers * 8  # the 8 decoding steps after the prefill's token
+    model, configs, out = _route_keeps_the_tokens(14, switch, calls, per_layer=1)
     monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", True)  # both fused kernels in one step
     assert _fused_and_plain(model, [[5, 6, 7]], configs, switch)[True] == out[False]
     monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
@@ -513,21 +521,28 @@ def test_fused_gate_up_switches_are_per_weight_kind(monkeypatch):
     """The int8 weight-only switch routes int8 projections only and the plain switch plain ones only; None means
     CUDA only, so on a CPU None routes nothing (the defaults: plain off, int8 on for CUDA)."""
     from llamaforge.core import model as model_module
-    from llamaforge.core.loading import apply_transform
     from llamaforge.kernels import gate_up
     from llamaforge.plugins import attention
 
     assert model_module._FUSED_GATE_UP is False and model_module._FUSED_GATE_UP_INT8 is None
     calls = _count_reference_calls(gate_up, monkeypatch)
     monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
-    plain = _model(seed=16)
-    int8 = apply_transform(_model(seed=16), "quantizer", "int8_weight_only")
+    _check_switches_per_weight_kind(monkeypatch, model_module, ("_FUSED_GATE_UP", "_FUSED_GATE_UP_INT8"), calls, 16, 1)
+
+
+def _check_switches_per_weight_kind(monkeypatch, module, names, calls, seed, per_layer):
+    """A route's two switches (`names`: plain weights, int8 weight-only) each route their own weight kind only; None
+    means CUDA only, so on a CPU it routes nothing. `per_layer`: op calls in each layer per decoding step."""
+    from llamaforge.core.loading import apply_transform
+
+    plain = _model(seed=seed)
+    int8 = apply_transform(_model(seed=seed), "quantizer", "int8_weight_only")
     config = GenerationConfig(max_new_tokens=5, eos_token_ids=[])
-    steps = plain.spec.n_layers * 4  # decoding steps after the prefill's token, each layer once
+    steps = plain.spec.n_layers * 4 * per_layer  # the 4 decoding steps after the prefill's token
     for plain_on, int8_on, want_plain, want_int8 in [(False, True, 0, steps), (True, False, steps, 0),
                                                      (None, None, 0, 0), (True, True, steps, steps)]:  # fmt: skip
-        monkeypatch.setattr(model_module, "_FUSED_GATE_UP", plain_on)
-        monkeypatch.setattr(model_module, "_FUSED_GATE_UP_INT8", int8_on)
+        monkeypatch.setattr(module, names[0], plain_on)
+        monkeypatch.setattr(module, names[1], int8_on)
         for model, want in ((plain, want_plain), (int8, want_int8)):
             calls[0] = 0
             generate(model, [[5, 6, 7]], config)
@@ -540,7 +555,6 @@ def test_residual_route_decodes_the_same_tokens_and_only_where_it_applies(monkey
     with int8 weight-only projections; the prefill, batches of several rows and int8_dynamic projections keep the
     plain path. Each switch routes its own weight kind only."""
     from llamaforge.core import model as model_module
-    from llamaforge.core.loading import apply_transform
     from llamaforge.kernels import residual_gemv
     from llamaforge.plugins import attention
 
@@ -552,17 +566,7 @@ def test_residual_route_decodes_the_same_tokens_and_only_where_it_applies(monkey
         monkeypatch.setattr(residual_gemv, "PLAIN", on)
         monkeypatch.setattr(residual_gemv, "INT8", on)
 
-    model = _model(seed=17)
-    free = generate(model, [[5, 6, 7]], GenerationConfig(max_new_tokens=10, eos_token_ids=[]))
-    configs = [
-        GenerationConfig(max_new_tokens=10, eos_token_ids=[free[0][7]]),
-        GenerationConfig.from_options(temperature=1.1, top_k=20, seed=4, max_new_tokens=9),
-    ]
-    out = _fused_and_plain(model, [[5, 6, 7]], configs, switch)
-    assert out[True] == out[False] and calls[0] > 0
-    calls[0] = 0
-    _fused_and_plain(model, [[5, 6, 7]], configs[1:], switch)
-    assert calls[0] == model.spec.n_layers * 8 * 2  # o_proj and down_proj in each of the 8 steps after the prefill
+    model, configs, out = _route_keeps_the_tokens(17, switch, calls, per_layer=2)  # o_proj and down_proj
     for fused in (True, None):  # every fused route in one step (None: none of them on a CPU)
         monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", fused)
         monkeypatch.setattr(attention, "_FUSED_ATTENTION", fused)
@@ -570,17 +574,7 @@ def test_residual_route_decodes_the_same_tokens_and_only_where_it_applies(monkey
         assert _fused_and_plain(model, [[5, 6, 7]], configs, switch)[True] == out[False]
     monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
     _check_route_scope(17, configs, switch, calls, per_layer=2)
-    int8 = apply_transform(_model(seed=17), "quantizer", "int8_weight_only")
-    config = GenerationConfig(max_new_tokens=5, eos_token_ids=[])
-    steps = model.spec.n_layers * 4 * 2
-    for plain_on, int8_on, want_plain, want_int8 in [(False, True, 0, steps), (True, False, steps, 0),
-                                                     (None, None, 0, 0)]:  # fmt: skip
-        monkeypatch.setattr(residual_gemv, "PLAIN", plain_on)
-        monkeypatch.setattr(residual_gemv, "INT8", int8_on)
-        for m, want in ((model, want_plain), (int8, want_int8)):
-            calls[0] = 0
-            generate(m, [[5, 6, 7]], config)
-            assert calls[0] == want, (plain_on, int8_on, m is int8)
+    _check_switches_per_weight_kind(monkeypatch, residual_gemv, ("PLAIN", "INT8"), calls, 17, 2)
 
 
 @pytest.mark.slow  # an inductor compilation: ~15 s on an idle CPU

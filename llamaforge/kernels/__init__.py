@@ -56,6 +56,16 @@ def rms_row(x: torch.Tensor, norm: tuple[torch.Tensor, float] | None) -> torch.T
     return (xf * weight.float()).to(x.dtype).float()
 
 
+def row_tiles(
+    k_len: int, given: tuple[int | None, int | None, int | None], defaults: tuple[int, int, int]
+) -> tuple[int, int, int]:
+    """A one-row kernel's launch settings (output rows per program, values per row per loop step, warps): those
+    given, else the defaults; the loop step at most the row's length rounded up to a power of two, so a short row
+    is not padded past one step."""
+    block_n, block_k, warps = (g or d for g, d in zip(given, defaults, strict=True))
+    return block_n, min(block_k, 1 << (int(k_len) - 1).bit_length()), warps
+
+
 def row_products(
     xf: torch.Tensor, weights: tuple[torch.Tensor, ...], scales: tuple[torch.Tensor, ...] | None, dtype: torch.dtype
 ) -> list[torch.Tensor]:

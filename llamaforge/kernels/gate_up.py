@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llamaforge.kernels import operands_supported, pack_extras, rms_row, row_products, unpack_extras
+from llamaforge.kernels import operands_supported, pack_extras, rms_row, row_products, row_tiles, unpack_extras
 
 # Launch settings (module-level for same-run A/Bs): rows of each matrix per program, values per row per loop step,
 # warps per program. 8 rows give the 1B shape (8,192 rows) 1,024 programs. 512 values per step: the fastest of 18
@@ -85,19 +85,15 @@ def launch(
 ) -> torch.Tensor:
     """Run the Triton kernel (on CUDA, or on CPU tensors under TRITON_INTERPRET=1); `wrap` is
     torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch."""
-    import triton
-
     kernel = wrap(_kernel()) if wrap is not None else _kernel()
     n_rows, k_len = int(w_gate.size(0)), int(x.size(1))
-    block_n = block_n or _BLOCK_N
-    block_k = min(block_k or _BLOCK_K, triton.next_power_of_2(k_len))
+    block_n, block_k, warps = row_tiles(k_len, (block_n, block_k, warps), (_BLOCK_N, _BLOCK_K, _WARPS))
     out = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
     sg, su = scales if scales is not None else (x, x)  # unread without INT8
     g, eps = norm if norm is not None else (x, 0.0)  # unread without NORM
-    kernel[(triton.cdiv(n_rows, block_n),)](
+    kernel[(-(-n_rows // block_n),)](
         x, w_gate, w_up, sg, su, g, out, float(eps), n_rows, k_len, w_gate.stride(0), w_up.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scales is not None, NORM=norm is not None,
-        num_warps=warps or _WARPS,
+        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scales is not None, NORM=norm is not None, num_warps=warps,
     )  # fmt: skip
     return out
 

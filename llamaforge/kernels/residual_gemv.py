@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llamaforge.kernels import fused_projections, operands_supported, row_products
+from llamaforge.kernels import fused_projections, operands_supported, row_products, row_tiles
 
 # Which one-row inference calls `add_linear` hands to the kernel, per weight kind: True on any device (CPUs run the
 # op's PyTorch reference: the tests), None (the default) on CUDA only, False never. H200, 1B shape, batch 1, 16 + 256
@@ -87,17 +87,13 @@ def launch(
 ) -> torch.Tensor:
     """Run the Triton kernel (on CUDA, or on CPU tensors under TRITON_INTERPRET=1); `wrap` is
     torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch."""
-    import triton
-
     kernel = wrap(_kernel()) if wrap is not None else _kernel()
     n_rows, k_len = int(weight.size(0)), int(x.size(1))
-    chosen_n, chosen_k, chosen_warps = settings_for(weight, k_len)
-    block_n = block_n or chosen_n
-    block_k = min(block_k or chosen_k, triton.next_power_of_2(k_len))
+    block_n, block_k, warps = row_tiles(k_len, (block_n, block_k, warps), settings_for(weight, k_len))
     out = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
-    kernel[(triton.cdiv(n_rows, block_n),)](
+    kernel[(-(-n_rows // block_n),)](
         x, weight, scale if scale is not None else x, residual, out, n_rows, k_len, weight.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scale is not None, num_warps=warps or chosen_warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scale is not None, num_warps=warps,
     )  # fmt: skip
     return out
 

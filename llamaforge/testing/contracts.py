@@ -150,18 +150,25 @@ def check_attention(component: Any, *, params: dict | None = None, kernel: str =
         _check_residual(model, spec)
 
 
+def _cache_call_args(positions: Any, dtype: torch.dtype) -> tuple[dict, dict, dict]:
+    """An attention module's keyword arguments for three calls over an 8-position cache: the first five positions
+    (filling it), all six in one causal pass, and the sixth alone as a one-token step over the cache."""
+    first = {"position_state": positions(torch.arange(5)[None], dtype), "mask": AttentionMask(),
+             "cache_position": torch.arange(5)}  # fmt: skip
+    full = {"position_state": positions(torch.arange(6)[None], dtype), "mask": AttentionMask(),
+            "cache_position": torch.arange(6)}  # fmt: skip
+    step = {"position_state": positions(torch.tensor([[5]]), dtype), "cache_position": torch.tensor([5]),
+            "mask": AttentionMask(causal=False, mask=torch.arange(8)[None, None, None, :] <= 5)}  # fmt: skip
+    return first, full, step
+
+
 def _check_residual(model: nn.Module, spec: ModelSpec) -> None:
     """An attention module that declares `accepts_residual` gives, from (x, residual=r), r + what it gives from x, on
     a full forward and on a one-token step over the cache."""
     attn, positions = model.model.layers[0].self_attn, model.model.rotary_emb
     x = torch.randn(1, 6, spec.dim, generator=_gen(9))
     r = torch.randn(1, 6, spec.dim, generator=_gen(10))
-    full = {"position_state": positions(torch.arange(6)[None], x.dtype), "mask": AttentionMask(),
-            "cache_position": torch.arange(6)}  # fmt: skip
-    step = {"position_state": positions(torch.tensor([[5]]), x.dtype), "cache_position": torch.tensor([5]),
-            "mask": AttentionMask(causal=False, mask=torch.arange(8)[None, None, None, :] <= 5)}  # fmt: skip
-    first = {"position_state": positions(torch.arange(5)[None], x.dtype), "mask": AttentionMask(),
-             "cache_position": torch.arange(5)}  # fmt: skip
+    first, full, step = _cache_call_args(positions, x.dtype)
     with torch.no_grad():
         for rows, args in ((slice(0, 6), full), (slice(5, 6), step)):
             out = []
@@ -179,12 +186,7 @@ def _check_prenorm(model: nn.Module, spec: ModelSpec) -> None:
     block = model.model.layers[0]
     attn, norm, positions = block.self_attn, block.input_layernorm, model.model.rotary_emb
     x = torch.randn(1, 6, spec.dim, generator=_gen(8))
-    full = {"position_state": positions(torch.arange(6)[None], x.dtype), "mask": AttentionMask(),
-            "cache_position": torch.arange(6)}  # fmt: skip
-    step = {"position_state": positions(torch.tensor([[5]]), x.dtype), "cache_position": torch.tensor([5]),
-            "mask": AttentionMask(causal=False, mask=torch.arange(8)[None, None, None, :] <= 5)}  # fmt: skip
-    first = {"position_state": positions(torch.arange(5)[None], x.dtype), "mask": AttentionMask(),
-             "cache_position": torch.arange(5)}  # fmt: skip
+    first, full, step = _cache_call_args(positions, x.dtype)
     with torch.no_grad():
         for rows, args in ((slice(0, 6), full), (slice(5, 6), step)):
             out = []
