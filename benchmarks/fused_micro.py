@@ -1,4 +1,4 @@
-"""The fused batch-1 decode kernels alone (llamaforge.kernels.qkv_rope, llamaforge.kernels.gate_up) over a sweep of
+"""The fused batch-1 decode kernels alone (llamaforge.kernels.qkv_rope, gate_up, residual_gemv) over a sweep of
 their launch settings, against the same arithmetic in PyTorch compiled by inductor with coordinate-descent tuning
 (what the decode step runs when the kernels are off), at Llama-3.2-1B's shapes with the RMSNorm folded in; and the
 flash-decoding attention kernel (llamaforge.kernels.decode_attention, bounded by the position in use) against
@@ -39,6 +39,7 @@ QKV_SWEEP = [f"{p}:{k}:{w}" for p, k, w in itertools.product((2, 4, 8), (512, 10
     f"4:{k}:4:1" for k in (512, 1024, 2048)
 ]  # PAIRS:BLOCK_K:WARPS[:ONE_PASS]
 GATE_UP_SWEEP = [f"{n}:{k}:{w}" for n, k, w in itertools.product((4, 8, 16), (512, 1024, 2048), (4, 8))]
+RESIDUAL_SWEEP = [f"{n}:{k}:{w}" for n, k, w in itertools.product((2, 4, 8, 16), (512, 1024, 2048), (4, 8))]
 ATTN_SWEEP = [f"{s}:{b}:{w}:1" for s, b, w in itertools.product((1, 2, 4, 8), (32, 64, 128), (4, 8))] + [
     f"{s}:{b}:4:0" for s, b in itertools.product((1, 4, 8), (32, 64))
 ]  # SPLITS:BLOCK:WARPS:DOT
@@ -197,6 +198,42 @@ def measure_gate_up(int8: bool, args: argparse.Namespace, settings: list[tuple[i
     return out
 
 
+def measure_residual(int8: bool, args: argparse.Namespace, settings: list[tuple[int, ...]]) -> list[dict[str, Any]]:
+    """o_proj and down_proj with the residual addition after each (llamaforge.kernels.residual_gemv): a row each."""
+    hq, _, d, _, n, _ = args.shape
+    return [_measure_residual_product(name, width, int8, args, settings)
+            for name, width in (("o_proj", hq * d), ("down_proj", n))]  # fmt: skip
+
+
+def _measure_residual_product(
+    name: str, width: int, int8: bool, args: argparse.Namespace, settings: list[tuple[int, ...]]
+) -> dict[str, Any]:
+    """`residual + x @ W.T` for one row of `width` values and W of the model's width in rows."""
+    from llamaforge.kernels import residual_gemv
+
+    k = args.shape[3]
+    g, device, x, _, copies, out = _operands(f"residual {name}", [k], width, int8, args, seed=3)
+    residual = torch.randn(1, k, generator=g).to(device, x.dtype)
+    compiled = _compiled(residual_gemv.reference)
+
+    def reference(i: int) -> torch.Tensor:
+        (w,), sc = copies[i % len(copies)]
+        return compiled(x, w, sc[0] if sc else None, residual)
+
+    contenders = {}
+    if _kernels_here(device):
+        for block_n, block_k, warps in settings:
+
+            def kernel(i: int, block_n=block_n, block_k=block_k, warps=warps) -> torch.Tensor:
+                (w,), sc = copies[i % len(copies)]
+                return residual_gemv.launch(x, w, sc[0] if sc else None, residual, block_n=block_n,
+                                            block_k=block_k, warps=warps)  # fmt: skip
+
+            contenders[f"residual_gemv {block_n}:{block_k}:{warps}"] = kernel
+    _sweep(out, _timer(device, args.calls, args.repeats), reference, contenders)
+    return out
+
+
 def measure_attention(case: tuple[int, int], args: argparse.Namespace, settings: list[tuple[int, ...]]):
     """One layer's attention for one query at batch 1: `length` cache positions of which the first `used` are
     written and allowed. The reference is SDPA given the additive mask (the decode step converts the mask once per
@@ -306,6 +343,8 @@ def main() -> None:
     )
     ap.add_argument("--qkv", nargs="*", default=QKV_SWEEP, help="qkv_rope settings PAIRS:BLOCK_K:WARPS[:ONE_PASS]")
     ap.add_argument("--gate-up", nargs="*", default=GATE_UP_SWEEP, help="gate_up settings BLOCK_N:BLOCK_K:WARPS")
+    ap.add_argument("--residual", nargs="*", default=RESIDUAL_SWEEP,
+                    help="residual_gemv settings BLOCK_N:BLOCK_K:WARPS")  # fmt: skip
     ap.add_argument("--attn", nargs="*", default=ATTN_SWEEP, help="decode_attention settings SPLITS:BLOCK:WARPS:DOT")
     ap.add_argument("--attn-cases", nargs="*", default=ATTN_CASES, help="attention cases CACHE_LENGTH:POSITIONS")
     ap.add_argument("--qkv-attn", nargs="*", default=QKV_ATTN_SWEEP,
@@ -316,7 +355,7 @@ def main() -> None:
     ap.add_argument(
         "--kernels",
         nargs="+",
-        choices=("qkv", "gate_up", "attn", "qkv_attn"),
+        choices=("qkv", "gate_up", "residual", "attn", "qkv_attn"),
         default=["qkv", "gate_up", "attn"],
         help="which kernels to time (default: the first three)",
     )
@@ -328,6 +367,7 @@ def main() -> None:
     try:
         qkv = [parse_setting(s, (3, 4)) for s in args.qkv]
         gu = [parse_setting(s, (3,)) for s in args.gate_up]
+        res = [parse_setting(s, (3,)) for s in args.residual]
         attn = [parse_setting(s, (4,)) for s in args.attn]
         cases = [_parse_case(s) for s in args.attn_cases]
         qkv_attn = [parse_setting(s, (2,)) for s in args.qkv_attn]
@@ -343,18 +383,20 @@ def main() -> None:
         ap.error("--device cuda: no CUDA GPU here (use --device cpu for a smoke run)")
     results = []
     products = [(measure, settings) for name, measure, settings in (("qkv", measure_qkv, qkv),
-                ("gate_up", measure_gate_up, gu)) if name in args.kernels]  # fmt: skip
+                ("gate_up", measure_gate_up, gu), ("residual", measure_residual, res))
+                if name in args.kernels]  # fmt: skip
     runs = [functools.partial(measure, int8, args, settings) for int8 in ((False,) if args.no_int8 else (False, True))
             for measure, settings in products]  # fmt: skip
     runs += [functools.partial(measure_attention, case, args, attn) for case in cases if "attn" in args.kernels]
     runs += [functools.partial(measure_qkv_attention, case, int8, args, qkv_attn) for case in qkv_attn_cases
              for int8 in ((False,) if args.no_int8 else (False, True)) if "qkv_attn" in args.kernels]  # fmt: skip
     for run in runs:
-        row = run()
-        results.append(row)
-        timed = sorted((us, label) for label, us in row["us"].items() if isinstance(us, float))
-        top = ", ".join(f"{label} {us} us ({row['tb_s'][label]} TB/s)" for us, label in timed[:4])
-        print(f"{row['kernel']} {row['weights']}: {top}", flush=True)
+        got = run()
+        for row in got if isinstance(got, list) else [got]:  # measure_residual: a row per product
+            results.append(row)
+            timed = sorted((us, label) for label, us in row["us"].items() if isinstance(us, float))
+            top = ", ".join(f"{label} {us} us ({row['tb_s'][label]} TB/s)" for us, label in timed[:4])
+            print(f"{row['kernel']} {row['weights']}: {top}", flush=True)
     meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
             "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.machine(),
             "shape": args.shape, "copies": args.copies, "calls": args.calls}  # fmt: skip

@@ -318,9 +318,14 @@ def test_fused_micro_checks_and_times_the_kernels_in_the_interpreter_and_rejects
     res = _run("fused_micro.py", "--device", "cpu", "--shape", "4", "2", "16", "64", "128", "8", "--no-int8",
                "--qkv", "2:64:4", "4:32:4:1", "--gate-up", "4:64:4", "--attn", "1:32:4:0", "2:16:4:0",
                "--attn-cases", "40:9", "--calls", "1", "--repeats", "1", "--copies", "2", "--kernels", "qkv",
-               "gate_up", "attn", "qkv_attn", "--qkv-attn", "16:4", "--qkv-attn-cases", "24:7",
-               tmp_path=tmp_path)  # fmt: skip
-    qkv, gate_up, attn, qkv_attn = res["rows"]
+               "gate_up", "residual", "attn", "qkv_attn", "--qkv-attn", "16:4", "--qkv-attn-cases", "24:7",
+               "--residual", "4:64:4", "8:32:4", tmp_path=tmp_path)  # fmt: skip
+    qkv, gate_up, res_o, res_down, attn, qkv_attn = res["rows"]
+    assert [res_o["kernel"], res_down["kernel"]] == ["residual o_proj", "residual down_proj"]
+    assert res_o["weight_bytes"] == 64 * 64 * 4 and res_down["weight_bytes"] == 64 * 128 * 4
+    for row in (res_o, res_down):
+        assert set(row["us"]) == {"inductor (compiled reference)", "residual_gemv 4:64:4", "residual_gemv 8:32:4"}
+        assert row["best"].startswith("residual_gemv")
     assert set(qkv_attn["us"]) == {"inductor (compiled reference)", "qkv_rope_attention 16:4"}
     assert qkv_attn["kernel"] == "qkv_rope_attention cache 24, 7 in use"
     assert qkv["weight_bytes"] == (4 + 2 * 2) * 16 * 64 * 4 and gate_up["weight_bytes"] == 2 * 128 * 64 * 4
@@ -337,6 +342,7 @@ def test_fused_micro_checks_and_times_the_kernels_in_the_interpreter_and_rejects
         (["--qkv", "3:64:4"], "powers of two"),
         (["--qkv", "4:64:4:2"], "0 or 1"),
         (["--gate-up", "4:64:4:1"], "3 integers"),
+        (["--residual", "3:64:4"], "powers of two"),
         (["--attn", "3:64:4:1"], "powers of two"),
         (["--attn", "1:64:4"], "4 integers"),
         (["--attn-cases", "64:65"], "between 1 and the cache length"),
