@@ -40,6 +40,8 @@ _SETTINGS: dict[tuple[int, int], tuple[int, int, int]] = {(1, 8192): (8, 2048, 8
 
 
 def settings_for(weight: torch.Tensor, k_len: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) for this weight's element size and row length: fixed per shape, never tuned per
+    process (the point of the kernel)."""
     return _SETTINGS.get((weight.element_size(), int(k_len)), _DEFAULT)
 
 
