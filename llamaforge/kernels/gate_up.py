@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llamaforge import kernels
 from llamaforge.kernels import operands_supported, pack_extras, rms_row, row_products, row_tiles, unpack_extras
 
 # Launch settings (module-level for same-run A/Bs): rows of each matrix per program, values per row per loop step,
@@ -37,7 +38,7 @@ _WARPS = 4
 
 def launch_tag() -> str:
     """The launch settings in force, for the decode step's compile cache key (see qkv_rope.launch_tag)."""
-    return f"gate_up-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}"
+    return f"gate_up-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{kernels.ROW16}"
 
 
 def reference(
@@ -93,7 +94,8 @@ def launch(
     g, eps = norm if norm is not None else (x, 0.0)  # unread without NORM
     kernel[(-(-n_rows // block_n),)](
         x, w_gate, w_up, sg, su, g, out, float(eps), n_rows, k_len, w_gate.stride(0), w_up.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scales is not None, NORM=norm is not None, num_warps=warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scales is not None, NORM=norm is not None, ROW16=kernels.ROW16,
+        num_warps=warps,
     )  # fmt: skip
     return out
 
