@@ -125,9 +125,7 @@ class FeedForward(nn.Module):
         from llamaforge.plugins.activations import SwiGLU
 
         gate, up = self.gate_proj, self.up_proj
-        kind = fused_projections(_FUSED_GATE_UP, x, (gate, up))
-        if kind != "plain":  # int8 weight-only projections answer to their own switch
-            kind = "int8" if fused_projections(_FUSED_GATE_UP_INT8, x, (gate, up)) == "int8" else None
+        kind = fused_projections(_FUSED_GATE_UP, x, (gate, up), _FUSED_GATE_UP_INT8)
         if kind is None or type(self.act_fn) is not SwiGLU:
             return None
         norm, x = fold_prenorm(prenorm, x)

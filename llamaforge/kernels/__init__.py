@@ -17,23 +17,32 @@ TRITON_OPS = hasattr(torch.library, "triton_op") and importlib.util.find_spec("t
 ROW16 = False
 
 
-def fused_projections(switch: bool | None, x: torch.Tensor, linears: tuple) -> str | None:
+_SAME = object()  # fused_projections: int8 weight-only projections answer to the same switch as plain ones
+
+
+def fused_projections(
+    switch: bool | None, x: torch.Tensor, linears: tuple, int8_switch: bool | object | None = _SAME
+) -> str | None:
     """Whether a fused one-row decode kernel may take these projections under its switch (True: any device, CPUs
     running the op's reference; None: CUDA only; False: never): "plain" (nn.Linear), "int8" (int8 weight-only), or
-    None (adapters, biases, other quantizers, or no Triton op here). Tensor metadata and types only: this runs
-    inside traced decode steps."""
+    None (adapters, biases, other quantizers, switched off, or no Triton op here). `int8_switch`, when given, is the
+    switch int8 weight-only projections answer to instead (a kernel on by default for one weight kind only). Tensor
+    metadata and types only: this runs inside traced decode steps."""
     from torch import nn
 
     from llamaforge.plugins.quantizers import Int8Linear
 
-    cuda = x.device.type == "cuda"
-    if switch is False or (switch is None and not cuda) or (cuda and not TRITON_OPS):
-        return None
     if all(type(p) is nn.Linear and p.bias is None for p in linears):
-        return "plain"
-    if all(type(p) is Int8Linear and not p.dynamic and p.bias is None for p in linears):
-        return "int8"
-    return None
+        kind = "plain"
+    elif all(type(p) is Int8Linear and not p.dynamic and p.bias is None for p in linears):
+        kind = "int8"
+    else:
+        return None
+    on = int8_switch if kind == "int8" and int8_switch is not _SAME else switch
+    cuda = x.device.type == "cuda"
+    if on is False or (on is None and not cuda) or (cuda and not TRITON_OPS):
+        return None
+    return kind
 
 
 def fold_prenorm(prenorm: Any, x: torch.Tensor, fold: bool = True) -> tuple[tuple[torch.Tensor, float] | None, Any]:

@@ -140,9 +140,7 @@ def add_linear(linear: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor)
     weight kind (`PLAIN`, `INT8`) allows it and the layout fits; everything else (training, several rows, adapters,
     biases, other quantizers) computes the two steps as written."""
     if x.shape[:-1].numel() == 1 and not torch.is_grad_enabled():
-        kind = fused_projections(PLAIN, x, (linear,))
-        if kind != "plain":  # int8 weight-only projections answer to their own switch
-            kind = "int8" if fused_projections(INT8, x, (linear,)) == "int8" else None
+        kind = fused_projections(PLAIN, x, (linear,), INT8)
         if kind is not None:
             row, res = x.reshape(1, x.size(-1)), residual.reshape(1, residual.size(-1))
             scale = linear.weight_scale if kind == "int8" else None

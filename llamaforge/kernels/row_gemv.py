@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llamaforge.kernels import TRITON_OPS
+from llamaforge.kernels import TRITON_OPS, row_tiles
 
 # Which products the decode graph pass hands to this kernel: True every one-row product of that weight kind, False
 # none, None (the default) the products measured faster than inductor's reduction on this GPU (`_MEASURED` below).
@@ -189,8 +189,7 @@ def launch(
         kernel = wrap(kernel)
     k_len = int(x.size(1))  # concrete even when traced with dynamic shapes (see _product_key)
     chosen_n, chosen_k, chosen_warps, *chosen_split = settings_for(list(weights), k_len)  # explicit arguments win
-    block_n, warps = block_n or chosen_n, warps or chosen_warps
-    block_k = min(block_k or chosen_k, triton.next_power_of_2(k_len))
+    block_n, block_k, warps = row_tiles(k_len, (block_n, block_k, warps), (chosen_n, chosen_k, chosen_warps))
     split = split or (chosen_split[0] if chosen_split else _SPLIT_K)
     k_chunk = triton.cdiv(triton.cdiv(k_len, split), block_k) * block_k  # whole tiles per slice
     split = triton.cdiv(k_len, k_chunk)  # no slice left empty
