@@ -23,9 +23,9 @@ Each variant is a comma-separated list of settings (`base` is none):
                                   gathered in the products' loop), qkv_attn (0/1/auto: the step's attention in the
                                   same launch; auto = CUDA only), qkv_block_l (its loop step over the cache),
                                   attend_max (the longest static cache it takes)
-    fused RMSNorm + gate/up +     gate_up (0/1: one-row calls with plain weights through llamaforge.kernels.gate_up),
-    SiLU kernel                   gate_up_int8 (0/1/auto: with int8 weight-only ones; auto, the default: on CUDA),
-                                  gate_up_block_n, gate_up_block_k, gate_up_warps
+    fused RMSNorm + gate/up +     gate_up (0/1/auto: one-row calls with plain weights through llamaforge.kernels.gate_up;
+    SiLU kernel                   auto, the default: on CUDA), gate_up_int8 (0/1/auto: with int8 weight-only ones),
+                                  gate_up_block_n, gate_up_block_k, gate_up_warps (overrides for every weight kind)
     o_proj / down_proj + residual residual, residual_int8 (0/1/auto: one-row calls with plain / int8 weight-only
                                   weights through llamaforge.kernels.residual_gemv; auto = CUDA only)
     all three fused kernels       row16 (0/1: the row laid out for the weight tiles as 16-bit values, widened after)
@@ -93,7 +93,7 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "kv_one_write": ("llamaforge.core.cache", "_ONE_WRITE", "bool"),
     "qkv_rope": ("llamaforge.plugins.attention", "_FUSED_QKV_ROPE", "bool"),
     "qkv_norm": ("llamaforge.plugins.attention", "_FOLD_NORM", "bool"),
-    "gate_up": ("llamaforge.core.model", "_FUSED_GATE_UP", "bool"),
+    "gate_up": ("llamaforge.core.model", "_FUSED_GATE_UP", "bool_or_auto"),
     "gate_up_int8": ("llamaforge.core.model", "_FUSED_GATE_UP_INT8", "bool_or_auto"),
     "gate_up_block_n": ("llamaforge.kernels.gate_up", "_BLOCK_N", "int"),
     "gate_up_block_k": ("llamaforge.kernels.gate_up", "_BLOCK_K", "int"),

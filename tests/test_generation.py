@@ -519,12 +519,12 @@ def test_fused_gate_up_route_decodes_the_same_tokens_and_only_where_it_applies(m
 
 def test_fused_gate_up_switches_are_per_weight_kind(monkeypatch):
     """The int8 weight-only switch routes int8 projections only and the plain switch plain ones only; None means
-    CUDA only, so on a CPU None routes nothing (the defaults: plain off, int8 on for CUDA)."""
+    CUDA only, so on a CPU None routes nothing (the defaults: both on for CUDA)."""
     from llamaforge.core import model as model_module
     from llamaforge.kernels import gate_up
     from llamaforge.plugins import attention
 
-    assert model_module._FUSED_GATE_UP is False and model_module._FUSED_GATE_UP_INT8 is None
+    assert model_module._FUSED_GATE_UP is None and model_module._FUSED_GATE_UP_INT8 is None
     calls = _count_reference_calls(gate_up, monkeypatch)
     monkeypatch.setattr(attention, "_FUSED_QKV_ROPE", False)
     _check_switches_per_weight_kind(monkeypatch, model_module, ("_FUSED_GATE_UP", "_FUSED_GATE_UP_INT8"), calls, 16, 1)

@@ -450,7 +450,8 @@ def test_decode_cache_key_follows_the_fused_kernels_launch_settings(monkeypatch)
                                 (decode_attention, "_BLOCK", 128), (decode_attention, "_WARPS", 2),
                                 (decode_attention, "_DOT", not decode_attention._DOT),
                                 (residual_gemv, "_DEFAULT", (8, 512, 4)), (kernels, "ROW16", True),
-                                (residual_gemv, "_SETTINGS", {})):  # fmt: skip
+                                (residual_gemv, "_SETTINGS", {}), (gate_up, "_SETTINGS", {}),
+                                (gate_up, "_DEFAULT", (8, 512, 4))):  # fmt: skip
         with monkeypatch.context() as m:
             m.setattr(module, name, value)
             assert generation._gemv_pass().uuid() != before, name
@@ -1062,13 +1063,36 @@ def _gate_up_ptx_args(dtype: str) -> dict:
             "swu": k}  # fmt: skip
 
 
+def _gate_up_constexprs(dtype: str, **extra) -> tuple[dict, int]:
+    """The gate/up kernel's launch constants for weights in `dtype` at the 1B shape (its settings for that weight
+    kind), and its warps."""
+    from llamaforge.kernels import gate_up
+
+    block_n, block_k, warps = gate_up.settings_for(
+        torch.empty(0, dtype=torch.int8 if dtype == "i8" else torch.bfloat16)
+    )
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "INT8": dtype == "i8", **extra}, warps
+
+
+def test_gate_up_settings_are_fixed_per_weight_kind_with_overrides_for_every_kind(monkeypatch):
+    """bf16 weights and int8 ones each have their own fixed launch setting (timed per kind on an H200); fp32 takes
+    the plain one; the A/B overrides apply to every kind, one value at a time."""
+    from llamaforge.kernels import gate_up
+
+    bf16, i8, f32 = (torch.empty(0, dtype=d) for d in (torch.bfloat16, torch.int8, torch.float32))
+    assert gate_up.settings_for(bf16) == gate_up._DEFAULT == gate_up.settings_for(f32) == (16, 512, 4)
+    assert gate_up.settings_for(i8) == gate_up._SETTINGS[1] == (8, 512, 4)
+    monkeypatch.setattr(gate_up, "_WARPS", 8)
+    assert gate_up.settings_for(bf16) == (16, 512, 8) and gate_up.settings_for(i8) == (8, 512, 8)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.parametrize(("dtype", "norm"), [("bf16", True), ("i8", True), ("bf16", False)])
 def test_gate_up_kernel_loads_weights_sixteen_bytes_at_a_time_on_hopper(dtype, norm):
     from llamaforge.kernels import gate_up
 
-    constexprs = {"BLOCK_N": gate_up._BLOCK_N, "BLOCK_K": gate_up._BLOCK_K, "INT8": dtype == "i8", "NORM": norm}
-    ptx = _sm90_ptx(gate_up._kernel(), _gate_up_ptx_args(dtype), constexprs, gate_up._WARPS)
+    constexprs, warps = _gate_up_constexprs(dtype, NORM=norm)
+    ptx = _sm90_ptx(gate_up._kernel(), _gate_up_ptx_args(dtype), constexprs, warps)
     loads = _global_loads(ptx)
     assert any(".v4." in ld for ld in loads), loads
     assert not [ld for ld in loads if ld.endswith((".b8", ".u8", ".s8"))], loads
@@ -1113,8 +1137,8 @@ def test_each_loop_step_issues_its_weight_loads_ahead_of_the_row_tiles_barriers_
     from llamaforge.kernels import gate_up, qkv_rope
 
     if kernel == "gate_up":
-        fn, warps, args = gate_up._kernel(), gate_up._WARPS, _gate_up_ptx_args(dtype)
-        constexprs = {"BLOCK_N": gate_up._BLOCK_N, "BLOCK_K": gate_up._BLOCK_K, "INT8": dtype == "i8", "NORM": True}
+        fn, args = gate_up._kernel(), _gate_up_ptx_args(dtype)
+        constexprs, warps = _gate_up_constexprs(dtype, NORM=True)
     else:
         fn, warps, args = qkv_rope._kernel(), qkv_rope._WARPS, _qkv_ptx_args(dtype)
         constexprs = {"HALF": 32, "PAIRS": qkv_rope._PAIRS, "BLOCK_K": qkv_rope._BLOCK_K, "INT8": True, "NORM": True,
@@ -1131,9 +1155,9 @@ def test_row16_lays_the_row_out_as_16_bit_values_with_half_the_int8_barriers_on_
     residual GEMV kernel need no barrier there either way."""
     from llamaforge.kernels import gate_up, residual_gemv
 
-    gu = {"BLOCK_N": gate_up._BLOCK_N, "BLOCK_K": gate_up._BLOCK_K, "NORM": True, "INT8": True}
+    gu, warps = _gate_up_constexprs("i8", NORM=True)
     barriers = {row16: _streaming_loop_barriers(_sm90_ptx(gate_up._kernel(), _gate_up_ptx_args("i8"),
-                                                          {**gu, "ROW16": row16}, gate_up._WARPS))
+                                                          {**gu, "ROW16": row16}, warps))
                 for row16 in (False, True)}  # fmt: skip
     assert barriers[True] <= 4 < barriers[False], barriers
     for dtype, k in (("i8", 2048), ("i8", 8192), ("bf16", 8192)):

@@ -65,14 +65,14 @@ def build_component(kind: str, comp: ComponentSpec, **structural: Any) -> Any:
 
 # One-row inference calls (batch-1 decoding) compute the feed-forward's RMSNorm, gate/up and SiLU(gate) * up in one
 # kernel (llamaforge.kernels.gate_up), switched per weight kind: True on any device (CPUs run the op's PyTorch
-# reference: the tests), None on CUDA only, False never. `_FUSED_GATE_UP` (plain bf16/fp16/fp32 weights) is off: on
-# an H200 (1B, bf16) the kernel lost to inductor's own fused gate/up + SiLU reduction in the step (1.125 vs 1.033 ms
-# per step, 2026-12-02 run19; 0.946 vs 0.917 ms at the current launch setting, 2026-12-03, fifteenth session).
-# `_FUSED_GATE_UP_INT8` (int8 weight-only) is on for CUDA: there inductor's int8 reduction streams the 33.5 MB
-# matrix at only ~2.3 TB/s and the norm and SiLU kernels cost ~4 us per layer more, and the int8 step ran 0.729 /
-# 0.753 ms with the kernel against 0.842 without (1,337.6 / 1,291.1 against 1,163.9 tok/s end to end, fresh
-# processes on one H200, 2026-12-03, benchmarks/results/decode_variants_h200.json run38).
-_FUSED_GATE_UP: bool | None = False
+# reference: the tests), None (both defaults) on CUDA only, False never. `_FUSED_GATE_UP_INT8` (int8 weight-only):
+# there inductor's int8 reduction streams the 33.5 MB matrix at only ~2.3 TB/s and the norm and SiLU kernels cost
+# ~4 us per layer more; the int8 step ran 0.729 / 0.753 ms with the kernel against 0.842 without (fresh processes on
+# one H200, 2026-12-03, benchmarks/results/decode_variants_h200.json run38). `_FUSED_GATE_UP` (plain weights): with
+# its 16-rows-per-program setting the bf16 step ran 0.893-0.896 ms in four fresh processes (1,101-1,104 tok/s end to
+# end, identical tokens) against 0.911-0.915 for inductor's reduction + norm + SiLU kernels in two, whose tuning
+# varies between processes (run43-44; the kernel's history is in llamaforge/kernels/gate_up.py).
+_FUSED_GATE_UP: bool | None = None
 _FUSED_GATE_UP_INT8: bool | None = None
 
 

@@ -6,10 +6,14 @@ post-attention RMSNorm (2.2-2.8 us), the stacked gate/up reduction (18.4 us, 3.6
 a hand-written Triton GEMV streamed the stacked gate/up matrix at 4.0 TB/s alone in an earlier micro-benchmark. Here
 every program takes the normalised row (each program computes the row's statistics itself: a few KB from L2), reduces
 the same few rows of the gate and up matrices side by side and writes SiLU(gate) * up for them, so the two small
-kernels go. The switches are `llamaforge.core.model._FUSED_GATE_UP` (plain weights), off: on the H200 it lost to
-inductor's own fused reduction in bf16 (24 vs 17.5 us per call in the step; alone at its best setting 21.2 vs 20.7
-us, 2026-12-02; 0.946 vs 0.917 ms per step, 2026-12-03), and `_FUSED_GATE_UP_INT8` (int8 weight-only), on for
-CUDA: there it made the H200 step 0.729 / 0.753 ms against 0.842 (2026-12-03, fifteenth session).
+kernels go. The switches are `llamaforge.core.model._FUSED_GATE_UP` (plain weights) and `_FUSED_GATE_UP_INT8`
+(int8 weight-only), both on for CUDA. int8 since the fifteenth session (the H200 step 0.729 / 0.753 ms against 0.842,
+2026-12-03); bf16 since the seventeenth, once its launch setting was swept again with the weights loaded first: 16
+rows per program took 317-321 us per step in four fresh processes against 279-288 + 27 + 17 us (reduction, norm,
+SiLU) for inductor's kernels in two (its gate/up reduction alone has taken 275-327 us across processes of one code,
+its coordinate-descent tuning landing differently), and the step 0.893-0.896 ms (1,101-1,104 tok/s end to end)
+against 0.911-0.915 (1,075-1,084); it lost at 8 rows per program (340 us) and earlier, with the weights loaded after
+the row (21.2 vs 20.7 us alone, 0.946 vs 0.917 ms per step). benchmarks/results/decode_variants_h200.json run43-44.
 
 Arithmetic, as the compiled decode step does it: the RMSNorm's roundings (normalised row, then times its weight),
 fp32 sums rounded to the model's dtype (each linear's output; int8 weight-only: times the row's scale, rounded
@@ -27,18 +31,28 @@ import torch.nn.functional as F
 from llamaforge import kernels
 from llamaforge.kernels import operands_supported, pack_extras, rms_row, row_products, row_tiles, unpack_extras
 
-# Launch settings (module-level for same-run A/Bs): rows of each matrix per program, values per row per loop step,
-# warps per program. 8 rows give the 1B shape (8,192 rows) 1,024 programs. 512 values per step: the fastest of 18
-# settings alone on an H200 in bf16 and in int8 (21.2 / 14.87 us per call vs 23.46 / 20.07 at 1,024, which the
-# kernel's one in-step timing used; inductor's unfused chain 20.72 / 15.2; benchmarks/results/fused_micro_h200.json)
-_BLOCK_N = 8
-_BLOCK_K = 512
-_WARPS = 4
+# Launch settings, by bytes per weight: rows of each matrix per program, values per row per loop step, warps per
+# program; fixed per weight kind, never tuned per process (the point of the kernel). H200 sweep alone, 1B shape
+# (2026-12-03, benchmarks/results/fused_micro_h200.json "products"): bf16 16:512:4 20.1 us per call (8:512:4 21.3,
+# inductor's unfused chain 19.1 alone, 20-23 in the step); int8 8:512:4 14.45 (best 8:512:8, 14.16: within the
+# step's drift). fp16 and fp32 weights take the bf16 setting (not timed).
+_DEFAULT = (16, 512, 4)
+_SETTINGS: dict[int, tuple[int, int, int]] = {1: (8, 512, 4)}
+# Overrides of all three for same-run A/Bs (decode_variants gate_up_block_n / _block_k / _warps); None: the above.
+_BLOCK_N: int | None = None
+_BLOCK_K: int | None = None
+_WARPS: int | None = None
+
+
+def settings_for(weight: torch.Tensor) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) for this weight's element size, the overrides laid over them."""
+    defaults = _SETTINGS.get(weight.element_size(), _DEFAULT)
+    return tuple(o or d for o, d in zip((_BLOCK_N, _BLOCK_K, _WARPS), defaults, strict=True))  # type: ignore[return-value]
 
 
 def launch_tag() -> str:
     """The launch settings in force, for the decode step's compile cache key (see qkv_rope.launch_tag)."""
-    return f"gate_up-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{kernels.ROW16}"
+    return f"gate_up-{_DEFAULT}-{sorted(_SETTINGS.items())}-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{kernels.ROW16}"
 
 
 def reference(
@@ -88,7 +102,7 @@ def launch(
     torch.library.wrap_triton inside the custom op, so torch.compile can trace the launch."""
     kernel = wrap(_kernel()) if wrap is not None else _kernel()
     n_rows, k_len = int(w_gate.size(0)), int(x.size(1))
-    block_n, block_k, warps = row_tiles(k_len, (block_n, block_k, warps), (_BLOCK_N, _BLOCK_K, _WARPS))
+    block_n, block_k, warps = row_tiles(k_len, (block_n, block_k, warps), settings_for(w_gate))
     out = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
     sg, su = scales if scales is not None else (x, x)  # unread without INT8
     g, eps = norm if norm is not None else (x, 0.0)  # unread without NORM
