@@ -23,12 +23,11 @@ Each variant is a comma-separated list of settings (`base` is none):
                                   gathered in the products' loop), qkv_attn (0/1/auto: the step's attention in the
                                   same launch; auto = CUDA only), qkv_block_l (its loop step over the cache),
                                   attend_max (the longest static cache it takes)
-    fused RMSNorm + gate/up +     gate_up (0/1/auto: one-row calls with plain weights through llamaforge.kernels.gate_up;
+    fused RMSNorm + gate/up +     gate_up (0/1/auto: one-row calls with plain weights through the gate_up kernel;
     SiLU kernel                   auto, the default: on CUDA), gate_up_int8 (0/1/auto: with int8 weight-only ones),
                                   gate_up_block_n, gate_up_block_k, gate_up_warps (overrides for every weight kind)
     o_proj / down_proj + residual residual, residual_int8 (0/1/auto: one-row calls with plain / int8 weight-only
                                   weights through llamaforge.kernels.residual_gemv; auto = CUDA only)
-    all three fused kernels       row16 (0/1: the row laid out for the weight tiles as 16-bit values, widened after)
     eager int8 products           int8_mm (0/1/auto: eager int8 weight-only calls of a few rows on CUDA, the prefill's,
                                   through llamaforge.kernels.int8_mm; auto, the default: up to MAX_ROWS rows)
     the decoding loop             side_copy (0/1: the per-step read-back on a stream of its own, the default, or on
@@ -99,7 +98,6 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
     "gate_up_block_k": ("llamaforge.kernels.gate_up", "_BLOCK_K", "int"),
     "gate_up_warps": ("llamaforge.kernels.gate_up", "_WARPS", "int"),
     "residual": ("llamaforge.kernels.residual_gemv", "PLAIN", "bool_or_auto"),
-    "row16": ("llamaforge.kernels", "ROW16", "bool"),
     "residual_int8": ("llamaforge.kernels.residual_gemv", "INT8", "bool_or_auto"),
     "qkv_pairs": ("llamaforge.kernels.qkv_rope", "_PAIRS", "int"),
     "qkv_block_k": ("llamaforge.kernels.qkv_rope", "_BLOCK_K", "int"),

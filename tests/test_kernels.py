@@ -439,7 +439,6 @@ def test_decode_cache_key_follows_the_fused_kernels_launch_settings(monkeypatch)
     """The fused decode kernels' settings are read while torch.compile traces their Triton ops, which inductor's
     on-disk cache does not key on (an H200 run replayed the default kernel for other settings): the decode pass's
     uuid, which it does key on, carries them."""
-    from llamaforge import kernels
     from llamaforge.core import generation
     from llamaforge.kernels import decode_attention, gate_up, qkv_rope, residual_gemv
 
@@ -449,7 +448,7 @@ def test_decode_cache_key_follows_the_fused_kernels_launch_settings(monkeypatch)
                                 (gate_up, "_BLOCK_K", 2048), (gate_up, "_WARPS", 8), (decode_attention, "_SPLITS", 3),
                                 (decode_attention, "_BLOCK", 128), (decode_attention, "_WARPS", 2),
                                 (decode_attention, "_DOT", not decode_attention._DOT),
-                                (residual_gemv, "_DEFAULT", (8, 512, 4)), (kernels, "ROW16", True),
+                                (residual_gemv, "_DEFAULT", (8, 512, 4)),
                                 (residual_gemv, "_SETTINGS", {}), (gate_up, "_SETTINGS", {}),
                                 (gate_up, "_DEFAULT", (8, 512, 4))):  # fmt: skip
         with monkeypatch.context() as m:
@@ -802,7 +801,6 @@ def test_qkv_rope_kernel_in_the_interpreter_matches_the_reference():
     script = textwrap.dedent(
         """
         import torch
-        from llamaforge import kernels
         from llamaforge.kernels import qkv_rope
         from tests.test_kernels import _qkv_case
         cases = [  # (seed, q heads, kv heads, head size, width, cache length, position, dtype, int8 weights)
@@ -821,9 +819,7 @@ def test_qkv_rope_kernel_in_the_interpreter_matches_the_reference():
             for norm in (None, (g, 1e-5)):  # an RMSNorm folded in: its statistics over the row in every program
                 want_k, want_v = kc.clone(), vc.clone()
                 want = qkv_rope.reference(x, wq, wk, wv, cos, sin, want_k, want_v, position, scales, norm)
-                for pairs, block_k, one_pass, row16 in ((4, 64, False, False), (8, 128, False, True),
-                                                        (2, 1024, False, False), (4, 64, True, True)):
-                    kernels.ROW16 = row16  # the row laid out as 16-bit values: the same values
+                for pairs, block_k, one_pass in ((4, 64, False), (8, 128, False), (2, 1024, False), (4, 64, True)):
                     got_k, got_v = kc.clone(), vc.clone()
                     got = qkv_rope.launch(x, wq, wk, wv, cos, sin, got_k, got_v, position, scales, norm, pairs=pairs,
                                           block_k=block_k, warps=2, one_pass=one_pass)
@@ -1030,7 +1026,6 @@ def test_gate_up_kernel_in_the_interpreter_matches_the_reference():
     script = textwrap.dedent(
         """
         import torch
-        from llamaforge import kernels
         from llamaforge.kernels import gate_up
         from tests.test_kernels import _close_to, _gate_up_case
         cases = [  # (seed, rows, width, dtype, int8, RMSNorm folded in)
@@ -1042,8 +1037,7 @@ def test_gate_up_kernel_in_the_interpreter_matches_the_reference():
         for seed, n, k, dtype, int8, fold in cases:
             x, wg, wu, scales, norm = _gate_up_case(seed, n, k, dtype, int8, fold)
             want = gate_up.reference(x, wg, wu, scales, norm)
-            for block_n, block_k, row16 in ((8, 64, False), (4, 128, True), (16, 1024, False), (8, 64, True)):
-                kernels.ROW16 = row16  # the row laid out as 16-bit values: the same values
+            for block_n, block_k in ((8, 64), (4, 128), (16, 1024)):
                 got = gate_up.launch(x, wg, wu, scales, norm, block_n=block_n, block_k=block_k, warps=2)
                 # bf16: the interpreter's conversions to bf16 need not round as the GPU's do (an ulp or two of the
                 # rounded gate and up, multiplied); the GPU test holds the kernel to 1e-2
@@ -1145,33 +1139,6 @@ def test_each_loop_step_issues_its_weight_loads_ahead_of_the_row_tiles_barriers_
                       "ONE_PASS": True}  # fmt: skip
     counts = _loop_body_barriers_before_wide_loads(_sm90_ptx(fn, args, constexprs, warps))
     assert len(counts) >= 4 and set(counts) == {0}, counts
-
-
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
-def test_row16_lays_the_row_out_as_16_bit_values_with_half_the_int8_barriers_on_hopper():
-    """The row is laid out for every weight row through shared memory (block barriers) in each loop step of the
-    int8 kernels; with ROW16 that is done on the 16-bit values rather than the widened fp32 ones and half the
-    barriers remain (sm_90 PTX at the 1B shapes: gate/up 8 -> 4, residual GEMV 4 -> 2). bf16 weights in the
-    residual GEMV kernel need no barrier there either way."""
-    from llamaforge.kernels import gate_up, residual_gemv
-
-    gu, warps = _gate_up_constexprs("i8", NORM=True)
-    barriers = {row16: _streaming_loop_barriers(_sm90_ptx(gate_up._kernel(), _gate_up_ptx_args("i8"),
-                                                          {**gu, "ROW16": row16}, warps))
-                for row16 in (False, True)}  # fmt: skip
-    assert barriers[True] <= 4 < barriers[False], barriers
-    for dtype, k in (("i8", 2048), ("i8", 8192), ("bf16", 8192)):
-        weight_dtype = torch.int8 if dtype == "i8" else torch.bfloat16
-        block_n, block_k, warps = residual_gemv.settings_for(torch.empty(0, dtype=weight_dtype), k)
-        args = {"x_ptr": "*bf16", "w_ptr": f"*{dtype}", "s_ptr": "*bf16", "r_ptr": "*bf16", "out_ptr": "*bf16",
-                "n_rows": 2048, "k_len": k, "sw": k}  # fmt: skip
-        barriers = {row16: _streaming_loop_barriers(_sm90_ptx(residual_gemv._kernel(), args, {
-            "BLOCK_N": block_n, "BLOCK_K": block_k, "INT8": dtype == "i8", "ROW16": row16}, warps))
-            for row16 in (False, True)}  # fmt: skip
-        if dtype == "i8":
-            assert barriers[True] <= 2 < barriers[False], (k, barriers)
-        else:
-            assert barriers == {False: 0, True: 0}, (k, barriers)
 
 
 @pytest.mark.gpu
@@ -1282,7 +1249,6 @@ def test_residual_gemv_kernel_in_the_interpreter_matches_the_reference():
     script = textwrap.dedent(
         """
         import torch
-        from llamaforge import kernels
         from llamaforge.kernels import residual_gemv
         from tests.test_kernels import _close_to, _residual_case
         cases = [  # (seed, rows, width, dtype, int8)
@@ -1294,8 +1260,7 @@ def test_residual_gemv_kernel_in_the_interpreter_matches_the_reference():
         for seed, n, k, dtype, int8 in cases:
             x, w, scale, residual = _residual_case(seed, n, k, dtype, int8)
             want = residual_gemv.reference(x, w, scale, residual)
-            for block_n, block_k, row16 in ((8, 64, False), (4, 128, True), (16, 1024, False), (8, 64, True)):
-                kernels.ROW16 = row16
+            for block_n, block_k in ((8, 64), (4, 128), (16, 1024)):
                 got = residual_gemv.launch(x, w, scale, residual, block_n=block_n, block_k=block_k, warps=2)
                 assert got.shape == want.shape and got.dtype == want.dtype
                 _close_to(got, want, 2e-2 if dtype is torch.bfloat16 else 1e-5)

@@ -69,9 +69,9 @@ def build_component(kind: str, comp: ComponentSpec, **structural: Any) -> Any:
 # there inductor's int8 reduction streams the 33.5 MB matrix at only ~2.3 TB/s and the norm and SiLU kernels cost
 # ~4 us per layer more; the int8 step ran 0.729 / 0.753 ms with the kernel against 0.842 without (fresh processes on
 # one H200, 2026-12-03, benchmarks/results/decode_variants_h200.json run38). `_FUSED_GATE_UP` (plain weights): with
-# its 16-rows-per-program setting the bf16 step ran 0.893-0.896 ms in four fresh processes (1,101-1,104 tok/s end to
+# its 16-rows-per-program setting the bf16 step ran 0.893-0.898 ms in six fresh processes (1,099-1,104 tok/s end to
 # end, identical tokens) against 0.911-0.915 for inductor's reduction + norm + SiLU kernels in two, whose tuning
-# varies between processes (run43-44; the kernel's history is in llamaforge/kernels/gate_up.py).
+# varies between processes (run43-45; the kernel's history is in llamaforge/kernels/gate_up.py).
 _FUSED_GATE_UP: bool | None = None
 _FUSED_GATE_UP_INT8: bool | None = None
 

@@ -11,10 +11,6 @@ import torch.nn.functional as F
 # installed. Decided once at import: the check runs inside traced code (the decode step's attention), where a
 # module lookup per call is work dynamo would have to trace on every compile.
 TRITON_OPS = hasattr(torch.library, "triton_op") and importlib.util.find_spec("triton") is not None
-# The fused one-row kernels (qkv_rope, gate_up, residual_gemv) lay the row out for their weight tiles as its 16-bit
-# values, widened afterwards, instead of as fp32: the same values, half the block barriers per loop step for int8
-# weights in the sm_90 code (fused_triton.laid_out_row). Off until an H200 run times it (decode_variants `row16`).
-ROW16 = False
 
 
 _SAME = object()  # fused_projections: int8 weight-only projections answer to the same switch as plain ones

@@ -25,31 +25,17 @@ def row_inv_rms(x_ptr, k_len, eps, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def row_tile(x_ptr, g_ptr, out_ptr, k, k_ok, inv_rms, NORM: tl.constexpr, ROW16: tl.constexpr):
+def row_tile(x_ptr, g_ptr, out_ptr, k, k_ok, inv_rms, NORM: tl.constexpr):
     """The row's values at k, as a (1, BLOCK_K) fp32 tile to multiply the weight tiles by; with NORM, after RMSNorm
-    with RMSNorm's roundings in out_ptr's dtype (the normalised row, then its product with the weight g)."""
-    xv = tl.load(x_ptr + k, mask=k_ok, other=0.0)
-    if not ROW16:  # widened as loaded (the form the H200 figures were measured with)
-        xv = xv.to(tl.float32)
+    with RMSNorm's roundings in out_ptr's dtype (the normalised row, then its product with the weight g). (Laying
+    the row out as its 16-bit values and widening after, half the block barriers per int8 loop step in the sm_90
+    code, was timed on an H200 and changed nothing: benchmarks/HISTORY.md, seventeenth session.)"""
+    xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
     if NORM:
         out_ty = out_ptr.dtype.element_ty
         g = tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
-        xv = ((xv.to(tl.float32) * inv_rms).to(out_ty).to(tl.float32) * g).to(out_ty)
-        if not ROW16:
-            xv = xv.to(tl.float32)
-    return laid_out_row(xv, ROW16)
-
-
-@triton.jit
-def laid_out_row(xv, ROW16: tl.constexpr):
-    """A row tile (BLOCK_K,) as the (1, BLOCK_K) fp32 operand of the weight tiles. The row is computed one value per
-    lane group and laid out for every weight row through shared memory (block barriers); ROW16 makes that layout
-    change on the row's own 16-bit values and widens them after it: half the bytes through shared memory, and for
-    int8 weights half the barriers per loop step in the sm_90 code (gate/up 8 -> 4, residual GEMV 4 -> 2). The
-    same values either way; off (llamaforge.kernels.ROW16) until an H200 run times it."""
-    if ROW16:
-        return xv[None, :].to(tl.float32)
-    return xv.to(tl.float32)[None, :]
+        xv = ((xv * inv_rms).to(out_ty).to(tl.float32) * g).to(out_ty).to(tl.float32)
+    return xv[None, :]
 
 
 @triton.jit
@@ -133,7 +119,7 @@ def qkv_rope_kernel(
     ok_ptr, ext_ptr, o_ptr, sync_ptr, scale,
     HALF: tl.constexpr, PAIRS: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, NORM: tl.constexpr,
     ONE_PASS: tl.constexpr, ATTN: tl.constexpr = False, REP: tl.constexpr = 1, REP_P: tl.constexpr = 1,
-    BLOCK_L: tl.constexpr = 128, DOT: tl.constexpr = False, ROW16: tl.constexpr = False,
+    BLOCK_L: tl.constexpr = 128, DOT: tl.constexpr = False,
 ):  # fmt: skip
     pid = tl.program_id(0)
     per_head = HALF // PAIRS
@@ -202,7 +188,7 @@ def qkv_rope_kernel(
             squares += raw * raw
             xv = (raw * tl.load(g_ptr + k, mask=k_ok, other=0.0).to(tl.float32))[None, :]
         else:
-            xv = row_tile(x_ptr, g_ptr, q_ptr, k, k_ok, inv_rms, NORM, ROW16)
+            xv = row_tile(x_ptr, g_ptr, q_ptr, k, k_ok, inv_rms, NORM)
         if INT8:
             acc_a += widen_int8(wa) * xv
             acc_b += widen_int8(wb) * xv
@@ -253,7 +239,6 @@ def qkv_rope_kernel(
 def gate_up_kernel(
     x_ptr, wg_ptr, wu_ptr, sg_ptr, su_ptr, g_ptr, out_ptr, eps, n_rows, k_len, swg, swu,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, NORM: tl.constexpr,
-    ROW16: tl.constexpr = False,
 ):  # fmt: skip
     out_ty = out_ptr.dtype.element_ty
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -271,7 +256,7 @@ def gate_up_kernel(
         # the weight tiles' loads go out before the row's tile is prepared (see qkv_rope_kernel)
         wg = tl.load(wg_ptr + n[:, None] * swg + k[None, :], mask=ok, other=0)
         wu = tl.load(wu_ptr + n[:, None] * swu + k[None, :], mask=ok, other=0)
-        xv = row_tile(x_ptr, g_ptr, out_ptr, k, k_ok, inv_rms, NORM, ROW16)
+        xv = row_tile(x_ptr, g_ptr, out_ptr, k, k_ok, inv_rms, NORM)
         if INT8:
             acc_g += widen_int8(wg) * xv
             acc_u += widen_int8(wu) * xv
@@ -383,7 +368,7 @@ def decode_attention_combine_kernel(
 @triton.jit
 def residual_gemv_kernel(
     x_ptr, w_ptr, s_ptr, r_ptr, out_ptr, n_rows, k_len, sw,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr, ROW16: tl.constexpr = False,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INT8: tl.constexpr,
 ):  # fmt: skip
     """out = residual + x @ w.T for one row (llamaforge.kernels.residual_gemv): BLOCK_N rows of w per program, the
     linear's roundings (int8: times the rows' scales, rounded again), then the residual added and rounded once."""
@@ -398,7 +383,7 @@ def residual_gemv_kernel(
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < k_len
         w = tl.load(w_ptr + n[:, None] * sw + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-        xv = laid_out_row(tl.load(x_ptr + k, mask=k_ok, other=0.0), ROW16)
+        xv = tl.load(x_ptr + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
         if INT8:
             acc += widen_int8(w) * xv
         else:

@@ -9,11 +9,12 @@ the same few rows of the gate and up matrices side by side and writes SiLU(gate)
 kernels go. The switches are `llamaforge.core.model._FUSED_GATE_UP` (plain weights) and `_FUSED_GATE_UP_INT8`
 (int8 weight-only), both on for CUDA. int8 since the fifteenth session (the H200 step 0.729 / 0.753 ms against 0.842,
 2026-12-03); bf16 since the seventeenth, once its launch setting was swept again with the weights loaded first: 16
-rows per program took 317-321 us per step in four fresh processes against 279-288 + 27 + 17 us (reduction, norm,
-SiLU) for inductor's kernels in two (its gate/up reduction alone has taken 275-327 us across processes of one code,
-its coordinate-descent tuning landing differently), and the step 0.893-0.896 ms (1,101-1,104 tok/s end to end)
-against 0.911-0.915 (1,075-1,084); it lost at 8 rows per program (340 us) and earlier, with the weights loaded after
-the row (21.2 vs 20.7 us alone, 0.946 vs 0.917 ms per step). benchmarks/results/decode_variants_h200.json run43-44.
+rows per program took 317-322 us per step in six fresh processes on three machines against 279-288 + 27 + 17 us
+(reduction, norm, SiLU) for inductor's kernels in two (its gate/up reduction alone has taken 275-327 us across
+processes of one code, its coordinate-descent tuning landing differently), and the step 0.893-0.898 ms
+(1,099-1,104 tok/s end to end) against 0.911-0.915 (1,075-1,084); it lost at 8 rows per program (340 us) and
+earlier, with the weights loaded after the row (21.2 vs 20.7 us alone, 0.946 vs 0.917 ms per step).
+benchmarks/results/decode_variants_h200.json run43-45.
 
 Arithmetic, as the compiled decode step does it: the RMSNorm's roundings (normalised row, then times its weight),
 fp32 sums rounded to the model's dtype (each linear's output; int8 weight-only: times the row's scale, rounded
@@ -28,7 +29,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from llamaforge import kernels
 from llamaforge.kernels import operands_supported, pack_extras, rms_row, row_products, row_tiles, unpack_extras
 
 # Launch settings, by bytes per weight: rows of each matrix per program, values per row per loop step, warps per
@@ -52,7 +52,7 @@ def settings_for(weight: torch.Tensor) -> tuple[int, int, int]:
 
 def launch_tag() -> str:
     """The launch settings in force, for the decode step's compile cache key (see qkv_rope.launch_tag)."""
-    return f"gate_up-{_DEFAULT}-{sorted(_SETTINGS.items())}-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}-{kernels.ROW16}"
+    return f"gate_up-{_DEFAULT}-{sorted(_SETTINGS.items())}-{_BLOCK_N}-{_BLOCK_K}-{_WARPS}"
 
 
 def reference(
@@ -108,7 +108,7 @@ def launch(
     g, eps = norm if norm is not None else (x, 0.0)  # unread without NORM
     kernel[(-(-n_rows // block_n),)](
         x, w_gate, w_up, sg, su, g, out, float(eps), n_rows, k_len, w_gate.stride(0), w_up.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scales is not None, NORM=norm is not None, ROW16=kernels.ROW16,
+        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scales is not None, NORM=norm is not None,
         num_warps=warps,
     )  # fmt: skip
     return out

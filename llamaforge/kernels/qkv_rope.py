@@ -30,7 +30,6 @@ from typing import Any
 
 import torch
 
-from llamaforge import kernels
 from llamaforge.kernels import operands_supported, pack_extras, rms_row, row_products, unpack_extras
 
 # Launch settings (module-level for same-run A/Bs): row pairs per program (a power of two dividing head_dim / 2),
@@ -57,7 +56,7 @@ def launch_tag() -> str:
     """The launch settings in force, for the decode step's compile cache key: the Triton op reads them when
     torch.compile traces it, and inductor's on-disk cache does not key on them (an H200 run replayed the default
     kernel for five variants with other settings, 2026-12-02 run20)."""
-    return f"qkv_rope-{_PAIRS}-{_BLOCK_K}-{_WARPS}-{_ONE_PASS}-{_BLOCK_L}-{kernels.ROW16}"
+    return f"qkv_rope-{_PAIRS}-{_BLOCK_K}-{_WARPS}-{_ONE_PASS}-{_BLOCK_L}"
 
 
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -190,7 +189,7 @@ def launch(
         ok, extent, out, sync, float(scale),
         HALF=half, PAIRS=pairs, BLOCK_K=block_k, INT8=scales is not None,
         NORM=norm is not None, ONE_PASS=norm is not None and (_ONE_PASS if one_pass is None else one_pass),
-        ATTN=attend is not None, REP=rep, REP_P=rep_p, BLOCK_L=block_l or _BLOCK_L, DOT=dot, ROW16=kernels.ROW16,
+        ATTN=attend is not None, REP=rep, REP_P=rep_p, BLOCK_L=block_l or _BLOCK_L, DOT=dot,
         num_warps=warps or _WARPS,
     )  # fmt: skip
     return out

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from llamaforge import kernels
 from llamaforge.kernels import fused_projections, operands_supported, row_products, row_tiles
 
 # Which one-row inference calls `add_linear` hands to the kernel, per weight kind: True on any device (CPUs run the
@@ -48,7 +47,7 @@ def settings_for(weight: torch.Tensor, k_len: int) -> tuple[int, int, int]:
 
 def launch_tag() -> str:
     """The launch settings in force, for the decode step's compile cache key (see qkv_rope.launch_tag)."""
-    return f"residual_gemv-{_DEFAULT}-{sorted(_SETTINGS.items())}-{kernels.ROW16}"
+    return f"residual_gemv-{_DEFAULT}-{sorted(_SETTINGS.items())}"
 
 
 def reference(
@@ -96,7 +95,7 @@ def launch(
     out = torch.empty(1, n_rows, dtype=x.dtype, device=x.device)
     kernel[(-(-n_rows // block_n),)](
         x, weight, scale if scale is not None else x, residual, out, n_rows, k_len, weight.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scale is not None, ROW16=kernels.ROW16, num_warps=warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scale is not None, num_warps=warps,
     )  # fmt: skip
     return out
 
