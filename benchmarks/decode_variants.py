@@ -114,7 +114,6 @@ SWITCHES: dict[str, tuple[str, str, str]] = {  # setting -> (module, attribute, 
 # setting" variants with one kernel time). The decode pass's uuid now carries them, but a variant without the pass
 # (gemv_rows=0) has no such key, so these variants always compile into an empty cache
 FUSED_KERNELS = (
-    "llamaforge.kernels",
     "llamaforge.kernels.qkv_rope",
     "llamaforge.kernels.gate_up",
     "llamaforge.kernels.residual_gemv",

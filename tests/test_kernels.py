@@ -1115,12 +1115,6 @@ def _loop_body_barriers_before_wide_loads(ptx: str) -> list[int]:
     return counts
 
 
-def _streaming_loop_barriers(ptx: str) -> int:
-    """Block barriers per step of the loop that streams the weights (the loop body with 16-byte loads)."""
-    (body,) = [b for b in _loop_bodies(ptx) if any("ld.global.v4" in line for line in b)]
-    return sum("bar.sync" in line for line in body)
-
-
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.parametrize(("kernel", "dtype"), [("gate_up", "bf16"), ("gate_up", "i8"), ("qkv", "i8")])
 def test_each_loop_step_issues_its_weight_loads_ahead_of_the_row_tiles_barriers_on_hopper(kernel, dtype):

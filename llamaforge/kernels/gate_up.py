@@ -108,8 +108,7 @@ def launch(
     g, eps = norm if norm is not None else (x, 0.0)  # unread without NORM
     kernel[(-(-n_rows // block_n),)](
         x, w_gate, w_up, sg, su, g, out, float(eps), n_rows, k_len, w_gate.stride(0), w_up.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scales is not None, NORM=norm is not None,
-        num_warps=warps,
+        BLOCK_N=block_n, BLOCK_K=block_k, INT8=scales is not None, NORM=norm is not None, num_warps=warps,
     )  # fmt: skip
     return out
 
